@@ -1,0 +1,17 @@
+"""Exceptions that name what the user got wrong; the CLI prints them without a traceback."""
+
+
+class AuroraError(Exception):
+    """Base class for errors caused by input (files, configs, prompts), not by bugs."""
+
+
+class CheckpointError(AuroraError):
+    """A checkpoint on disk is missing, malformed or does not fit the model."""
+
+
+class ConfigError(AuroraError):
+    """A config file or override is invalid."""
+
+
+class PromptError(AuroraError):
+    """A prompt cannot be served (too long, empty)."""

@@ -1,0 +1,182 @@
+"""Hugging Face checkpoint I/O for the target: config.json + (sharded) safetensors.
+
+Loading builds the model abstractly (no random weights are ever materialised), then reads,
+converts and places one tensor at a time with its final sharding, so host memory holds at most
+one tensor beyond the memory-mapped files. Saving writes the same layout back (transformers can
+load it), shard by shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from aurora_jax.errors import CheckpointError
+from aurora_jax.models.config import TargetConfig, read_hf_config
+from aurora_jax.models.layers import rope_inv_freq
+from aurora_jax.models.safetensors_io import SafetensorsFile, write_safetensors
+from aurora_jax.models.sharding import make_mesh, param_sharding, state_path
+from aurora_jax.models.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Checkpoint tensors that carry no weights of ours (old transformers saved RoPE buffers).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclasses.dataclass
+class Target:
+    """A loaded target model, split for jit: `forward(graphdef, state, ...)`."""
+
+    cfg: TargetConfig
+    graphdef: nnx.GraphDef
+    state: nnx.State
+    mesh: jax.sharding.Mesh
+    dtype: str
+
+
+def hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
+    """Our state path -> (Hugging Face tensor name, whether the matrix is transposed)."""
+    if path == ("embed",):
+        return "model.embed_tokens.weight", False
+    if path == ("norm", "weight"):
+        return "model.norm.weight", False
+    if path == ("lm_head", "kernel"):
+        return "lm_head.weight", True
+    if path[0] == "layers":
+        i, rest = path[1], path[2:]
+        prefix = f"model.layers.{i}."
+        if rest[0] == "attn":
+            return prefix + f"self_attn.{rest[1]}.weight", rest[-1] == "kernel"
+        if rest[0] == "mlp":
+            return prefix + f"mlp.{rest[1]}.weight", True
+        return prefix + f"{rest[0]}.weight", False
+    raise KeyError(f"no Hugging Face name for state path {'.'.join(path)}")
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> file holding it, from the index or the single model.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e})") from e
+        missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+        if missing:
+            raise CheckpointError(f"{index} lists shard files that are missing: {missing}")
+        return {name: path / f for name, f in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        found = sorted(p.name for p in path.glob("*.safetensors"))
+        if len(found) != 1:
+            raise CheckpointError(
+                f"no model.safetensors or model.safetensors.index.json in {path}"
+                + (f" (found {found})" if found else ""))
+        single = path / found[0]
+    return dict.fromkeys(SafetensorsFile(single).keys(), single)
+
+
+def _resolve_dtype(dtype: str, path: Path) -> str:
+    if dtype == "auto":
+        raw = json.loads((path / "config.json").read_text())
+        dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unsupported dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    return dtype
+
+
+def load_target(path: str | Path, *, dtype: str = "float32", mesh=None,
+                cfg_overrides: dict | None = None) -> Target:
+    """Loads a Hugging Face Llama/Qwen3 checkpoint directory onto `mesh` (default: 1 device)."""
+    path = Path(path)
+    cfg = read_hf_config(path)
+    if cfg_overrides:
+        cfg = dataclasses.replace(cfg, **cfg_overrides)
+    dtype = _resolve_dtype(dtype, path)
+    mesh = mesh or make_mesh(tp=1, devices=jax.devices()[:1])
+    files = _weight_files(path)
+    opened: dict[Path, SafetensorsFile] = {}
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=DTYPES[dtype], rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    used: set[str] = set()
+
+    def load_leaf(keypath, sds):
+        p = state_path(keypath)
+        sharding = param_sharding(mesh, p, sds.shape)
+        if p == ("inv_freq",):
+            return jax.device_put(rope_inv_freq(cfg), sharding)
+        name, transpose = hf_name(p)
+        if name not in files:
+            raise CheckpointError(f"{path}: tensor {name!r} is missing from the checkpoint")
+        f = files[name]
+        if f not in opened:
+            opened[f] = SafetensorsFile(f)
+        if name not in opened[f].entries:
+            raise CheckpointError(f"{f}: tensor {name!r} listed in the index but not in the file")
+        arr = opened[f].get(name)
+        if transpose:
+            arr = arr.T
+        if arr.shape != sds.shape:
+            want = sds.shape[::-1] if transpose else sds.shape
+            raise CheckpointError(
+                f"{f}: tensor {name!r} has shape {list(opened[f].shape(name))}, the config "
+                f"implies {list(want)}")
+        used.add(name)
+        return jax.device_put(np.asarray(arr, dtype=DTYPES[dtype]), sharding)
+
+    state = jax.tree_util.tree_map_with_path(load_leaf, abstract_state)
+    unused = sorted(n for n in files if n not in used and not n.endswith(_IGNORED_SUFFIXES)
+                    and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+    if unused:
+        log.warning("%s: %d checkpoint tensors not used by the model: %s", path, len(unused),
+                    unused[:5])
+    return Target(cfg=cfg, graphdef=graphdef, state=state, mesh=mesh, dtype=dtype)
+
+
+def save_target(path: str | Path, cfg: TargetConfig, state: nnx.State, *, dtype: str | None = None,
+                max_shard_bytes: int = 4 << 30) -> Path:
+    """Writes config.json, generation_config.json and safetensors (sharded past the limit)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    leaves = [(state_path(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(state)[0]]
+    leaves = [(hf_name(p), x) for p, x in leaves if p != ("inv_freq",)]
+    dtype = dtype or str(leaves[0][1].dtype)
+    itemsize = np.dtype(DTYPES[dtype]).itemsize
+    # Plan the shards from shapes alone, then fetch and write one shard at a time.
+    plan: list[list] = [[]]
+    size = 0
+    for leaf in leaves:
+        nbytes = int(np.prod(leaf[1].shape)) * itemsize
+        if size + nbytes > max_shard_bytes and plan[-1]:
+            plan.append([])
+            size = 0
+        plan[-1].append(leaf)
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(plan):
+        fname = ("model.safetensors" if len(plan) == 1
+                 else f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors")
+        arrays = []
+        for (name, transpose), x in shard:
+            arr = np.asarray(jax.device_get(x)).astype(DTYPES[dtype])
+            arrays.append((name, arr.T if transpose else arr))
+            weight_map[name] = fname
+        write_safetensors(path / fname, arrays, metadata={"format": "pt"})
+    if len(plan) > 1:
+        (path / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": weight_map}, indent=2))
+    (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(dtype), indent=2))
+    gen = {"bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
+           "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1
+           else cfg.eos_token_ids[0]}
+    (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    return path

@@ -1,0 +1,80 @@
+"""Meshes and the placement of parameters and caches on them.
+
+Every array carries a NamedSharding over a Mesh with axes ("dp", "tp"); a single device is a
+1x1 mesh. Tensor parallelism follows Megatron-LM (Shoeybi et al. 2019): the q/k/v, gate and up
+projections are split by output columns (so by attention heads and MLP units), o and down by
+input rows, the embedding and lm_head by vocabulary. A dimension that does not divide by the
+axis size stays replicated (for example 2 KV heads on a tp=8 mesh, as vLLM does).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+# Last two path components of a parameter -> partition of its dims.
+_RULES: dict[tuple[str, str], tuple] = {
+    ("q_proj", "kernel"): (None, "tp"),
+    ("k_proj", "kernel"): (None, "tp"),
+    ("v_proj", "kernel"): (None, "tp"),
+    ("o_proj", "kernel"): ("tp", None),
+    ("gate_proj", "kernel"): (None, "tp"),
+    ("up_proj", "kernel"): (None, "tp"),
+    ("down_proj", "kernel"): ("tp", None),
+    ("lm_head", "kernel"): (None, "tp"),
+}
+
+
+def make_mesh(tp: int | None = None, dp: int = 1, devices=None) -> Mesh:
+    """A ("dp", "tp") mesh; tp defaults to all devices not used by dp."""
+    devices = list(devices if devices is not None else jax.devices())
+    if tp is None:
+        tp = len(devices) // dp
+    if dp * tp > len(devices) or dp < 1 or tp < 1:
+        raise ValueError(f"mesh dp={dp} x tp={tp} needs {dp * tp} devices, have {len(devices)}")
+    return Mesh(np.array(devices[: dp * tp]).reshape(dp, tp), ("dp", "tp"))
+
+
+def _fit(mesh: Mesh, shape: tuple[int, ...], spec: tuple) -> P:
+    """Drops axes from `spec` where the dimension does not divide by the axis size."""
+    out = []
+    for dim, axis in zip(shape, spec, strict=True):
+        out.append(axis if axis is not None and dim % mesh.shape[axis] == 0 else None)
+    return P(*out)
+
+
+def param_sharding(mesh: Mesh, path: tuple[str, ...], shape: tuple[int, ...]) -> NamedSharding:
+    """Sharding of one parameter, chosen by its path in the model state."""
+    key = tuple(str(p) for p in path[-2:])
+    if path and str(path[-1]) == "embed":
+        spec = ("tp", None)
+    else:
+        spec = _RULES.get(key, (None,) * len(shape))
+    return NamedSharding(mesh, _fit(mesh, shape, spec))
+
+
+def cache_sharding(mesh: Mesh, shape_BxSxKxD: tuple[int, ...]) -> NamedSharding:
+    """KV cache [B, S, K, D]: batch over dp, kv heads over tp."""
+    return NamedSharding(mesh, _fit(mesh, shape_BxSxKxD, ("dp", None, "tp", None)))
+
+
+def state_path(keypath) -> tuple[str, ...]:
+    """A jax key path into an nnx.State as plain names ('layers', '0', 'attn', ...)."""
+    names = []
+    for k in keypath:
+        name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
+        names.append(str(name))
+    if names and names[-1] == "value":  # the Variable's own field
+        names.pop()
+    return tuple(names)
+
+
+def shard_state(state, mesh: Mesh):
+    """Places every leaf of a model state on `mesh` by the rules above."""
+
+    def place(kp, x):
+        return jax.device_put(x, param_sharding(mesh, state_path(kp), x.shape))
+
+    return jax.tree_util.tree_map_with_path(place, state)

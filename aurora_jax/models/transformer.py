@@ -1,0 +1,133 @@
+"""Llama-3 / Qwen3 decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) in Flax NNX.
+
+One forward serves every use: prefill of a right-padded batch, decoding of one or several
+tokens per sequence at per-sequence positions against a KV cache, and tree verification.
+The caller states what each new token may see with `block_mask` (see models/attention.py);
+positions are explicit so tree nodes can share a depth. Besides the final normed hidden state,
+the forward returns the outputs of the aux layers that EAGLE-3 drafts read
+(Li et al. 2025, "EAGLE-3: Scaling up Inference Acceleration of LLMs via Training-Time Test").
+
+Use it split: `graphdef, state = nnx.split(model)` once, then jit plain functions of
+(graphdef, state) such as `forward` below.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from aurora_jax.models.attention import attend
+from aurora_jax.models.config import TargetConfig
+from aurora_jax.models.kv_cache import KVCache, write_block
+from aurora_jax.models.layers import Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TargetConfig, *, dtype, rngs: nnx.Rngs):
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.q_proj = Linear(h, cfg.num_heads * d, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(h, cfg.num_kv_heads * d, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(h, cfg.num_kv_heads * d, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(cfg.num_heads * d, h, dtype=dtype, rngs=rngs)
+        qk_norm = cfg.family == "qwen3"
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype) if qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype) if qk_norm else None
+
+    def __call__(self, x_BxTxH, cos, sin, block_mask, k_cache, v_cache, cache_len):
+        b, t, _ = x_BxTxH.shape
+        q = self.q_proj(x_BxTxH).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x_BxTxH).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x_BxTxH).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attend(q, k, v, block_mask, k_cache, v_cache, cache_len)
+        return self.o_proj(out.reshape(b, t, -1)), k, v
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: TargetConfig, *, dtype, rngs: nnx.Rngs):
+        h, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(h, f, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(h, f, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(f, h, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TargetConfig, *, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, block_mask, k_cache, v_cache, cache_len):
+        a, k, v = self.attn(self.input_layernorm(x), cos, sin, block_mask, k_cache, v_cache,
+                            cache_len)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+
+
+class Transformer(nnx.Module):
+    """The target decoder. Construct with random weights, or load with models.hf_io."""
+
+    def __init__(self, cfg: TargetConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Param(
+            (jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size)) * 0.02
+             ).astype(dtype))
+        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs)
+                                for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.lm_head = (None if cfg.tie_word_embeddings
+                        else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, rngs=rngs))
+        self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(cfg)))  # a buffer, not trained
+
+    def hidden(self, tokens_BxT, positions_BxT, block_mask_BxTxT, cache: KVCache | None = None,
+               cache_len_B=None):
+        """Runs the decoder; returns (final normed hidden [B,T,H], aux [B,T,A,H], new cache).
+
+        With a cache, the new tokens' keys/values are written at slots cache_len[b] + j.
+        """
+        x = self.embed[...][tokens_BxT]
+        cos, sin = rope_cos_sin(self.inv_freq[...], positions_BxT, x.dtype)
+        aux_layers = self.cfg.resolved_aux_layers
+        aux, new_k, new_v = {}, [], []
+        for i, layer in enumerate(self.layers):
+            kc = vc = None
+            if cache is not None:
+                kc, vc = cache.k[i], cache.v[i]
+            x, k, v = layer(x, cos, sin, block_mask_BxTxT, kc, vc, cache_len_B)
+            if cache is not None:
+                new_k.append(write_block(kc, k, cache_len_B))
+                new_v.append(write_block(vc, v, cache_len_B))
+            if i in aux_layers:
+                aux[i] = x
+        aux_BxTxAxH = jnp.stack([aux[i] for i in aux_layers], axis=2)
+        new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
+        return self.norm(x), aux_BxTxAxH, new_cache
+
+    def logits(self, hidden_BxTxH):
+        """Float32 logits [..., V] from final normed hidden states."""
+        if self.lm_head is None:
+            out = hidden_BxTxH @ self.embed[...].T
+        else:
+            out = self.lm_head(hidden_BxTxH)
+        return out.astype(jnp.float32)
+
+
+def forward(graphdef, state, tokens_BxT, positions_BxT, block_mask_BxTxT, cache=None,
+            cache_len_B=None):
+    """Pure function over the split model: (logits [B,T,V], aux, final hidden, cache)."""
+    model = nnx.merge(graphdef, state)
+    h, aux, cache = model.hidden(tokens_BxT, positions_BxT, block_mask_BxTxT, cache, cache_len_B)
+    return model.logits(h), aux, h, cache
+
+
+def init_random(cfg: TargetConfig, seed: int = 0, dtype=jnp.float32):
+    """A randomly initialised target, split: (graphdef, state)."""
+    return nnx.split(Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))

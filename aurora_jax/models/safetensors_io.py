@@ -66,7 +66,8 @@ class SafetensorsFile:
     def get(self, name: str) -> np.ndarray:
         e = self.entries[name]
         if e["dtype"] not in _DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {e['dtype']}")
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} has unsupported dtype {e['dtype']}")
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         begin, end = e["data_offsets"]

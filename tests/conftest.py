@@ -1,0 +1,73 @@
+"""Shared test helpers: the fixture checkpoint and tiny random Hugging Face models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+LLAMA_16M = FIXTURES / "llama-code-16m"
+
+
+def pytest_collection_modifyitems(config, items):
+    import jax
+
+    on_accel = any(d.platform in ("gpu", "tpu") for d in jax.devices())
+    skip = pytest.mark.skip(reason="needs a GPU or TPU")
+    for item in items:
+        if "gpu" in item.keywords and not on_accel:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def llama_16m() -> Path:
+    if not (LLAMA_16M / "config.json").is_file():
+        pytest.fail(f"fixture checkpoint missing: {LLAMA_16M} (expected beside the repo)")
+    return LLAMA_16M
+
+
+def make_hf_model(tmp_path: Path, family: str = "llama", *, num_heads=4, num_kv_heads=2,
+                  tie=False, rope_scaling=None, head_dim=16, hidden=64, layers=4, vocab=97,
+                  seed=0, max_pos=256):
+    """Saves a random tiny LlamaForCausalLM / Qwen3ForCausalLM; returns (dir, torch model).
+
+    Weights are drawn wider than the default init (and norm weights away from 1) so that a
+    wrong transpose or a missed norm changes the logits by far more than the tolerance.
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    if rope_scaling:
+        rope = {"rope_theta": 500000.0, **rope_scaling}
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden + 8,
+                  num_hidden_layers=layers, num_attention_heads=num_heads,
+                  num_key_value_heads=num_kv_heads, head_dim=head_dim,
+                  max_position_embeddings=max_pos, tie_word_embeddings=tie,
+                  initializer_range=0.08, rms_norm_eps=1e-5, rope_parameters=rope,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(**common)
+        model = transformers.LlamaForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen3Config(**common, use_sliding_window=False)
+        model = transformers.Qwen3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+    model = model.eval().float()
+    out = tmp_path / f"{family}-{num_heads}x{num_kv_heads}-{'tied' if tie else 'untied'}"
+    model.save_pretrained(out)
+    return out, model
+
+
+def rng_tokens(shape, vocab, seed=0):
+    return np.random.RandomState(seed).randint(3, vocab, size=shape).astype(np.int32)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

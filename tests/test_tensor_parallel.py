@@ -1,0 +1,56 @@
+"""Tensor-parallel logits on 8 CPU devices equal single-device logits.
+
+jax fixes its device count at import, so the check runs in a child process with
+XLA_FLAGS=--xla_force_host_platform_device_count=8.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+CHILD = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    assert len(jax.devices()) == 8, jax.devices()
+    from aurora_jax.models.attention import causal_mask
+    from aurora_jax.models.config import TargetConfig
+    from aurora_jax.models.hf_io import load_target, save_target
+    from aurora_jax.models.sharding import make_mesh
+    from aurora_jax.models.transformer import forward, init_random
+    from aurora_jax.engine.target_only import TargetGenerator
+    import sys
+    out = sys.argv[1]
+    # 8 query heads / 8 kv heads split over tp=8; 8 q / 2 kv heads leaves kv replicated.
+    for kv, (dp, tp) in [(8, (1, 8)), (2, (2, 4)), (4, (1, 8))]:
+        cfg = TargetConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                           num_layers=3, num_heads=8, num_kv_heads=kv, head_dim=8,
+                           family="qwen3" if kv == 4 else "llama", eos_token_ids=(1,))
+        path = f"{out}/m{kv}"
+        save_target(path, cfg, init_random(cfg, seed=kv)[1])
+        single = load_target(path, mesh=make_mesh(tp=1, devices=jax.devices()[:1]))
+        mesh = make_mesh(tp=tp, dp=dp)
+        sharded = load_target(path, mesh=mesh)
+        q = sharded.state["layers"][0]["attn"]["q_proj"]["kernel"][...]
+        assert len(q.sharding.device_set) == 8 and q.sharding.spec[1] == "tp", q.sharding
+        ids = jnp.asarray(np.random.RandomState(0).randint(0, 128, (4, 10)))
+        pos = jnp.broadcast_to(jnp.arange(10), (4, 10))
+        mask = causal_mask(jnp.array([10, 7, 3, 10]), 10)
+        a = np.asarray(jax.jit(forward)(single.graphdef, single.state, ids, pos, mask)[0])
+        b = np.asarray(jax.jit(forward)(sharded.graphdef, sharded.state, ids, pos, mask)[0])
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+        prompts = [[3, 4, 5], [7, 8, 9, 10, 11]]
+        ga = TargetGenerator(single).generate(prompts, 12)
+        gb = TargetGenerator(sharded).generate(prompts, 12)
+        assert [c.token_ids for c in ga.completions] == [c.token_ids for c in gb.completions]
+    print("TP-OK")
+""")
+
+
+def test_tensor_parallel_equals_single_device(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "TP-OK" in r.stdout, r.stdout + r.stderr

@@ -85,6 +85,35 @@ def _weight_files(path: Path) -> dict[str, Path]:
     return dict.fromkeys(SafetensorsFile(single).keys(), single)
 
 
+class TensorReader:
+    """Reads named tensors from a checkpoint's files, checking shapes, one tensor at a time."""
+
+    def __init__(self, path: Path, files: dict[str, Path]):
+        self.path, self.files = path, files
+        self.opened: dict[Path, SafetensorsFile] = {}
+        self.used: set[str] = set()
+
+    def read(self, name: str, shape: tuple[int, ...], transpose: bool, dtype, sharding):
+        """The tensor `name` as an array of `shape` (after transposing) placed by `sharding`."""
+        if name not in self.files:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+        f = self.files[name]
+        if f not in self.opened:
+            self.opened[f] = SafetensorsFile(f)
+        if name not in self.opened[f].entries:
+            raise CheckpointError(f"{f}: tensor {name!r} listed in the index but not in the file")
+        arr = self.opened[f].get(name)
+        if transpose:
+            arr = arr.T
+        if arr.shape != tuple(shape):
+            want = tuple(shape)[::-1] if transpose else tuple(shape)
+            raise CheckpointError(
+                f"{f}: tensor {name!r} has shape {list(self.opened[f].shape(name))}, the config "
+                f"implies {list(want)}")
+        self.used.add(name)
+        return jax.device_put(np.asarray(arr, dtype=dtype), sharding)
+
+
 def _resolve_dtype(dtype: str, path: Path) -> str:
     if dtype == "auto":
         raw = json.loads((path / "config.json").read_text())
@@ -104,10 +133,9 @@ def load_target(path: str | Path, *, dtype: str = "float32", mesh=None,
     dtype = _resolve_dtype(dtype, path)
     mesh = mesh or make_mesh(tp=1, devices=jax.devices()[:1])
     files = _weight_files(path)
-    opened: dict[Path, SafetensorsFile] = {}
+    reader = TensorReader(path, files)
     abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=DTYPES[dtype], rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
-    used: set[str] = set()
 
     def load_leaf(keypath, sds):
         p = state_path(keypath)
@@ -115,26 +143,11 @@ def load_target(path: str | Path, *, dtype: str = "float32", mesh=None,
         if p == ("inv_freq",):
             return jax.device_put(rope_inv_freq(cfg), sharding)
         name, transpose = hf_name(p)
-        if name not in files:
-            raise CheckpointError(f"{path}: tensor {name!r} is missing from the checkpoint")
-        f = files[name]
-        if f not in opened:
-            opened[f] = SafetensorsFile(f)
-        if name not in opened[f].entries:
-            raise CheckpointError(f"{f}: tensor {name!r} listed in the index but not in the file")
-        arr = opened[f].get(name)
-        if transpose:
-            arr = arr.T
-        if arr.shape != sds.shape:
-            want = sds.shape[::-1] if transpose else sds.shape
-            raise CheckpointError(
-                f"{f}: tensor {name!r} has shape {list(opened[f].shape(name))}, the config "
-                f"implies {list(want)}")
-        used.add(name)
-        return jax.device_put(np.asarray(arr, dtype=DTYPES[dtype]), sharding)
+        return reader.read(name, sds.shape, transpose, DTYPES[dtype], sharding)
 
     state = jax.tree_util.tree_map_with_path(load_leaf, abstract_state)
-    unused = sorted(n for n in files if n not in used and not n.endswith(_IGNORED_SUFFIXES)
+    unused = sorted(n for n in files if n not in reader.used
+                    and not n.endswith(_IGNORED_SUFFIXES)
                     and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
     if unused:
         log.warning("%s: %d checkpoint tensors not used by the model: %s", path, len(unused),
@@ -150,33 +163,39 @@ def save_target(path: str | Path, cfg: TargetConfig, state: nnx.State, *, dtype:
     leaves = [(state_path(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(state)[0]]
     leaves = [(hf_name(p), x) for p, x in leaves if p != ("inv_freq",)]
     dtype = dtype or str(leaves[0][1].dtype)
-    itemsize = np.dtype(DTYPES[dtype]).itemsize
-    # Plan the shards from shapes alone, then fetch and write one shard at a time.
-    plan: list[list] = [[]]
-    size = 0
-    for leaf in leaves:
-        nbytes = int(np.prod(leaf[1].shape)) * itemsize
-        if size + nbytes > max_shard_bytes and plan[-1]:
-            plan.append([])
-            size = 0
-        plan[-1].append(leaf)
-        size += nbytes
-    weight_map = {}
-    for i, shard in enumerate(plan):
-        fname = ("model.safetensors" if len(plan) == 1
-                 else f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors")
-        arrays = []
-        for (name, transpose), x in shard:
-            arr = np.asarray(jax.device_get(x)).astype(DTYPES[dtype])
-            arrays.append((name, arr.T if transpose else arr))
-            weight_map[name] = fname
-        write_safetensors(path / fname, arrays, metadata={"format": "pt"})
-    if len(plan) > 1:
-        (path / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {}, "weight_map": weight_map}, indent=2))
+    write_tensors(path, [(name, tr, x, DTYPES[dtype]) for (name, tr), x in leaves],
+                  max_shard_bytes)
     (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(dtype), indent=2))
     gen = {"bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
            "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1
            else cfg.eos_token_ids[0]}
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return path
+
+
+def write_tensors(path: Path, tensors: list[tuple[str, bool, jax.Array, object]],
+                  max_shard_bytes: int = 4 << 30) -> None:
+    """Writes (name, transpose, array, dtype) as model.safetensors, or as numbered shards with
+    an index past `max_shard_bytes`; only one shard is ever fetched to host memory."""
+    plan: list[list] = [[]]
+    size = 0
+    for t in tensors:
+        nbytes = int(np.prod(t[2].shape)) * np.dtype(t[3]).itemsize
+        if size + nbytes > max_shard_bytes and plan[-1]:
+            plan.append([])
+            size = 0
+        plan[-1].append(t)
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(plan):
+        fname = ("model.safetensors" if len(plan) == 1
+                 else f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors")
+        arrays = []
+        for name, transpose, x, dtype in shard:
+            arr = np.asarray(jax.device_get(x)).astype(dtype)
+            arrays.append((name, arr.T if transpose else arr))
+            weight_map[name] = fname
+        write_safetensors(path / fname, arrays, metadata={"format": "pt"})
+    if len(plan) > 1:
+        (path / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": weight_map}, indent=2))

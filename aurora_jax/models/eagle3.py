@@ -1,0 +1,186 @@
+"""EAGLE-3 draft model (Li et al. 2025, "EAGLE-3: Scaling up Inference Acceleration of Large
+Language Models via Training-Time Test", arXiv 2503.01840).
+
+The draft reads the target's features instead of re-deriving them: for the first draft step,
+`fc(concat(aux_low, aux_mid, aux_high))` (3H -> H) of the target's aux layer outputs; for later
+steps, its own previous hidden state. One decoder layer whose attention input is
+`concat(rmsnorm(embed(token)), rmsnorm(hidden))` (2H wide) with the pre-norm hidden as the
+residual, then an MLP, a final norm, and an lm_head over a reduced draft vocabulary. Draft id i
+is target id `i + d2t[i]`; `t2d[j]` says whether target id j is in the draft vocabulary. The
+token embedding is the target's, frozen, and passed in rather than stored.
+
+Layout and names follow the Hugging Face EAGLE-3 checkpoints that SGLang and vLLM serve
+(`LlamaForCausalLMEagle3`: fc.*, midlayer.*, norm.*, lm_head.*, buffers d2t, t2d).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from aurora_jax.models.attention import attend
+from aurora_jax.models.config import RopeScaling, TargetConfig
+from aurora_jax.models.kv_cache import KVCache, write_block
+from aurora_jax.models.layers import Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftConfig:
+    """Shape of an EAGLE-3 draft head."""
+
+    hidden_size: int
+    """H: the draft's width (equal to the target's in every published EAGLE-3 draft)."""
+    intermediate_size: int
+    """F: MLP width."""
+    num_heads: int
+    """Query heads of the draft layer."""
+    num_kv_heads: int
+    """Key/value heads of the draft layer."""
+    head_dim: int
+    """D: width of one head."""
+    vocab_size: int
+    """The target's vocabulary size (t2d has one entry per target token)."""
+    draft_vocab_size: int
+    """Rows of the draft lm_head (<= vocab_size)."""
+    target_hidden_size: int
+    """Width of each target aux hidden state (fc maps 3 x this to hidden_size)."""
+    aux_layers: tuple[int, ...] = ()
+    """Target layers whose outputs feed fc (recorded in the checkpoint's eagle_config)."""
+    rms_norm_eps: float = 1e-5
+    """Epsilon of every RMSNorm."""
+    rope_theta: float = 10000.0
+    """RoPE base (the target's)."""
+    rope_scaling: RopeScaling | None = None
+    """RoPE scaling (the target's)."""
+    max_position_embeddings: int = 2048
+    """Longest sequence."""
+
+    def __post_init__(self):
+        if not 0 < self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size {self.draft_vocab_size} must be in "
+                             f"1..vocab_size ({self.vocab_size})")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+
+    @classmethod
+    def for_target(cls, t: TargetConfig, draft_vocab_size: int | None = None) -> DraftConfig:
+        """The usual draft for a target: same width, heads and RoPE, one layer."""
+        return cls(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                   num_heads=t.num_heads, num_kv_heads=t.num_kv_heads, head_dim=t.head_dim,
+                   vocab_size=t.vocab_size,
+                   draft_vocab_size=draft_vocab_size or t.vocab_size,
+                   target_hidden_size=t.hidden_size, aux_layers=t.resolved_aux_layers,
+                   rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta,
+                   rope_scaling=t.rope_scaling, max_position_embeddings=t.max_position_embeddings)
+
+
+class DraftAttention(nnx.Module):
+    def __init__(self, cfg: DraftConfig, *, dtype, rngs: nnx.Rngs):
+        h2, d = 2 * cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.q_proj = Linear(h2, cfg.num_heads * d, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(h2, cfg.num_kv_heads * d, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(h2, cfg.num_kv_heads * d, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(cfg.num_heads * d, cfg.hidden_size, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_BxTx2H, cos, sin, block_mask, k_cache, v_cache, cache_len):
+        b, t, _ = x_BxTx2H.shape
+        q = self.q_proj(x_BxTx2H).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x_BxTx2H).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x_BxTx2H).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attend(q, k, v, block_mask, k_cache, v_cache, cache_len)
+        return self.o_proj(out.reshape(b, t, -1)), k, v
+
+
+class DraftMLP(nnx.Module):
+    def __init__(self, cfg: DraftConfig, *, dtype, rngs: nnx.Rngs):
+        h, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(h, f, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(h, f, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(f, h, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MidLayer(nnx.Module):
+    def __init__(self, cfg: DraftConfig, *, dtype, rngs: nnx.Rngs):
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(h, eps, dtype=dtype)  # on the token embedding
+        self.hidden_norm = RMSNorm(h, eps, dtype=dtype)  # on the incoming hidden state
+        self.self_attn = DraftAttention(cfg, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(h, eps, dtype=dtype)
+        self.mlp = DraftMLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, embeds, hidden, cos, sin, block_mask, k_cache, v_cache, cache_len):
+        x = jnp.concatenate([self.input_layernorm(embeds), self.hidden_norm(hidden)], axis=-1)
+        a, k, v = self.self_attn(x, cos, sin, block_mask, k_cache, v_cache, cache_len)
+        h = hidden + a
+        return h + self.mlp(self.post_attention_layernorm(h)), k, v
+
+
+class Eagle3Draft(nnx.Module):
+    """The draft head. `d2t`/`t2d` are buffers (nnx.Variable), not trained parameters."""
+
+    def __init__(self, cfg: DraftConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
+                 draft_to_target: np.ndarray | None = None):
+        self.cfg = cfg
+        self.fc = Linear(3 * cfg.target_hidden_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.midlayer = MidLayer(cfg, dtype=dtype, rngs=rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.lm_head = Linear(cfg.hidden_size, cfg.draft_vocab_size, dtype=dtype, rngs=rngs)
+        ids = (np.arange(cfg.draft_vocab_size) if draft_to_target is None
+               else np.asarray(draft_to_target))
+        d2t, t2d = vocab_maps(ids, cfg.vocab_size)
+        self.d2t = nnx.Variable(jnp.asarray(d2t))
+        self.t2d = nnx.Variable(jnp.asarray(t2d))
+        self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(cfg)))
+
+    def project(self, aux_BxTxAxH):
+        """fc over the concatenated target aux hidden states: [B, T, 3H_t] -> [B, T, H]."""
+        b, t = aux_BxTxAxH.shape[:2]
+        return self.fc(aux_BxTxAxH.reshape(b, t, -1))
+
+    def __call__(self, embeds_BxTxH, hidden_BxTxH, positions_BxT, block_mask_BxTxT,
+                 cache: KVCache | None = None, cache_len_B=None):
+        """One draft step: (draft-vocab logits [B,T,Vd] float32, pre-norm hidden, cache)."""
+        cos, sin = rope_cos_sin(self.inv_freq[...], positions_BxT, hidden_BxTxH.dtype)
+        kc = vc = None
+        if cache is not None:
+            kc, vc = cache.k[0], cache.v[0]
+        h, k, v = self.midlayer(embeds_BxTxH, hidden_BxTxH, cos, sin, block_mask_BxTxT, kc, vc,
+                                cache_len_B)
+        if cache is not None:
+            cache = KVCache(k=(write_block(kc, k, cache_len_B),),
+                            v=(write_block(vc, v, cache_len_B),))
+        return self.lm_head(self.norm(h)).astype(jnp.float32), h, cache
+
+    def to_target_ids(self, draft_ids):
+        """Draft vocabulary ids -> target vocabulary ids."""
+        return draft_ids + self.d2t[...][draft_ids]
+
+
+def vocab_maps(draft_to_target: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(d2t offsets [Vd] int64, t2d membership [V] bool) for sorted unique target ids."""
+    ids = np.asarray(draft_to_target, np.int64)
+    if np.any(np.diff(ids) <= 0) or ids.min(initial=0) < 0 or ids.max(initial=0) >= vocab_size:
+        raise ValueError("draft vocabulary must be sorted unique target ids within the vocab")
+    t2d = np.zeros((vocab_size,), bool)
+    t2d[ids] = True
+    return ids - np.arange(len(ids)), t2d
+
+
+def build_draft_vocab(token_ids: np.ndarray, vocab_size: int, draft_vocab_size: int,
+                      always: tuple[int, ...] = ()) -> np.ndarray:
+    """The `draft_vocab_size` most frequent target ids in a token stream (ties by id), plus
+    `always` (for example the stop tokens), as sorted target ids."""
+    counts = np.bincount(np.asarray(token_ids, np.int64).ravel(), minlength=vocab_size)
+    counts = counts.astype(np.float64)
+    counts[list(always)] = np.inf
+    order = np.lexsort((np.arange(vocab_size), -counts))  # most frequent first, then lower id
+    return np.sort(order[:draft_vocab_size])

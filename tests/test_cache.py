@@ -108,3 +108,15 @@ def test_aux_layers_are_the_configured_layer_outputs():
     _, aux_small, _, _ = fwd(small_def, cut, ids, pos, mask)
     np.testing.assert_allclose(np.asarray(aux)[:, :, 1], np.asarray(aux_small)[:, :, 0],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_into_empty_cache_equals_prefill_against_zero_length_cache(model):
+    ids = jnp.asarray(rng_tokens((2, 7), CFG.vocab_size, seed=9))
+    pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+    mask = causal_mask(jnp.array([7, 5]), 7)
+    a_logits, _, _, a_cache = fwd(*model, ids, pos, mask, KVCache.zeros(CFG, 2, 16))
+    b_logits, _, _, b_cache = fwd(*model, ids, pos, mask, KVCache.zeros(CFG, 2, 16),
+                                  jnp.zeros((2,), jnp.int32))
+    np.testing.assert_allclose(np.asarray(a_logits), np.asarray(b_logits), rtol=1e-5, atol=1e-5)
+    for x, y in zip(jax.tree.leaves(a_cache), jax.tree.leaves(b_cache), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)

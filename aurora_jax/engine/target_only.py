@@ -65,9 +65,7 @@ def _decode(graphdef, state, tokens_BxT, lengths_B, key, temperature_B, top_p_B,
     cache = KVCache.zeros(model.cfg, b, cache_len, model.embed[...].dtype)
     cache = jax.lax.with_sharding_constraint(cache, cache_sharding)
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    zeros_B = jnp.zeros((b,), jnp.int32)
-    hidden, _, cache = model.hidden(tokens_BxT, positions, causal_mask(lengths_B, t), cache,
-                                    zeros_B)
+    hidden, _, cache = model.hidden(tokens_BxT, positions, causal_mask(lengths_B, t), cache)
     last_BxH = jnp.take_along_axis(hidden, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     key, sub = jax.random.split(key)
     first_B = sample(sub, model.logits(last_BxH), temperature_B, top_p_B, top_k_B)

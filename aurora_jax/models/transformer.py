@@ -92,19 +92,24 @@ class Transformer(nnx.Module):
         """Runs the decoder; returns (final normed hidden [B,T,H], aux [B,T,A,H], new cache).
 
         With a cache, the new tokens' keys/values are written at slots cache_len[b] + j.
+        A cache with cache_len None is taken as empty (prefill): nothing in it is attended to,
+        which also keeps XLA from constant-folding attention over a freshly zeroed cache.
         """
         x = self.embed[...][tokens_BxT]
         cos, sin = rope_cos_sin(self.inv_freq[...], positions_BxT, x.dtype)
         aux_layers = self.cfg.resolved_aux_layers
+        empty = cache_len_B is None
+        if cache is not None and empty:
+            cache_len_B = jnp.zeros(tokens_BxT.shape[:1], jnp.int32)
         aux, new_k, new_v = {}, [], []
         for i, layer in enumerate(self.layers):
             kc = vc = None
-            if cache is not None:
+            if cache is not None and not empty:
                 kc, vc = cache.k[i], cache.v[i]
             x, k, v = layer(x, cos, sin, block_mask_BxTxT, kc, vc, cache_len_B)
             if cache is not None:
-                new_k.append(write_block(kc, k, cache_len_B))
-                new_v.append(write_block(vc, v, cache_len_B))
+                new_k.append(write_block(cache.k[i], k, cache_len_B))
+                new_v.append(write_block(cache.v[i], v, cache_len_B))
             if i in aux_layers:
                 aux[i] = x
         aux_BxTxAxH = jnp.stack([aux[i] for i in aux_layers], axis=2)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -26,6 +25,7 @@ from aurora_jax.models.attention import attend
 from aurora_jax.models.config import RopeScaling, TargetConfig
 from aurora_jax.models.kv_cache import KVCache, write_block
 from aurora_jax.models.layers import Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from aurora_jax.models.transformer import MLP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,17 +97,6 @@ class DraftAttention(nnx.Module):
         return self.o_proj(out.reshape(b, t, -1)), k, v
 
 
-class DraftMLP(nnx.Module):
-    def __init__(self, cfg: DraftConfig, *, dtype, rngs: nnx.Rngs):
-        h, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(h, f, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(h, f, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(f, h, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class MidLayer(nnx.Module):
     def __init__(self, cfg: DraftConfig, *, dtype, rngs: nnx.Rngs):
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
@@ -115,7 +104,7 @@ class MidLayer(nnx.Module):
         self.hidden_norm = RMSNorm(h, eps, dtype=dtype)  # on the incoming hidden state
         self.self_attn = DraftAttention(cfg, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(h, eps, dtype=dtype)
-        self.mlp = DraftMLP(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)  # the target's SwiGLU block
 
     def __call__(self, embeds, hidden, cos, sin, block_mask, k_cache, v_cache, cache_len):
         x = jnp.concatenate([self.input_layernorm(embeds), self.hidden_norm(hidden)], axis=-1)

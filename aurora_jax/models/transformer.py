@@ -48,7 +48,9 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: TargetConfig, *, dtype, rngs: nnx.Rngs):
+    """SwiGLU; `cfg` is any config with hidden_size and intermediate_size."""
+
+    def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
         h, f = cfg.hidden_size, cfg.intermediate_size
         self.gate_proj = Linear(h, f, dtype=dtype, rngs=rngs)
         self.up_proj = Linear(h, f, dtype=dtype, rngs=rngs)

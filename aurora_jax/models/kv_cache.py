@@ -47,3 +47,19 @@ def write_block(cache_BxSxKxD: jax.Array, new_BxTxKxD: jax.Array, start_B: jax.A
         return jax.lax.dynamic_update_slice(c_SxKxD, x_TxKxD.astype(c_SxKxD.dtype), (s, 0, 0))
 
     return jax.vmap(one)(cache_BxSxKxD, new_BxTxKxD, start_B)
+
+
+def commit_path(cache_BxSxKxD: jax.Array, start_B: jax.Array, path_BxP: jax.Array):
+    """Moves the accepted entries of a verified block into place.
+
+    The block was written at slots start[b] + i for block slot i; `path[b, p]` is the block
+    slot accepted p-th (slot 0, the root, first; -1 past the accepted length). Afterwards
+    slot start[b] + p holds the entry of block slot path[b, p]. Path slots increase along a
+    path (parents precede children), so reading all sources before writing is safe; entries
+    past the accepted length are left as garbage beyond the new cache length."""
+    def one(c_SxKxD, s, path_P):
+        src_P = s + jnp.maximum(path_P, 0)
+        rows_PxKxD = jnp.take(c_SxKxD, src_P, axis=0)
+        return jax.lax.dynamic_update_slice(c_SxKxD, rows_PxKxD, (s, 0, 0))
+
+    return jax.vmap(one)(cache_BxSxKxD, start_B, path_BxP)

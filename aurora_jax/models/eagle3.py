@@ -21,11 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aurora_jax.models.attention import attend
 from aurora_jax.models.config import RopeScaling, TargetConfig
 from aurora_jax.models.kv_cache import KVCache, write_block
-from aurora_jax.models.layers import Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
-from aurora_jax.models.transformer import MLP
+from aurora_jax.models.layers import Linear, RMSNorm, rope_cos_sin, rope_inv_freq
+from aurora_jax.models.transformer import MLP, Attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,31 +77,12 @@ class DraftConfig:
                    rope_scaling=t.rope_scaling, max_position_embeddings=t.max_position_embeddings)
 
 
-class DraftAttention(nnx.Module):
-    def __init__(self, cfg: DraftConfig, *, dtype, rngs: nnx.Rngs):
-        h2, d = 2 * cfg.hidden_size, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
-        self.q_proj = Linear(h2, cfg.num_heads * d, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(h2, cfg.num_kv_heads * d, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(h2, cfg.num_kv_heads * d, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(cfg.num_heads * d, cfg.hidden_size, dtype=dtype, rngs=rngs)
-
-    def __call__(self, x_BxTx2H, cos, sin, block_mask, k_cache, v_cache, cache_len):
-        b, t, _ = x_BxTx2H.shape
-        q = self.q_proj(x_BxTx2H).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x_BxTx2H).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x_BxTx2H).reshape(b, t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(q, k, v, block_mask, k_cache, v_cache, cache_len)
-        return self.o_proj(out.reshape(b, t, -1)), k, v
-
-
 class MidLayer(nnx.Module):
     def __init__(self, cfg: DraftConfig, *, dtype, rngs: nnx.Rngs):
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(h, eps, dtype=dtype)  # on the token embedding
         self.hidden_norm = RMSNorm(h, eps, dtype=dtype)  # on the incoming hidden state
-        self.self_attn = DraftAttention(cfg, dtype=dtype, rngs=rngs)
+        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs, d_in=2 * h)
         self.post_attention_layernorm = RMSNorm(h, eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)  # the target's SwiGLU block
 
@@ -154,11 +134,16 @@ class Eagle3Draft(nnx.Module):
         return draft_ids + self.d2t[...][draft_ids]
 
 
+def check_draft_ids(ids: np.ndarray, vocab_size: int) -> None:
+    """Raises ValueError unless `ids` (draft id -> target id) are sorted, unique, in range."""
+    if np.any(np.diff(ids) <= 0) or ids.min(initial=0) < 0 or ids.max(initial=0) >= vocab_size:
+        raise ValueError("draft vocabulary must be sorted unique target ids within the vocab")
+
+
 def vocab_maps(draft_to_target: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """(d2t offsets [Vd] int64, t2d membership [V] bool) for sorted unique target ids."""
     ids = np.asarray(draft_to_target, np.int64)
-    if np.any(np.diff(ids) <= 0) or ids.min(initial=0) < 0 or ids.max(initial=0) >= vocab_size:
-        raise ValueError("draft vocabulary must be sorted unique target ids within the vocab")
+    check_draft_ids(ids, vocab_size)
     t2d = np.zeros((vocab_size,), bool)
     t2d[ids] = True
     return ids - np.arange(len(ids)), t2d

@@ -19,8 +19,8 @@ from flax import nnx
 
 from aurora_jax.errors import CheckpointError
 from aurora_jax.models.config import TargetConfig
-from aurora_jax.models.eagle3 import DraftConfig, Eagle3Draft
-from aurora_jax.models.hf_io import DTYPES, TensorReader, _weight_files, write_tensors
+from aurora_jax.models.eagle3 import DraftConfig, Eagle3Draft, check_draft_ids
+from aurora_jax.models.hf_io import DTYPES, TensorReader, weight_files, write_tensors
 from aurora_jax.models.layers import rope_inv_freq
 from aurora_jax.models.sharding import make_mesh, state_path
 
@@ -132,7 +132,7 @@ def load_draft(path: str | Path, *, target: TargetConfig | None = None, dtype: s
         check_fits(cfg, target)
     mesh = mesh or make_mesh(tp=1, devices=jax.devices()[:1])
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    reader = TensorReader(path, _weight_files(path))
+    reader = TensorReader(path, weight_files(path))
     abstract = nnx.eval_shape(lambda: Eagle3Draft(cfg, dtype=DTYPES[dtype], rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
 
@@ -145,10 +145,12 @@ def load_draft(path: str | Path, *, target: TargetConfig | None = None, dtype: s
         return reader.read(name, sds.shape, transpose, leaf_dtype, replicated)
 
     state = jax.tree_util.tree_map_with_path(load_leaf, abstract_state)
-    d2t = np.asarray(state["d2t"][...])
-    ids = np.arange(cfg.draft_vocab_size) + d2t
-    if np.any(np.diff(ids) <= 0) or ids.min() < 0 or ids.max() >= cfg.vocab_size:
-        raise CheckpointError(f"{path}: d2t does not map draft ids to distinct target ids")
+    ids = np.arange(cfg.draft_vocab_size) + np.asarray(state["d2t"][...])
+    try:
+        check_draft_ids(ids, cfg.vocab_size)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: d2t does not map draft ids to distinct target ids "
+                              f"({e})") from e
     return Draft(cfg, graphdef, state)
 
 

@@ -62,7 +62,7 @@ def hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
     raise KeyError(f"no Hugging Face name for state path {'.'.join(path)}")
 
 
-def _weight_files(path: Path) -> dict[str, Path]:
+def weight_files(path: Path) -> dict[str, Path]:
     """Tensor name -> file holding it, from the index or the single model.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -132,7 +132,7 @@ def load_target(path: str | Path, *, dtype: str = "float32", mesh=None,
         cfg = dataclasses.replace(cfg, **cfg_overrides)
     dtype = _resolve_dtype(dtype, path)
     mesh = mesh or make_mesh(tp=1, devices=jax.devices()[:1])
-    files = _weight_files(path)
+    files = weight_files(path)
     reader = TensorReader(path, files)
     abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=DTYPES[dtype], rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)

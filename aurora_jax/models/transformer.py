@@ -24,19 +24,23 @@ from aurora_jax.models.layers import Linear, RMSNorm, apply_rope, rope_cos_sin, 
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: TargetConfig, *, dtype, rngs: nnx.Rngs):
+    """Grouped-query self-attention with RoPE. `cfg` is any config with the head fields;
+    `d_in` is the input width (the hidden size, or 2H in the EAGLE-3 draft layer)."""
+
+    def __init__(self, cfg, *, dtype, rngs: nnx.Rngs, d_in: int | None = None,
+                 qk_norm: bool = False):
         h, d = cfg.hidden_size, cfg.head_dim
+        d_in = d_in or h
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
-        self.q_proj = Linear(h, cfg.num_heads * d, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(h, cfg.num_kv_heads * d, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(h, cfg.num_kv_heads * d, dtype=dtype, rngs=rngs)
+        self.q_proj = Linear(d_in, cfg.num_heads * d, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d_in, cfg.num_kv_heads * d, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d_in, cfg.num_kv_heads * d, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(cfg.num_heads * d, h, dtype=dtype, rngs=rngs)
-        qk_norm = cfg.family == "qwen3"
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype) if qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype) if qk_norm else None
 
     def __call__(self, x_BxTxH, cos, sin, block_mask, k_cache, v_cache, cache_len):
-        b, t, _ = x_BxTxH.shape
+        b, t, _ = x_BxTxH.shape  # H here is the input width d_in
         q = self.q_proj(x_BxTxH).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x_BxTxH).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x_BxTxH).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -63,7 +67,7 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: TargetConfig, *, dtype, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-        self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.attn = Attention(cfg, dtype=dtype, rngs=rngs, qk_norm=cfg.family == "qwen3")
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 

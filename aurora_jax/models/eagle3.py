@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from aurora_jax.models.attention import attend
 from aurora_jax.models.config import RopeScaling, TargetConfig
 from aurora_jax.models.kv_cache import KVCache, write_block
 from aurora_jax.models.layers import Linear, RMSNorm, rope_cos_sin, rope_inv_freq
@@ -86,11 +87,18 @@ class MidLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(h, eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)  # the target's SwiGLU block
 
+    def attn_input(self, embeds, hidden):
+        return jnp.concatenate([self.input_layernorm(embeds), self.hidden_norm(hidden)], axis=-1)
+
+    def finish(self, hidden, attn_out):
+        """Residual over the incoming hidden state, then the MLP block."""
+        h = hidden + attn_out
+        return h + self.mlp(self.post_attention_layernorm(h))
+
     def __call__(self, embeds, hidden, cos, sin, block_mask, k_cache, v_cache, cache_len):
-        x = jnp.concatenate([self.input_layernorm(embeds), self.hidden_norm(hidden)], axis=-1)
-        a, k, v = self.self_attn(x, cos, sin, block_mask, k_cache, v_cache, cache_len)
-        h = hidden + a
-        return h + self.mlp(self.post_attention_layernorm(h)), k, v
+        a, k, v = self.self_attn(self.attn_input(embeds, hidden), cos, sin, block_mask, k_cache,
+                                 v_cache, cache_len)
+        return self.finish(hidden, a), k, v
 
 
 class Eagle3Draft(nnx.Module):
@@ -117,17 +125,40 @@ class Eagle3Draft(nnx.Module):
 
     def __call__(self, embeds_BxTxH, hidden_BxTxH, positions_BxT, block_mask_BxTxT,
                  cache: KVCache | None = None, cache_len_B=None):
-        """One draft step: (draft-vocab logits [B,T,Vd] float32, pre-norm hidden, cache)."""
+        """One draft step: (draft-vocab logits [B,T,Vd] float32, pre-norm hidden, cache).
+
+        With a cache, the new keys/values are written at slots cache_len[b] + j; a cache with
+        cache_len None is taken as empty (prefill) and written from slot 0."""
         cos, sin = rope_cos_sin(self.inv_freq[...], positions_BxT, hidden_BxTxH.dtype)
         kc = vc = None
-        if cache is not None:
+        if cache is not None and cache_len_B is not None:
             kc, vc = cache.k[0], cache.v[0]
         h, k, v = self.midlayer(embeds_BxTxH, hidden_BxTxH, cos, sin, block_mask_BxTxT, kc, vc,
                                 cache_len_B)
         if cache is not None:
-            cache = KVCache(k=(write_block(kc, k, cache_len_B),),
-                            v=(write_block(vc, v, cache_len_B),))
+            start = (jnp.zeros(embeds_BxTxH.shape[:1], jnp.int32) if cache_len_B is None
+                     else cache_len_B)
+            cache = KVCache(k=(write_block(cache.k[0], k, start),),
+                            v=(write_block(cache.v[0], v, start),))
         return self.lm_head(self.norm(h)).astype(jnp.float32), h, cache
+
+    def tree_step(self, embeds_BxTxH, hidden_BxTxH, positions_BxT, slots_T, visible_BxTxM,
+                  tree_k_BxMxKxD, tree_v_BxMxKxD, cache: KVCache, cache_len_B):
+        """A draft step for T tree nodes during drafting (EAGLE-2). Their keys/values go
+        into a side buffer of M tree slots at `slots`; node t attends to the committed draft
+        cache (< cache_len) and to the buffer slots `visible[b, t]` (its ancestors and
+        itself). The cache is not written: the tree is provisional. Returns (logits, pre-norm
+        hidden, tree_k, tree_v)."""
+        cos, sin = rope_cos_sin(self.inv_freq[...], positions_BxT, hidden_BxTxH.dtype)
+        mid = self.midlayer
+        q, k, v = mid.self_attn.project_qkv(mid.attn_input(embeds_BxTxH, hidden_BxTxH), cos, sin)
+        tree_k_BxMxKxD = tree_k_BxMxKxD.at[:, slots_T].set(k.astype(tree_k_BxMxKxD.dtype))
+        tree_v_BxMxKxD = tree_v_BxMxKxD.at[:, slots_T].set(v.astype(tree_v_BxMxKxD.dtype))
+        out = attend(q, tree_k_BxMxKxD, tree_v_BxMxKxD, visible_BxTxM, cache.k[0], cache.v[0],
+                     cache_len_B)
+        a = mid.self_attn.o_proj(out.reshape(*out.shape[:2], -1))
+        h = mid.finish(hidden_BxTxH, a)
+        return self.lm_head(self.norm(h)).astype(jnp.float32), h, tree_k_BxMxKxD, tree_v_BxMxKxD
 
     def to_target_ids(self, draft_ids):
         """Draft vocabulary ids -> target vocabulary ids."""

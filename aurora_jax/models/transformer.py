@@ -39,16 +39,20 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype) if qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype=dtype) if qk_norm else None
 
-    def __call__(self, x_BxTxH, cos, sin, block_mask, k_cache, v_cache, cache_len):
+    def project_qkv(self, x_BxTxH, cos, sin):
+        """Rotated queries [B,T,Q,D], keys and values [B,T,K,D] of the new tokens."""
         b, t, _ = x_BxTxH.shape  # H here is the input width d_in
         q = self.q_proj(x_BxTxH).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x_BxTxH).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x_BxTxH).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:  # Qwen3: per-head RMSNorm before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def __call__(self, x_BxTxH, cos, sin, block_mask, k_cache, v_cache, cache_len):
+        q, k, v = self.project_qkv(x_BxTxH, cos, sin)
         out = attend(q, k, v, block_mask, k_cache, v_cache, cache_len)
-        return self.o_proj(out.reshape(b, t, -1)), k, v
+        return self.o_proj(out.reshape(*out.shape[:2], -1)), k, v
 
 
 class MLP(nnx.Module):

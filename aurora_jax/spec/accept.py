@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from aurora_jax.spec.sampling import filtered_logprobs
 from aurora_jax.spec.tree import Tree
 
 
@@ -81,3 +82,25 @@ def sample_accept(key, tree: Tree, target_probs_BxTxV: jax.Array, max_depth: int
     path = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), path_DxB.T], axis=1)
     bonus_B = jax.random.categorical(k_bonus, jnp.log(jnp.maximum(p_final, 1e-38)), axis=-1)
     return path, n_B, bonus_B.astype(jnp.int32)
+
+
+def accept(key, tree: Tree, logits_BxTxV: jax.Array, max_depth: int, temperature_B, top_p_B,
+           top_k_B):
+    """Accepts per row under its own sampling settings: greedy rows follow the argmax, sampled
+    rows speculative sampling over the filtered target distribution. An all-greedy batch skips
+    the vocabulary sort. Returns (path, num_accepted, bonus) as `greedy_accept`."""
+    b, t, v = logits_BxTxV.shape
+    argmax_BxT = jnp.argmax(logits_BxTxV, axis=-1).astype(jnp.int32)
+
+    def sampled():
+        rep = lambda x: jnp.repeat(x, t)  # noqa: E731  per-row settings for every slot
+        logp = filtered_logprobs(logits_BxTxV.reshape(b * t, v), rep(temperature_B),
+                                 rep(top_p_B), rep(top_k_B)).reshape(b, t, v)
+        # A greedy row's distribution is a point mass on its argmax: the walk then accepts
+        # exactly the argmax children and the bonus is the argmax, as in greedy_accept.
+        probs = jnp.where((temperature_B > 0)[:, None, None], jnp.exp(logp),
+                          jax.nn.one_hot(argmax_BxT, v, dtype=jnp.float32))
+        return sample_accept(key, tree, probs, max_depth)
+
+    return jax.lax.cond(jnp.any(temperature_B > 0), sampled,
+                        lambda: greedy_accept(tree, argmax_BxT, max_depth))

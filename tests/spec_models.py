@@ -26,7 +26,7 @@ from aurora_jax.models.transformer import init_random
 EOS = 1
 
 
-def tiny_cfg(vocab=40, eos=(EOS,), layers=4, hidden=64) -> TargetConfig:
+def tiny_cfg(vocab=40, eos=(EOS,), layers=2, hidden=64) -> TargetConfig:
     return TargetConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                         num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=16,
                         eos_token_ids=eos, max_position_embeddings=512)

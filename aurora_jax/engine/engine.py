@@ -125,6 +125,7 @@ class Engine:
         self._prefills = 0
         tracing = trace_sink is not None
         self.traces = TraceEmitter(trace_sink) if tracing else None
+        self._init = jax.jit(step.init_state, static_argnums=tuple(range(8)))
         self._prefill = jax.jit(functools.partial(step.prefill, trace=tracing))
         self._insert = jax.jit(step.insert, donate_argnums=(1,))
         self._generate = jax.jit(functools.partial(step.generate, spec=spec, trace=tracing),
@@ -136,9 +137,10 @@ class Engine:
         cfg = self.target.cfg
         sharding = cache_sharding(self.target.mesh, (self.max_slots, self.cache_size,
                                                      cfg.num_kv_heads, cfg.head_dim))
-        return step.init_state(cfg, None if self.draft is None else self.draft.cfg, self.spec,
-                               self.max_slots, self.cache_size, self.target.dtype, self.seed,
-                               sharding)
+        # Built by a jitted function so that its arrays are typed and placed exactly like the
+        # states that steps return: the first step then reuses the steady-state program.
+        return self._init(cfg, None if self.draft is None else self.draft.cfg, self.spec,
+                    self.max_slots, self.cache_size, self.target.dtype, self.seed, sharding)
 
     def prefill(self, prompts: list[list[int]], sampling: list[SamplingParams]) -> step.Prefix:
         """Prefills a group of prompts (padded to a bucketed batch and length)."""

@@ -1,0 +1,253 @@
+"""The speculative engine is lossless: greedy output equals target-only greedy output token
+for token, whatever the draft; caches after a step equal those of plain decoding; a draft swap
+recompiles nothing."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from spec_models import EOS, copycat_pair, greedy_path, random_pair, swap_state, tiny_cfg
+
+from aurora_jax.engine.engine import Engine, Request
+from aurora_jax.engine.step import draft_cache_zeros
+from aurora_jax.engine.target_only import TargetGenerator
+from aurora_jax.models.attention import causal_mask
+from aurora_jax.models.kv_cache import KVCache
+from aurora_jax.models.transformer import forward
+
+SPECS = {"chain": dict(mode="chain", depth=4),
+         "tree": dict(mode="tree", depth=4, topk=3, num_draft_tokens=9)}
+
+
+def _spec(name):
+    from aurora_jax.spec.draft import SpecConfig
+
+    return SpecConfig(**SPECS[name])
+
+
+@pytest.fixture(scope="module")
+def copycat():
+    return copycat_pair(tiny_cfg())
+
+
+@pytest.fixture(scope="module")
+def randoms():
+    return random_pair(tiny_cfg(), seed=5)
+
+
+_ENGINES: dict = {}
+
+
+def _engine(target, draft, mode, max_slots=2):
+    """Engines are reusable across runs; sharing them keeps compilation out of most tests."""
+    key = (id(target), id(draft), mode, max_slots)
+    if key not in _ENGINES:
+        _ENGINES[key] = Engine(target, draft, _spec(mode), max_slots=max_slots, max_len=64)
+    return _ENGINES[key]
+
+
+def _prompts(lengths, vocab, seed=0):
+    rs = np.random.RandomState(seed)
+    return [rs.randint(3, vocab, size=n).tolist() for n in lengths]
+
+
+_GENERATORS: dict = {}
+
+
+def _target_only(target, prompts, max_new):
+    gen = _GENERATORS.setdefault(id(target), TargetGenerator(target))
+    return [c.token_ids for c in gen.generate(prompts, max_new).completions]
+
+
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+@pytest.mark.parametrize("pair", ["copycat", "randoms"])
+def test_greedy_equals_target_only(mode, pair, request):
+    target, draft = request.getfixturevalue(pair)[:2]
+    # Batch 1, then five prompts of different lengths through two slots (continuous batching).
+    for prompts in (_prompts([7], 40, seed=1), _prompts([5, 9, 3, 12, 6], 40, seed=2)):
+        ref = _target_only(target, prompts, 30)
+        run = _engine(target, draft, mode).run([Request(p, 30) for p in prompts])
+        assert [r.token_ids for r in run.results] == ref
+        for r in run.results:
+            stopped = r.token_ids[-1] == EOS
+            assert r.finish_reason == ("stop" if stopped else "length")
+            assert len(r.token_ids) == 30 or stopped
+    if pair == "copycat":  # the draft knows the target's map: every step accepts all nodes
+        assert run.acceptance_length == pytest.approx(5.0, abs=0.35)
+
+
+def test_stop_token_inside_an_accepted_path(copycat):
+    target, draft, f = copycat
+    # A prompt whose greedy continuation reaches the stop token after a few tokens.
+    start = next(x for x in range(3, 40)
+                 if EOS in greedy_path(f, x, 6)[2:] and EOS not in greedy_path(f, x, 6)[:2])
+    expected = greedy_path(f, start, 6)
+    expected = expected[: expected.index(EOS) + 1]
+    (res,) = _engine(target, draft, "chain").run([Request([5, start], 20)]).results
+    assert res.token_ids == expected and res.finish_reason == "stop"
+    assert res.steps == 1  # the stop token came inside the first accepted path, then it ended
+
+
+def test_token_budget_cuts_an_accepted_path(copycat):
+    target, draft, f = copycat
+    start = next(x for x in range(3, 40) if EOS not in greedy_path(f, x, 12))
+    (res,) = _engine(target, draft, "tree").run([Request([start], 7)]).results
+    assert res.token_ids == greedy_path(f, start, 7) and res.finish_reason == "length"
+    assert res.steps == 2  # 1 from prefill + 5 + 1 (cut from 5)
+
+
+def test_fixture_greedy_equals_target_only(llama_16m):
+    from aurora_jax.data.tokenizer import Tokenizer
+    from aurora_jax.models.eagle3 import DraftConfig
+    from aurora_jax.models.eagle3_io import init_draft
+    from aurora_jax.models.hf_io import load_target
+
+    target = load_target(llama_16m)
+    tok = Tokenizer.load(llama_16m)
+    texts = ["def fibonacci(n):\n    ", "import os\nimport sys\n\n\nclass Config", "# sort"]
+    prompts = [tok.encode(t) for t in texts]
+    ref = _target_only(target, prompts, 20)
+    draft = init_draft(DraftConfig.for_target(target.cfg), seed=3)
+    for mode in ("chain", "tree"):
+        engine = Engine(target, draft, _spec(mode), max_slots=2, max_len=128)
+        assert [r.token_ids for r in engine.run([Request(p, 20) for p in prompts]).results] == ref
+
+
+def _plain_forward(target, seq):
+    t = len(seq)
+    return forward(target.graphdef, target.state, jnp.asarray([seq]), jnp.arange(t)[None],
+                   causal_mask(jnp.array([t]), t))
+
+
+@pytest.mark.parametrize("pair", ["copycat", "randoms"])
+def test_caches_after_steps_equal_plain_decoding(pair, request):
+    """After prefill and three steps, the target cache holds exactly the keys/values a plain
+    forward over the committed tokens gives, and the draft cache exactly what the draft gives
+    over those tokens with the target's features."""
+
+    target, draft, *f = request.getfixturevalue(pair)
+    engine = _engine(target, draft, "tree")
+    prompts = _prompts([6, 11], 40, seed=4)
+    if f:  # end the prompts where the target's greedy path runs long without a stop token
+        starts = [x for x in range(3, 40) if EOS not in greedy_path(f[0], x, 20)]
+        prompts = [p[:-1] + [x] for p, x in zip(prompts, starts, strict=False)]
+    reqs = [Request(p, 40) for p in prompts]
+    state = engine.init_decode_state()
+    prefix = engine.prefill(prompts, [r.sampling for r in reqs])
+    state = engine.insert(prefix, state, [1, 0], [40, 40], [r.sampling for r in reqs])
+    generated = [[int(x)] for x in np.asarray(prefix.first)]
+    for _ in range(3):
+        state, out = engine.generate(state)
+        for row, slot in enumerate([1, 0]):
+            generated[row] += np.asarray(out.tokens[slot, : out.emitted[slot]]).tolist()
+    if pair == "copycat":  # long accepted paths: entries really moved in the cache
+        assert min(len(g) for g in generated) == 16
+    for row, slot in enumerate([1, 0]):
+        seq = prompts[row] + generated[row]
+        n = len(seq) - 1  # the last token is the root: not cached yet
+        assert int(state.cache_len[slot]) == n and int(state.root[slot]) == seq[-1]
+        _, aux, _, cache = _jit_forward(target.graphdef, target.state, jnp.asarray([seq[:n]]),
+                                        jnp.arange(n)[None], causal_mask(jnp.array([n]), n),
+                                        KVCache.zeros(target.cfg, 1, n))
+        for got, want in zip(state.cache.k + state.cache.v, cache.k + cache.v, strict=True):
+            np.testing.assert_allclose(np.asarray(got[slot, :n]), np.asarray(want[0]),
+                                       rtol=1e-5, atol=1e-5)
+        # Draft rows 0..draft_len-1 read token j+1 and the target features at position j.
+        dn = int(state.draft_len[slot])
+        assert dn + int(state.pend_count[slot]) == n
+        dcache = _draft_prefill(target.graphdef, target.state, draft.graphdef,
+                                engine.draft_state, jnp.asarray([seq[1: dn + 1]]), aux[:, :dn])
+        np.testing.assert_allclose(np.asarray(state.draft_cache.k[0][slot, :dn]),
+                                   np.asarray(dcache.k[0][0]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(state.draft_cache.v[0][slot, :dn]),
+                                   np.asarray(dcache.v[0][0]), rtol=1e-5, atol=1e-5)
+
+
+_jit_forward = jax.jit(forward)
+
+
+@jax.jit
+def _draft_prefill(tgraph, tstate, dgraph, dstate, tokens_1xN, aux_1xNxAxH):
+    model, draft = nnx.merge(tgraph, tstate), nnx.merge(dgraph, dstate)
+    n = tokens_1xN.shape[1]
+    _, _, cache = draft(model.embed[...][tokens_1xN], draft.project(aux_1xNxAxH),
+                        jnp.arange(n)[None], causal_mask(jnp.array([n]), n),
+                        draft_cache_zeros(draft.cfg, 1, n, jnp.float32))
+    return cache
+
+
+def test_draft_swap_recompiles_nothing_and_stays_lossless(randoms, copycat):
+    target, draft = randoms
+    engine = Engine(target, draft, _spec("tree"), max_slots=2, max_len=64)
+    prompts = _prompts([5, 8, 3, 10], 40, seed=6)
+    ref = _target_only(target, prompts, 24)
+    assert [r.token_ids for r in engine.run([Request(p, 24) for p in prompts]).results] == ref
+    fns = (engine._prefill, engine._insert, engine._generate)
+    sizes = [f._cache_size() for f in fns]
+    swaps = iter(swap_state(draft, seed) for seed in (11, 12, 13, 14))
+
+    def swap(_result):  # called between steps, while other requests are in flight
+        engine.set_draft(next(swaps))
+
+    run = engine.run([Request(p, 24) for p in prompts], on_result=swap)
+    assert [r.token_ids for r in run.results] == ref
+    assert [f._cache_size() for f in fns] == sizes
+    assert engine.draft_version == 4 and len(set().union(*(r.draft_versions
+                                                            for r in run.results))) > 1
+
+
+def test_traces_hold_what_the_target_computed(randoms):
+    """Every committed token appears in a trace, and the aux features recorded along accepted
+    paths equal the target's features from a plain forward over the final sequence."""
+    from aurora_jax.engine.trace import PrefillTrace, VerifyTrace
+
+    target, draft = randoms
+    got = []
+    engine = Engine(target, draft, _spec("tree"), max_slots=2, max_len=64, trace_sink=got.append)
+    prompts = _prompts([5, 9, 4], 40, seed=8)
+    run = engine.run([Request(p, 16, id=f"r{i}") for i, p in enumerate(prompts)])
+    engine.traces.flush()
+    assert engine.traces.dropped == 0
+    rows = [r for t in got if isinstance(t, VerifyTrace) for r in t.rows()]
+    for i, res in enumerate(run.results):
+        (pre,) = [t for t in got if isinstance(t, PrefillTrace) and t.request_id == res.id]
+        mine = [r for r in rows if r.request_id == res.id]
+        assert len(mine) == res.steps
+        committed = [pre.first] + [int(x) for r in mine for x in r.committed]
+        assert committed[: len(res.token_ids)] == res.token_ids
+        seq = prompts[i] + res.token_ids
+        _, aux, _, _ = _plain_forward(target, seq)
+        np.testing.assert_allclose(pre.aux, np.asarray(aux[0, : len(prompts[i])]), atol=1e-4)
+        pos = len(prompts[i])  # position of the first root
+        for r in mine:
+            for slot in r.path[: r.num_accepted + 1]:
+                if pos < len(seq):
+                    np.testing.assert_allclose(r.aux[slot], np.asarray(aux[0, pos]), atol=1e-4,
+                                               rtol=1e-4)
+                pos += 1
+        assert mine[0].tree_tokens[0] == pre.first  # the first root is the prefill's token
+
+
+def test_target_only_mode_equals_reference(randoms):
+    from aurora_jax.spec.draft import SpecConfig
+
+    target, _ = randoms
+    prompts = _prompts([5, 9, 3], 40, seed=9)
+    engine = Engine(target, None, SpecConfig(mode="off"), max_slots=2, max_len=64)
+    run = engine.run([Request(p, 20) for p in prompts])
+    assert [r.token_ids for r in run.results] == _target_only(target, prompts, 20)
+    assert run.acceptance_length == 1.0
+
+
+def test_jit_is_not_rebuilt_per_step(randoms):
+    """Steady state: repeated steps reuse one compiled program."""
+    target, draft = randoms
+    engine = _engine(target, draft, "chain")
+    state = engine.init_decode_state()
+    for _ in range(3):
+        state, _ = engine.generate(state)
+    jax.block_until_ready(state.cache_len)
+    assert engine._generate._cache_size() == 1

@@ -17,6 +17,7 @@ from aurora_jax.engine.target_only import TargetGenerator
 from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.kv_cache import KVCache
 from aurora_jax.models.transformer import forward
+from aurora_jax.spec.sampling import SamplingParams
 
 SPECS = {"chain": dict(mode="chain", depth=4),
          "tree": dict(mode="tree", depth=4, topk=3, num_draft_tokens=9)}
@@ -251,3 +252,33 @@ def test_jit_is_not_rebuilt_per_step(randoms):
         state, _ = engine.generate(state)
     jax.block_until_ready(state.cache_len)
     assert engine._generate._cache_size() == 1
+
+
+def test_bad_input_is_refused_with_a_clear_error(randoms):
+    from aurora_jax.errors import CheckpointError, ConfigError, PromptError
+    from aurora_jax.models.eagle3 import DraftConfig
+    from aurora_jax.models.eagle3_io import init_draft
+
+    target, draft = randoms
+    other = init_draft(DraftConfig.for_target(tiny_cfg(hidden=32)))
+    with pytest.raises(CheckpointError, match="hidden size"):
+        Engine(target, other, _spec("tree"))
+    with pytest.raises(ConfigError, match="needs a draft"):
+        Engine(target, None, _spec("chain"))
+    for bad, match in [(dict(mode="beam"), "mode"), (dict(mode="chain", depth=0), "depth"),
+                       (dict(mode="tree", depth=17), "depth"),
+                       (dict(mode="tree", depth=2, topk=2, num_draft_tokens=7), "num_draft"),
+                       (dict(mode="tree", topk=0), "topk")]:
+        from aurora_jax.spec.draft import SpecConfig
+
+        with pytest.raises(ConfigError, match=match):
+            SpecConfig(**bad)
+    with pytest.raises(ConfigError, match="temperature"):
+        SamplingParams(temperature=-0.5)
+    engine = _engine(target, draft, "tree")
+    with pytest.raises(PromptError, match="max_len"):
+        engine.run([Request([5] * 10, 10), Request([5] * 60, 10)])
+    with pytest.raises(PromptError, match="empty"):
+        engine.run([Request([], 10)])
+    with pytest.raises(ConfigError, match="structure, shape or dtype"):
+        engine.set_draft(other.state)

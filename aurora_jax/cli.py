@@ -3,6 +3,8 @@
     aurora-jax prepare   [--cache-dir DIR] [--config YAML] [--force]
     aurora-jax generate  --target (builtin|PATH) --prompt TEXT [--max-new-tokens N]
                          [--temperature T --top-p P --top-k K --seed S] [--json]
+                         [--draft (scratch|PATH)] [--spec (off|chain|tree)]
+                         [--depth D --topk K --num-draft-tokens N]
 
 Errors caused by input (a bad path, a malformed checkpoint, an over-long prompt, a config
 typo) are printed as one line naming the problem, with exit status 2.
@@ -47,38 +49,94 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def _load_pair(args, path: Path):
+    """The target, and the draft that --draft names (None for target-only)."""
+    from aurora_jax.models.eagle3 import DraftConfig
+    from aurora_jax.models.eagle3_io import init_draft, load_draft, read_draft_config
+    from aurora_jax.models.hf_io import load_target
+
+    if args.draft in (None, "scratch"):
+        target = load_target(path, dtype=args.dtype)
+        if args.draft is None:
+            return target, None
+        # Day 0: a randomly initialised draft over the target's whole vocabulary.
+        return target, init_draft(DraftConfig.for_target(target.cfg), seed=args.seed,
+                                  dtype=target.dtype, mesh=target.mesh)
+    # The draft says which target layers it reads; the target must return exactly those.
+    aux = read_draft_config(args.draft).aux_layers
+    target = load_target(path, dtype=args.dtype,
+                         cfg_overrides={"aux_layers": tuple(aux)} if aux else None)
+    return target, load_draft(args.draft, target=target.cfg, dtype=target.dtype,
+                              mesh=target.mesh)
+
+
+def spec_from_args(args):
+    from aurora_jax.spec.draft import SpecConfig
+
+    mode = args.spec or ("off" if args.draft is None else "tree")
+    return SpecConfig(mode=mode, depth=args.depth, topk=args.topk,
+                      num_draft_tokens=args.num_draft_tokens)
+
+
 def cmd_generate(args) -> int:
     from aurora_jax.data.tokenizer import Tokenizer
-    from aurora_jax.engine.target_only import TargetGenerator
-    from aurora_jax.models.hf_io import load_target
+    from aurora_jax.engine.engine import Engine, Request
+    from aurora_jax.errors import ConfigError
     from aurora_jax.spec.sampling import SamplingParams
 
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k)
+    spec = spec_from_args(args)
+    if spec.mode != "off" and args.draft is None:
+        raise ConfigError(f"--spec {spec.mode} needs a draft: --draft scratch or --draft PATH")
     path = _target_dir(args)
-    target = load_target(path, dtype=args.dtype)
+    target, draft = _load_pair(args, path)
     tokenizer = Tokenizer.load(path)
     eos = tuple(dict.fromkeys(target.cfg.eos_token_ids + tokenizer.eos_ids))
-    generator = TargetGenerator(target, eos_ids=eos)
     prompt_ids = tokenizer.encode(args.prompt)
-    result = generator.generate([prompt_ids], args.max_new_tokens, sampling, seed=args.seed)
-    c = result.completions[0]
-    text = tokenizer.decode(c.token_ids)
+    engine = Engine(target, draft if spec.mode != "off" else None, spec, max_slots=1,
+                    max_len=max(64, len(prompt_ids) + args.max_new_tokens), eos_ids=eos,
+                    seed=args.seed)
+    run = engine.run([Request(prompt_ids, args.max_new_tokens, sampling)])
+    res = run.results[0]
+    text = tokenizer.decode(res.token_ids)
+    tau = res.acceptance_length
     if args.json:
         print(json.dumps({
             "text": text,
-            "token_ids": c.token_ids,
+            "token_ids": res.token_ids,
             "prompt_tokens": len(prompt_ids),
-            "generated_tokens": len(c.token_ids),
-            "finish_reason": c.finish_reason,
-            "tokens_per_s": round(result.tokens_per_s, 2),
-            "decode_s": round(result.decode_s, 4),
-            "compile_s": round(result.compile_s, 3),
+            "generated_tokens": len(res.token_ids),
+            "finish_reason": res.finish_reason,
+            "spec": spec.mode,
+            "acceptance_length": None if tau is None else round(tau, 4),
+            "target_forwards": res.target_forwards,
+            "tokens_per_s": round(run.tokens_per_s, 2),
+            "decode_s": round(run.decode_s, 4),
+            "compile_s": round(run.compile_s, 3),
         }))
     else:
         print(args.prompt + text)
-        print(f"[{len(c.token_ids)} tokens, {result.tokens_per_s:.1f} tokens/s, "
-              f"finish={c.finish_reason}, compile {result.compile_s:.1f}s]", file=sys.stderr)
+        spec_note = "" if tau is None or spec.mode == "off" else f", acceptance {tau:.2f}"
+        print(f"[{len(res.token_ids)} tokens, {run.tokens_per_s:.1f} tokens/s{spec_note}, "
+              f"{res.target_forwards} target forwards, finish={res.finish_reason}, "
+              f"compile {run.compile_s:.1f}s]", file=sys.stderr)
     return 0
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    from aurora_jax.spec.draft import SpecConfig
+
+    d = SpecConfig()
+    p.add_argument("--draft", default=None,
+                   help="EAGLE-3 draft: 'scratch' (random, day 0) or a checkpoint directory "
+                        "in the Hugging Face EAGLE-3 layout; default none (target only)")
+    p.add_argument("--spec", default=None, choices=["off", "chain", "tree"],
+                   help="speculation mode (default: tree with a draft, off without)")
+    p.add_argument("--depth", type=int, default=d.depth, help="draft steps per verification")
+    p.add_argument("--topk", type=int, default=d.topk,
+                   help="tree mode: children per node and nodes expanded per depth")
+    p.add_argument("--num-draft-tokens", type=int, default=d.num_draft_tokens,
+                   help="tree mode: draft nodes verified per step")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="0 keeps all tokens")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_spec_args(g)
     g.set_defaults(func=cmd_generate)
     return parser
 

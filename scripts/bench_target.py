@@ -15,8 +15,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -24,24 +22,10 @@ import jax
 import torch
 import transformers
 
+from aurora_jax.data.prompts import stdlib_code_prompts
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.engine.target_only import TargetGenerator
 from aurora_jax.models.hf_io import load_target
-
-
-def prompts(model_dir: Path, tok: Tokenizer, n: int, length: int) -> list[list[int]]:
-    held = model_dir / "held_out_files.json"
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = (json.loads(held.read_text())["stdlib_files_held_out"] if held.is_file()
-             else sorted(p.name for p in stdlib.glob("*.py")))
-    out = []
-    for rel in files:
-        ids = tok.encode((stdlib / rel).read_text(errors="replace"))
-        if len(ids) >= length:
-            out.append(ids[:length])
-        if len(out) == n:
-            return out
-    sys.exit(f"not enough prompt files of {length} tokens")
 
 
 def time_ours(gen: TargetGenerator, batch: list[list[int]], new: int) -> tuple[float, list]:
@@ -76,7 +60,7 @@ def main() -> None:
     ours = TargetGenerator(load_target(model_dir), eos_ids=())  # never stop early
     theirs = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval().float()
     batches = [int(b) for b in args.batches.split(",")]
-    all_prompts = prompts(model_dir, tok, max(batches), args.prompt_tokens)
+    all_prompts = stdlib_code_prompts(model_dir, tok, max(batches), args.prompt_tokens)
 
     rows = []
     for b in batches:

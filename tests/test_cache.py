@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,6 +91,8 @@ def test_aux_layers_are_the_configured_layer_outputs():
     cfg = TargetConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=8,
                        num_heads=4, num_kv_heads=2, head_dim=8)
     assert cfg.resolved_aux_layers == (1, 3, 4)  # EAGLE-3 default: 1, L//2-1, L-4
+    # Shallow models spread the three layers instead of repeating one.
+    assert dataclasses.replace(cfg, num_layers=3).resolved_aux_layers == (0, 1, 2)
     graphdef, state = init_random(cfg, seed=0)
     ids = jnp.asarray(rng_tokens((1, 6), 50))
     pos = jnp.arange(6)[None]

@@ -28,3 +28,33 @@ def test_sampling_is_seeded(llama_16m, capsys):
         runs.append(json.loads(capsys.readouterr().out)["token_ids"])
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
+
+
+def test_speculative_generate_json(llama_16m, tmp_path, capsys):
+    """--draft PATH --spec chain gives the target's own greedy tokens, with the speculation
+    counters; a draft for another target is refused with one line."""
+    from aurora_jax.models.config import read_hf_config
+    from aurora_jax.models.eagle3 import DraftConfig
+    from aurora_jax.models.eagle3_io import init_draft, save_draft
+
+    cfg = read_hf_config(llama_16m)
+    save_draft(tmp_path / "draft", init_draft(DraftConfig.for_target(cfg), seed=1))
+    base = ["generate", "--target", str(llama_16m), "--prompt", "class Foo:\n",
+            "--max-new-tokens", "10", "--json"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(base + ["--draft", str(tmp_path / "draft"), "--spec", "chain", "--depth", "3"]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert spec["token_ids"] == plain["token_ids"] and spec["spec"] == "chain"
+    assert spec["acceptance_length"] >= 1.0
+    n = len(spec["token_ids"])  # each forward emits 1 to depth + 1 tokens
+    assert 1 + (n - 1) / 4 <= spec["target_forwards"] <= n
+    small = DraftConfig(hidden_size=64, intermediate_size=128, num_heads=2, num_kv_heads=1,
+                        head_dim=32, vocab_size=cfg.vocab_size, draft_vocab_size=512,
+                        target_hidden_size=64)
+    save_draft(tmp_path / "other", init_draft(small))
+    assert main(base + ["--draft", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit the target" in err[0]
+    assert main(base + ["--spec", "tree"]) == 2
+    assert "needs a draft" in capsys.readouterr().err

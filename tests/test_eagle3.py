@@ -121,7 +121,7 @@ def test_hf_layout_round_trip(tmp_path):
     raw = json.loads((tmp_path / "d/config.json").read_text())
     assert raw["architectures"] == ["LlamaForCausalLMEagle3"]
     assert raw["draft_vocab_size"] == 50 and raw["num_hidden_layers"] == 1
-    assert raw["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 2, 2]
+    assert raw["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 3, 5]
     f = SafetensorsFile(tmp_path / "d/model.safetensors")
     expected = {"fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d"} | {
         f"midlayer.{n}.weight" for n in (
@@ -142,7 +142,8 @@ def test_hf_layout_round_trip(tmp_path):
 @pytest.mark.parametrize("change,message", [
     (dict(hidden_size=64), "hidden size 32"),
     (dict(vocab_size=121), "vocabulary 120 differs"),
-    (dict(num_layers=2), r"aux layers \[2, 2\] do not exist"),
+    (dict(num_layers=2), r"aux layers \[3, 5\] do not exist"),
+    (dict(num_layers=7), r"reads target layers \[0, 3, 5\] but the target returns"),
 ])
 def test_draft_that_does_not_fit_is_refused(tmp_path, change, message):
     save_draft(tmp_path / "d", init_draft(DraftConfig.for_target(TARGET), seed=0))

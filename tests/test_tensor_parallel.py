@@ -1,4 +1,4 @@
-"""Tensor-parallel logits on 8 CPU devices equal single-device logits.
+"""Tensor-parallel logits and generations on 8 CPU devices equal single-device ones.
 
 jax fixes its device count at import, so the check runs in a child process with
 XLA_FLAGS=--xla_force_host_platform_device_count=8.
@@ -44,6 +44,16 @@ CHILD = textwrap.dedent("""
         ga = TargetGenerator(single).generate(prompts, 12)
         gb = TargetGenerator(sharded).generate(prompts, 12)
         assert [c.token_ids for c in ga.completions] == [c.token_ids for c in gb.completions]
+        if kv == 2:  # the speculative engine on a dp x tp mesh (draft replicated)
+            from aurora_jax.engine.engine import Engine, Request
+            from aurora_jax.models.eagle3 import DraftConfig
+            from aurora_jax.models.eagle3_io import init_draft
+            from aurora_jax.spec.draft import SpecConfig
+            draft = init_draft(DraftConfig.for_target(cfg), seed=0, mesh=mesh)
+            engine = Engine(sharded, draft, SpecConfig(mode="tree", depth=3, topk=2,
+                            num_draft_tokens=5), max_slots=2, max_len=32)
+            run = engine.run([Request(p, 12) for p in prompts])
+            assert [r.token_ids for r in run.results] == [c.token_ids for c in ga.completions]
     print("TP-OK")
 """)
 

@@ -104,7 +104,9 @@ class TargetConfig:
         if self.aux_layers is not None:
             return tuple(self.aux_layers)
         n = self.num_layers
-        return tuple(max(0, min(n - 1, i)) for i in (1, n // 2 - 1, n - 4))
+        if n < 8:  # the EAGLE-3 formula repeats layers in shallow models; spread them instead
+            return (0, n // 2, n - 1)
+        return (1, n // 2 - 1, n - 4)
 
     @property
     def num_params(self) -> int:

@@ -98,6 +98,10 @@ def check_fits(cfg: DraftConfig, target: TargetConfig) -> None:
     bad = [i for i in cfg.aux_layers if not 0 <= i < target.num_layers]
     if bad:
         problems.append(f"aux layers {bad} do not exist in a {target.num_layers}-layer target")
+    elif cfg.aux_layers and tuple(cfg.aux_layers) != target.resolved_aux_layers:
+        problems.append(f"draft reads target layers {list(cfg.aux_layers)} but the target "
+                        f"returns layers {list(target.resolved_aux_layers)} (load the target "
+                        f"with cfg_overrides={{'aux_layers': {tuple(cfg.aux_layers)}}})")
     if problems:
         raise CheckpointError("draft does not fit the target: " + "; ".join(problems))
 
@@ -120,14 +124,23 @@ def init_draft(cfg: DraftConfig, seed: int = 0, dtype: str = "float32",
     return Draft(cfg, graphdef, state)
 
 
+def read_draft_config(path: str | Path) -> DraftConfig:
+    """The DraftConfig of an EAGLE-3 draft directory."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"no config.json in {path} (not a draft checkpoint)")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
+    return draft_config_from_hf(raw, str(cfg_file))
+
+
 def load_draft(path: str | Path, *, target: TargetConfig | None = None, dtype: str = "float32",
                mesh=None) -> Draft:
     """Loads an EAGLE-3 draft directory; with `target`, checks that it fits that target."""
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"no config.json in {path} (not a draft checkpoint)")
-    cfg = draft_config_from_hf(json.loads(cfg_file.read_text()), str(cfg_file))
+    cfg = read_draft_config(path)
     if target is not None:
         check_fits(cfg, target)
     mesh = mesh or make_mesh(tp=1, devices=jax.devices()[:1])

@@ -6,7 +6,9 @@ length) go through three engines that differ only in their speculation setting: 
 and the median is kept, so machine noise hits all alike. Stop tokens are ignored (every request
 generates exactly --new-tokens) so the work is equal. Reported per setting: tokens/s, its ratio
 to target-only, acceptance length (tokens committed per verification step, bonus included) and
-target forwards per generated token. Greedy outputs are checked equal across settings.
+target forwards per generated token, milliseconds per engine step, and the break-even
+acceptance length (a speculative step's cost in target-only steps: above it, speculation
+pays). Greedy outputs are checked equal across settings.
 
     python scripts/bench_spec.py --target ../shared/fixtures/llama-code-16m --draft scratch
 
@@ -78,9 +80,11 @@ def main() -> None:
         outputs = {name: [r.token_ids for r in rs[-1].results] for name, rs in runs.items()}
         assert all(o == outputs["off"] for o in outputs.values()), "greedy outputs differ"
         base = statistics.median(r.tokens_per_s for r in runs["off"][1:])
+        base_step = statistics.median(r.decode_s / r.steps for r in runs["off"][1:])
         for name, rs in runs.items():
             last = rs[-1]
             tps = statistics.median(r.tokens_per_s for r in rs[1:])
+            step_s = statistics.median(r.decode_s / r.steps for r in rs[1:])
             generated = last.generated_tokens
             forwards = sum(r.target_forwards for r in last.results)
             rows.append({
@@ -88,12 +92,17 @@ def main() -> None:
                 "speedup_vs_target_only": round(tps / base, 3),
                 "acceptance_length": round(last.acceptance_length or 1.0, 3),
                 "target_forwards_per_token": round(forwards / generated, 3),
-                "engine_steps": last.steps, "compile_s": round(rs[0].compile_s, 1)})
-    print(f"{'batch':>5} {'spec':>6} {'tok/s':>8} {'vs off':>7} {'tau':>6} {'fwd/tok':>8}")
+                "engine_steps": last.steps, "step_ms": round(step_s * 1e3, 2),
+                # Speculation pays once tau exceeds this: the cost of a speculative step in
+                # target-only steps (each emits one token per slot).
+                "break_even_tau": round(step_s / base_step, 2),
+                "compile_s": round(rs[0].compile_s, 1)})
+    print(f"{'batch':>5} {'spec':>6} {'tok/s':>8} {'vs off':>7} {'tau':>6} {'fwd/tok':>8} "
+          f"{'step ms':>8} {'break-even tau':>15}")
     for r in rows:
         print(f"{r['batch']:>5} {r['spec']:>6} {r['tokens_per_s']:>8} "
               f"{r['speedup_vs_target_only']:>7} {r['acceptance_length']:>6} "
-              f"{r['target_forwards_per_token']:>8}")
+              f"{r['target_forwards_per_token']:>8} {r['step_ms']:>8} {r['break_even_tau']:>15}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

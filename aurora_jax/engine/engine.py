@@ -247,22 +247,23 @@ class Engine:
         state = self.insert(prefix, state, slots, [r.max_new_tokens for r in reqs],
                             [r.sampling for r in reqs])
         first = np.asarray(prefix.first)
+        if self.traces:
+            aux, hidden = jax.device_get((prefix.aux, prefix.hidden))
         for j, (r, i) in enumerate(zip(reqs, ids, strict=True)):
             results[i].token_ids.append(int(first[j]))
             slot_req[slots[j]] = i
             if self.traces:
                 n = len(r.prompt)
                 self.traces.submit(PrefillTrace(results[i].id, r.domain, np.asarray(r.prompt),
-                                                int(first[j]), np.asarray(prefix.aux[j, :n]),
-                                                np.asarray(prefix.hidden[j, :n])))
+                                                int(first[j]), aux[j, :n], hidden[j, :n]))
             if int(first[j]) in self._eos_set or r.max_new_tokens == 1:
                 slot_req[slots[j]] = None  # the device marked the slot idle at insert
                 finish(i)
         return state
 
     def _absorb(self, out: step.StepOutput, snapshot, version, results, slot_req, finish):
-        tokens, emitted, accepted, active, done = (
-            np.asarray(x) for x in (out.tokens, out.emitted, out.accepted, out.active, out.done))
+        tokens, emitted, accepted, active, done = jax.device_get(
+            (out.tokens, out.emitted, out.accepted, out.active, out.done))
         for s in np.nonzero(active)[0]:
             i = snapshot[s]
             res = results[i]

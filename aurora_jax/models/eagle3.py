@@ -160,6 +160,21 @@ class Eagle3Draft(nnx.Module):
         h = mid.finish(hidden_BxTxH, a)
         return self.lm_head(self.norm(h)).astype(jnp.float32), h, tree_k_BxMxKxD, tree_v_BxMxKxD
 
+    def masked_step(self, embeds_BxTxH, hidden_BxTxH, positions_BxT, k_ctx_BxCxKxD,
+                    v_ctx_BxCxKxD, ctx_mask_BxTxC, self_mask_BxTxT):
+        """A draft step whose rows see given context keys/values (`ctx_mask`) and each other
+        (`self_mask`): the general form the learner needs for training-time test and for
+        re-running tree branches. Returns (logits, pre-norm hidden, k, v of the new rows)."""
+        cos, sin = rope_cos_sin(self.inv_freq[...], positions_BxT, hidden_BxTxH.dtype)
+        mid = self.midlayer
+        q, k, v = mid.self_attn.project_qkv(mid.attn_input(embeds_BxTxH, hidden_BxTxH), cos, sin)
+        out = attend(q, jnp.concatenate([k_ctx_BxCxKxD, k.astype(k_ctx_BxCxKxD.dtype)], 1),
+                     jnp.concatenate([v_ctx_BxCxKxD, v.astype(v_ctx_BxCxKxD.dtype)], 1),
+                     jnp.concatenate([ctx_mask_BxTxC, self_mask_BxTxT], 2))
+        a = mid.self_attn.o_proj(out.reshape(*out.shape[:2], -1))
+        h = mid.finish(hidden_BxTxH, a)
+        return self.lm_head(self.norm(h)).astype(jnp.float32), h, k, v
+
     def to_target_ids(self, draft_ids):
         """Draft vocabulary ids -> target vocabulary ids."""
         return draft_ids + self.d2t[...][draft_ids]

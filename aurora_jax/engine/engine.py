@@ -252,11 +252,12 @@ class Engine:
         for j, (r, i) in enumerate(zip(reqs, ids, strict=True)):
             results[i].token_ids.append(int(first[j]))
             slot_req[slots[j]] = i
+            done = int(first[j]) in self._eos_set or r.max_new_tokens == 1
             if self.traces:
                 n = len(r.prompt)
                 self.traces.submit(PrefillTrace(results[i].id, r.domain, np.asarray(r.prompt),
-                                                int(first[j]), aux[j, :n], hidden[j, :n]))
-            if int(first[j]) in self._eos_set or r.max_new_tokens == 1:
+                                                int(first[j]), aux[j, :n], hidden[j, :n], done))
+            if done:
                 slot_req[slots[j]] = None  # the device marked the slot idle at insert
                 finish(i)
         return state
@@ -278,7 +279,7 @@ class Engine:
             self.traces.submit(VerifyTrace(
                 [None if i is None else results[i].id for i in snapshot],
                 [None if i is None else results[i].domain for i in snapshot], version,
-                out.trace, active, tokens, emitted, accepted))
+                out.trace, active, tokens, emitted, accepted, done))
 
     def _timed(self, fn, *args):
         """Calls a jitted function; a call that compiled adds its time to compile_s."""

@@ -40,6 +40,7 @@ class VerifyRecord:
     committed: np.ndarray  # tokens committed this step (accepted nodes, then the bonus)
     aux: np.ndarray  # [N+1, A, H] target aux hidden states at every node
     hidden: np.ndarray  # [N+1, H] target final normed hidden (lm_head gives the logits)
+    done: bool  # the request finished in this step
 
 
 @dataclasses.dataclass
@@ -52,6 +53,7 @@ class VerifyTrace:
     tokens: np.ndarray  # [B, R] committed tokens
     emitted: np.ndarray  # [B]
     accepted: np.ndarray  # [B]
+    done: np.ndarray  # [B] the slot's request finished in this step
 
     def rows(self) -> list[VerifyRecord]:
         a = {k: np.asarray(v) for k, v in self.arrays.items()}
@@ -63,7 +65,7 @@ class VerifyTrace:
                 tree_parent=a["tree_parent"][b], draft_logp=a["draft_logp"][b],
                 path=a["path"][b], num_accepted=int(self.accepted[b]),
                 committed=self.tokens[b, : self.accepted[b] + 1], aux=a["aux"][b],
-                hidden=a["hidden"][b]))
+                hidden=a["hidden"][b], done=bool(self.done[b])))
         return out
 
 
@@ -77,6 +79,7 @@ class PrefillTrace:
     first: int  # the first generated token
     aux: np.ndarray  # [P, A, H]
     hidden: np.ndarray  # [P, H]
+    done: bool  # the request ended with its first token
 
 
 class TraceEmitter:

@@ -1,0 +1,183 @@
+"""From engine traces to fixed-shape learner batches.
+
+`TraceAssembler` is an engine trace sink: it stitches a request's prefill trace and its
+verification records into one `Sequence` (committed tokens with the target's features at each
+position, plus every tree the engine verified for it, anchored at its root's position) and
+hands finished sequences to a `TraceBuffer`. The buffer holds them within a byte budget
+(oldest dropped first, counted), drops sequences drafted by a version older than the staleness
+limit (counted), and cuts random fixed-shape `LearnBatch`es, so the learner's jitted step never
+sees a new shape. Thread-safe: the engine's trace thread adds while the learner samples.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+
+import jax.numpy as jnp
+import numpy as np
+
+from aurora_jax.engine.trace import PrefillTrace, VerifyRecord, VerifyTrace
+from aurora_jax.learn.losses import LearnBatch
+
+
+@dataclasses.dataclass
+class Tree:
+    root_pos: int  # position of the root token in the sequence
+    tokens: np.ndarray  # [N+1]
+    parent: np.ndarray  # [N+1]
+    hidden: np.ndarray  # [N+1, H]
+    accepted: np.ndarray  # [N+1] bool
+
+
+@dataclasses.dataclass
+class Sequence:
+    request_id: object
+    domain: str | None
+    draft_version: int  # the oldest draft version that proposed for it
+    tokens: np.ndarray  # [L] committed tokens that carry features
+    aux: np.ndarray  # [L, A, H]
+    hidden: np.ndarray  # [L, H]
+    trees: list[Tree]
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.tokens, self.aux, self.hidden]
+        arrays += [a for t in self.trees for a in (t.tokens, t.parent, t.hidden, t.accepted)]
+        return sum(a.nbytes for a in arrays)
+
+
+class TraceAssembler:
+    """Engine trace sink that emits one Sequence per finished request to `sink`."""
+
+    def __init__(self, sink):
+        self.sink = sink
+        self._open: dict = {}
+
+    def __call__(self, trace) -> None:
+        if isinstance(trace, PrefillTrace):
+            seq = {"domain": trace.domain, "tokens": list(trace.tokens) + [trace.first],
+                   "aux": list(trace.aux), "hidden": list(trace.hidden), "trees": [],
+                   "version": None}
+            self._open[trace.request_id] = seq
+            if trace.done:
+                self._close(trace.request_id)
+        elif isinstance(trace, VerifyTrace):
+            for row in trace.rows():
+                self._add(row)
+
+    def _add(self, r: VerifyRecord) -> None:
+        seq = self._open.get(r.request_id)
+        if seq is None:  # its prefill trace was dropped: nothing to anchor to
+            return
+        root_pos = len(seq["aux"])
+        path = r.path[: r.num_accepted + 1]
+        accepted = np.zeros(len(r.tree_tokens), bool)
+        accepted[path] = True
+        seq["trees"].append(Tree(root_pos, r.tree_tokens, r.tree_parent, r.hidden, accepted))
+        seq["aux"] += list(r.aux[path])
+        seq["hidden"] += list(r.hidden[path])
+        seq["tokens"] += [int(t) for t in r.committed]
+        v = seq["version"]
+        seq["version"] = r.draft_version if v is None else min(v, r.draft_version)
+        if r.done:
+            self._close(r.request_id)
+
+    def _close(self, request_id) -> None:
+        seq = self._open.pop(request_id)
+        n = len(seq["aux"])
+        if n < 2:
+            return
+        self.sink(Sequence(request_id, seq["domain"], seq["version"] or 0,
+                           np.asarray(seq["tokens"][:n], np.int32), np.stack(seq["aux"]),
+                           np.stack(seq["hidden"]), seq["trees"]))
+
+
+@dataclasses.dataclass
+class BufferStats:
+    added: int = 0
+    dropped_for_space: int = 0
+    dropped_stale: int = 0
+    bytes: int = 0
+
+
+class TraceBuffer:
+    """Bounded by `max_bytes`; `max_staleness` draft versions behind the newest are kept."""
+
+    def __init__(self, max_bytes: int = 256 << 20, max_staleness: int | None = None, seed=0):
+        self.max_bytes = max_bytes
+        self.max_staleness = max_staleness
+        self.stats = BufferStats()
+        self._items: collections.deque[Sequence] = collections.deque()
+        self._lock = threading.Lock()
+        self._rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, seq: Sequence) -> None:
+        size = seq.nbytes
+        with self._lock:
+            self.stats.added += 1
+            if size > self.max_bytes:
+                self.stats.dropped_for_space += 1
+                return
+            # Make room first, so that the byte count never exceeds the bound, even briefly.
+            while self.stats.bytes + size > self.max_bytes:
+                self.stats.bytes -= self._items.popleft().nbytes
+                self.stats.dropped_for_space += 1
+            self._items.append(seq)
+            self.stats.bytes += size
+
+    def drop_stale(self, current_version: int) -> None:
+        if self.max_staleness is None:
+            return
+        with self._lock:
+            keep = [s for s in self._items
+                    if s.draft_version >= current_version - self.max_staleness]
+            self.stats.dropped_stale += len(self._items) - len(keep)
+            self.stats.bytes = sum(s.nbytes for s in keep)
+            self._items = collections.deque(keep)
+
+    def batch(self, batch_size: int, seq_len: int, trees: int, tree_size: int) -> LearnBatch:
+        """B random sequences, each cut to a random window of `seq_len` positions, with up to
+        `trees` of its trees whose roots fall inside the window; zero-padded, masked."""
+        with self._lock:
+            if not self._items:
+                raise ValueError("the trace buffer is empty")
+            picks = [self._items[i] for i in self._rng.integers(len(self._items), size=batch_size)]
+        s0 = picks[0]
+        a, h = s0.aux.shape[1:], s0.hidden.shape[1]
+        out = {
+            "tokens": np.zeros((batch_size, seq_len), np.int32),
+            "aux": np.zeros((batch_size, seq_len, *a), np.float32),
+            "target_hidden": np.zeros((batch_size, seq_len, h), np.float32),
+            "length": np.zeros((batch_size,), np.int32),
+            "tree_tokens": np.zeros((batch_size, trees, tree_size), np.int32),
+            "tree_parent": np.full((batch_size, trees, tree_size), -1, np.int32),
+            "tree_hidden": np.zeros((batch_size, trees, tree_size, h), np.float32),
+            "tree_accepted": np.zeros((batch_size, trees, tree_size), bool),
+            "tree_root_pos": np.ones((batch_size, trees), np.int32),
+            "tree_valid": np.zeros((batch_size, trees), bool),
+        }
+        for b, seq in enumerate(picks):
+            n = len(seq.tokens)
+            start = int(self._rng.integers(max(1, n - seq_len + 1)))
+            end = min(n, start + seq_len)
+            out["tokens"][b, : end - start] = seq.tokens[start:end]
+            out["aux"][b, : end - start] = seq.aux[start:end]
+            out["target_hidden"][b, : end - start] = seq.hidden[start:end]
+            out["length"][b] = end - start
+            # A tree needs its root's draft row (root_pos - 1) inside the window.
+            inside = [t for t in seq.trees if start + 1 <= t.root_pos < end
+                      and len(t.tokens) == tree_size]
+            for i, k in enumerate(self._rng.permutation(len(inside))[:trees]):
+                t = inside[k]
+                out["tree_tokens"][b, i] = t.tokens
+                out["tree_parent"][b, i] = t.parent
+                out["tree_hidden"][b, i] = t.hidden
+                out["tree_accepted"][b, i] = t.accepted
+                out["tree_root_pos"][b, i] = t.root_pos - start
+                out["tree_valid"][b, i] = True
+        return LearnBatch(**{k: jnp.asarray(v) for k, v in out.items()})

@@ -1,0 +1,94 @@
+"""The draft learner: a jitted `learner_step(state, batch) -> (state, metrics)` and publishing.
+
+The draft is split into trainable params (nnx.Param) and buffers (d2t, t2d, RoPE frequencies);
+the target's embedding and lm_head are frozen inputs (the draft reads the target's embedding;
+the target's distribution comes from its lm_head over recorded final hidden states). The step
+donates the learner's own state. Published drafts are copies, so the engine never holds a
+buffer a later step deletes (DESIGN.md: an optax update that donates params would delete
+buffers the engine may still hold).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from aurora_jax.learn.losses import LearnBatch, LossConfig, draft_loss
+from aurora_jax.learn.pretrain import OptimizerSettings, make_optimizer
+from aurora_jax.models.eagle3_io import Draft
+from aurora_jax.models.hf_io import Target
+
+
+@flax.struct.dataclass
+class LearnerState:
+    step: jax.Array  # scalar int32
+    params: nnx.State  # the draft's trainable weights
+    opt_state: optax.OptState
+
+
+DEFAULT_OPTIMIZER = OptimizerSettings(learning_rate=1e-3, warmup_steps=20, total_steps=100_000,
+                                      min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0)
+
+
+def target_head(target: Target):
+    """The frozen arrays the learner needs from the target: (embedding [V, H], lm_head
+    kernel [H, V])."""
+    embed = target.state["embed"][...]
+    head = embed.T if target.cfg.tie_word_embeddings else target.state["lm_head"]["kernel"][...]
+    return embed, head
+
+
+def make_learner_step(graphdef, tx: optax.GradientTransformation, cfg: LossConfig):
+    """jit((state, buffers, embed, head, batch) -> (state, metrics)); the state is donated."""
+
+    def loss_fn(params, buffers, embed, head, batch):
+        draft = nnx.merge(graphdef, params, buffers)
+        return draft_loss(draft, embed, lambda h: (h @ head).astype(jnp.float32), batch, cfg)
+
+    def step(state: LearnerState, buffers, embed, head, batch: LearnBatch):
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, buffers, embed, head, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return LearnerState(state.step + 1, optax.apply_updates(state.params, updates),
+                            opt_state), metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+@dataclasses.dataclass
+class Learner:
+    """Owns a draft's training state; `step(batch)` trains, `publish()` hands out a copy."""
+
+    draft: Draft
+    target: Target
+    loss: LossConfig = LossConfig()
+    optimizer: OptimizerSettings = DEFAULT_OPTIMIZER
+
+    def __post_init__(self):
+        model = nnx.merge(self.draft.graphdef, self.draft.state)
+        self._graphdef, params, self._buffers = nnx.split(model, nnx.Param, ...)
+        tx = make_optimizer(self.optimizer)
+        # Built by a jitted function: fresh buffers (never aliasing the serving draft's, which
+        # the step will donate) typed and placed exactly like the states the step returns,
+        # so the second step does not compile again.
+        self.state = jax.jit(lambda p: LearnerState(jnp.zeros((), jnp.int32),
+                                                    jax.tree.map(jnp.copy, p), tx.init(p)))(params)
+        self._step = make_learner_step(self._graphdef, tx, self.loss)
+        self._embed, self._head = target_head(self.target)
+
+    def step(self, batch: LearnBatch) -> dict:
+        self.state, metrics = self._step(self.state, self._buffers, self._embed, self._head,
+                                         batch)
+        return metrics
+
+    def publish(self) -> nnx.State:
+        """A copy of the current draft state, shaped like the serving draft's (for
+        `Engine.set_draft`)."""
+        params = jax.tree.map(jnp.copy, self.state.params)
+        return nnx.split(nnx.merge(self._graphdef, params, self._buffers))[1]

@@ -107,3 +107,27 @@ def test_buffer_stays_within_its_byte_bound_under_a_fast_producer():
     assert buffer.stats.dropped_for_space == 2000 - len(buffer) > 0
     buffer.drop_stale(current_version=6)  # keeps versions >= 4: none left (newest is 3)
     assert len(buffer) == 0 and buffer.stats.dropped_stale == 25
+
+
+@pytest.mark.parametrize("policy", ["every", "better"])
+def test_online_learner_thread_publishes_while_serving(pair, policy):
+    """A learner thread trains on the traffic the engine serves and swaps drafts in while it
+    serves; every request completes with the target's own greedy output."""
+    from aurora_jax.learn.online import OnlineConfig, online_engine
+
+    target, draft = pair
+    learner = Learner(draft, target, LossConfig(ttt_steps=2, tree_depth=4))
+    cfg = OnlineConfig(batch_size=4, seq_len=32, trees_per_seq=4, min_sequences=2,
+                       every_steps=5, policy=policy, max_steps=40)
+    engine, online = online_engine(target, draft, SPEC, learner, cfg, max_slots=4, max_len=64)
+    prompts = _prompts(24, seed=4)
+    online.start()
+    run = engine.run([Request(p, 32) for p in prompts])
+    online.stop()
+    assert online.error is None and online.steps > 0
+    ref = TargetGenerator(target, eos_ids=()).generate(prompts, 32)
+    assert [r.token_ids for r in run.results] == [c.token_ids for c in ref.completions]
+    assert online.published + online.rejected == online.steps // cfg.every_steps
+    assert engine.draft_version == online.published
+    if policy == "every":
+        assert online.published >= 1

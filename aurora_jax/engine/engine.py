@@ -118,8 +118,10 @@ class Engine:
         eos = target.cfg.eos_token_ids if eos_ids is None else tuple(eos_ids)
         self.eos = jnp.asarray(np.array(list(eos) or [-1], np.int32))
         self._eos_set = set(eos)
-        self.draft_state = None if draft is None else draft.state
-        self.draft_version = 0
+        # The serving draft and its version, swapped together in one assignment, so a step
+        # started on another thread always sees a matching pair.
+        self._serving = (None if draft is None else draft.state, 0)
+        self.last_step_version = 0
         self.compile_s = 0.0
         self.seed = seed
         self._prefills = 0
@@ -154,7 +156,7 @@ class Engine:
         key = jax.random.fold_in(jax.random.key(self.seed + 1), self._prefills)
         self._prefills += 1
         tgraph, dgraph = self.target.graphdef, self.draft and self.draft.graphdef
-        return self._timed(self._prefill, tgraph, self.target.state, dgraph, self.draft_state,
+        return self._timed(self._prefill, tgraph, self.target.state, dgraph, self._serving[0],
                            jnp.asarray(tokens), jnp.asarray(lengths), key, sp["temperature"],
                            sp["top_p"], sp["top_k"])
 
@@ -172,11 +174,21 @@ class Engine:
     def generate(self, state: step.DecodeState) -> tuple[step.DecodeState, step.StepOutput]:
         """One speculative step for every slot; `state` is consumed."""
         dgraph = self.draft and self.draft.graphdef
+        draft_state, self.last_step_version = self._serving
         return self._timed(self._generate, self.target.graphdef, self.target.state, dgraph,
-                           self.draft_state, state, self.eos)
+                           draft_state, state, self.eos)
+
+    @property
+    def draft_state(self):
+        return self._serving[0]
+
+    @property
+    def draft_version(self) -> int:
+        return self._serving[1]
 
     def set_draft(self, draft_state, version: int | None = None) -> None:
-        """Hot swap: the next step uses `draft_state` (same structure, shapes, dtypes)."""
+        """Hot swap: the next step uses `draft_state` (same structure, shapes, dtypes).
+        Safe to call from another thread (a learner's) while the engine serves."""
         if self.draft is None:
             raise ConfigError("this engine was built without a draft; nothing to swap")
         old = jax.tree.map(lambda x: (x.shape, x.dtype), self.draft_state)
@@ -184,8 +196,7 @@ class Engine:
         if jax.tree.structure(old) != jax.tree.structure(new) or old != new:
             raise ConfigError("new draft params differ in structure, shape or dtype from the "
                               "serving draft; a swap would recompile")
-        self.draft_state = draft_state
-        self.draft_version = self.draft_version + 1 if version is None else version
+        self._serving = (draft_state, self.draft_version + 1 if version is None else version)
 
     # ---- host loop -----------------------------------------------------------------------
 
@@ -234,7 +245,7 @@ class Engine:
                     TraceEmitter.start_copy(out.trace)
             if prev is not None:
                 self._absorb(*prev, results, slot_req, finish)
-            prev = None if out is None else (out, snapshot, self.draft_version)
+            prev = None if out is None else (out, snapshot, self.last_step_version)
             if out is None and not queue:
                 break
         wall = time.perf_counter() - t0

@@ -1,7 +1,8 @@
 """The `aurora-jax` command.
 
     aurora-jax prepare   [--cache-dir DIR] [--config YAML] [--force]
-    aurora-jax generate  --target (builtin|PATH) --prompt TEXT [--max-new-tokens N]
+    aurora-jax generate  --target (builtin|PATH) (--prompt TEXT | --prompts FILE.jsonl [--online])
+                         [--max-new-tokens N]
                          [--temperature T --top-p P --top-k K --seed S] [--json]
                          [--draft (scratch|PATH)] [--spec (off|chain|tree)]
                          [--depth D --topk K --num-draft-tokens N]
@@ -78,16 +79,115 @@ def spec_from_args(args):
                       num_draft_tokens=args.num_draft_tokens)
 
 
+def read_prompts_file(path: str) -> list[dict]:
+    """JSONL, one object per line with a "prompt" string and optional "id" and "domain";
+    a bad line is reported with its number before anything runs."""
+    from aurora_jax.errors import ConfigError
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"cannot read prompts file {path}: {e.strerror}") from e
+    out = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise ConfigError(f'{path}:{n}: expected an object with a "prompt" string')
+        unknown = set(obj) - {"prompt", "id", "domain"}
+        if unknown:
+            raise ConfigError(f"{path}:{n}: unknown field(s) {sorted(unknown)} "
+                              '(allowed: "prompt", "id", "domain")')
+        out.append({"id": obj.get("id", len(out)), "domain": obj.get("domain"),
+                    "prompt": obj["prompt"]})
+    if not out:
+        raise ConfigError(f"{path}: no prompts")
+    return out
+
+
 def cmd_generate(args) -> int:
-    from aurora_jax.data.tokenizer import Tokenizer
-    from aurora_jax.engine.engine import Engine, Request
     from aurora_jax.errors import ConfigError
     from aurora_jax.spec.sampling import SamplingParams
 
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k)
+    if (args.prompt is None) == (args.prompts is None):
+        raise ConfigError("give exactly one of --prompt TEXT or --prompts FILE.jsonl")
+    if args.online and args.prompts is None:
+        raise ConfigError("--online learns across requests: use it with --prompts FILE.jsonl")
+    if args.online and args.draft is None:
+        args.draft = "scratch"
     spec = spec_from_args(args)
     if spec.mode != "off" and args.draft is None:
         raise ConfigError(f"--spec {spec.mode} needs a draft: --draft scratch or --draft PATH")
+    if args.online and spec.mode == "off":
+        raise ConfigError("--online trains the draft from speculation traces; use --spec "
+                          "chain or tree")
+    if args.prompts is not None:
+        return _generate_many(args, sampling, spec, read_prompts_file(args.prompts))
+    return _generate_one(args, sampling, spec)
+
+
+def _generate_many(args, sampling, spec, items: list[dict]) -> int:
+    from aurora_jax.data.tokenizer import Tokenizer
+    from aurora_jax.engine.engine import Engine, Request
+
+    path = _target_dir(args)
+    target, draft = _load_pair(args, path)
+    tokenizer = Tokenizer.load(path)
+    eos = tuple(dict.fromkeys(target.cfg.eos_token_ids + tokenizer.eos_ids))
+    requests = [Request(tokenizer.encode(it["prompt"]), args.max_new_tokens, sampling,
+                        id=it["id"], domain=it["domain"]) for it in items]
+    kwargs = dict(max_slots=args.max_slots, eos_ids=eos, seed=args.seed,
+                  max_len=max(64, max(len(r.prompt) for r in requests) + args.max_new_tokens))
+    online = None
+    if args.online:
+        from aurora_jax.learn.learner import Learner
+        from aurora_jax.learn.online import OnlineConfig, online_engine
+
+        cfg = OnlineConfig(every_steps=args.sync_every, policy=args.sync_policy)
+        engine, online = online_engine(target, draft, spec, Learner(draft, target), cfg,
+                                       **kwargs)
+    else:
+        engine = Engine(target, draft if spec.mode != "off" else None, spec, **kwargs)
+
+    def report(res) -> None:
+        text = tokenizer.decode(res.token_ids)
+        tau = res.acceptance_length
+        if args.json:
+            print(json.dumps({
+                "id": res.id, "domain": res.domain, "text": text, "token_ids": res.token_ids,
+                "finish_reason": res.finish_reason,
+                "acceptance_length": None if tau is None else round(tau, 4),
+                "target_forwards": res.target_forwards,
+                "draft_version": max(res.draft_versions) if res.draft_versions else None,
+            }), flush=True)
+        else:
+            print(f"--- {res.id}: {text}", flush=True)
+
+    if online:
+        online.start()
+    try:
+        run = engine.run(requests, on_result=report)
+    finally:
+        if online:
+            online.stop()
+    tau = run.acceptance_length
+    learned = (f", learner steps {online.steps}, drafts published {online.published}"
+               if online else "")
+    print(f"[{len(requests)} requests, {run.generated_tokens} tokens, "
+          f"{run.tokens_per_s:.1f} tokens/s, acceptance {tau or 1.0:.2f}{learned}]",
+          file=sys.stderr)
+    return 0
+
+
+def _generate_one(args, sampling, spec) -> int:
+    from aurora_jax.data.tokenizer import Tokenizer
+    from aurora_jax.engine.engine import Engine, Request
+
     path = _target_dir(args)
     target, draft = _load_pair(args, path)
     tokenizer = Tokenizer.load(path)
@@ -153,7 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text from a prompt with the target model")
     _add_target_args(g)
-    g.add_argument("--prompt", required=True, help="prompt text")
+    g.add_argument("--prompt", default=None, help="prompt text")
+    g.add_argument("--prompts", default=None,
+                   help="JSONL file, one {\"prompt\": ..., \"id\"?, \"domain\"?} per line; "
+                        "with --json prints one JSON line per finished request")
+    g.add_argument("--max-slots", type=int, default=8,
+                   help="--prompts: requests served at once (continuous batching)")
+    g.add_argument("--online", action="store_true",
+                   help="--prompts: train the draft on the served traffic and hot-swap it in "
+                        "(default draft: scratch)")
+    g.add_argument("--sync-every", type=int, default=20,
+                   help="--online: learner steps between draft publications")
+    g.add_argument("--sync-policy", default="every", choices=["every", "better"],
+                   help="--online: publish every time, or only drafts that score at least as "
+                        "well as the serving one on recent traffic")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     g.add_argument("--top-p", type=float, default=1.0)

@@ -58,3 +58,30 @@ def test_speculative_generate_json(llama_16m, tmp_path, capsys):
     assert len(err) == 1 and "does not fit the target" in err[0]
     assert main(base + ["--spec", "tree"]) == 2
     assert "needs a draft" in capsys.readouterr().err
+
+
+def test_prompts_file_prints_one_json_line_per_request(llama_16m, tmp_path, capsys):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "import os\\n", "id": "a", "domain": "code"}\n\n'
+                 '{"prompt": "The file"}\n{"prompt": "def f(x):", "domain": "code"}\n')
+    assert main(["generate", "--target", str(llama_16m), "--prompts", str(f),
+                 "--max-new-tokens", "8", "--max-slots", "2", "--json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert sorted(str(x["id"]) for x in lines) == ["1", "2", "a"]
+    for x in lines:
+        assert {"id", "token_ids", "acceptance_length", "draft_version", "domain"} <= x.keys()
+        assert 1 <= len(x["token_ids"]) <= 8
+
+
+def test_bad_prompts_file_is_refused_before_anything_runs(llama_16m, tmp_path, capsys):
+    cases = {'{"prompt": "ok"}\n{"prompt": 3}\n': 'p.jsonl:2: expected an object',
+             '{"prompt": "ok"}\nnot json\n': "p.jsonl:2: not valid JSON",
+             '{"prompt": "ok", "domian": "code"}\n': "unknown field(s) ['domian']",
+             "": "no prompts"}
+    for text, message in cases.items():
+        (tmp_path / "p.jsonl").write_text(text)
+        assert main(["generate", "--target", str(llama_16m), "--prompts",
+                     str(tmp_path / "p.jsonl")]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["generate", "--target", str(llama_16m), "--prompt", "x", "--online"]) == 2
+    assert "--online learns across requests" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The `aurora-jax` command.
 
     aurora-jax prepare   [--cache-dir DIR] [--config YAML] [--force]
+    aurora-jax train-draft --target (builtin|PATH) --data PATH --steps N --out DIR
     aurora-jax generate  --target (builtin|PATH) (--prompt TEXT | --prompts FILE.jsonl [--online])
                          [--max-new-tokens N]
                          [--temperature T --top-p P --top-k K --seed S] [--json]
@@ -239,6 +240,23 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
                    help="tree mode: draft nodes verified per step")
 
 
+def cmd_train_draft(args) -> int:
+    from aurora_jax.data.tokenizer import Tokenizer
+    from aurora_jax.learn.offline import OfflineConfig, read_corpus, train_draft
+    from aurora_jax.models.hf_io import load_target
+
+    cfg = OfflineConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                        learning_rate=args.lr, draft_vocab_size=args.draft_vocab_size,
+                        ttt_steps=args.ttt_steps, checkpoint_every=args.checkpoint_every,
+                        seed=args.seed)
+    texts = read_corpus(args.data)
+    path = _target_dir(args)
+    target = load_target(path, dtype=args.dtype)
+    train_draft(target, Tokenizer.load(path), texts, args.out, cfg)
+    print(f"draft written to {Path(args.out) / 'draft'} (serve it with --draft)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aurora-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -275,6 +293,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     _add_spec_args(g)
     g.set_defaults(func=cmd_generate)
+    t = sub.add_parser("train-draft", help="train an EAGLE-3 draft offline on a text corpus")
+    _add_target_args(t)
+    t.add_argument("--data", required=True,
+                   help="a text file, a directory of .py/.txt/.md/.rst files, or a JSONL file "
+                        "with a \"text\" field per line")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--out", required=True,
+                   help="run directory: checkpoints/ (resumed when present) and draft/")
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--seq-len", type=int, default=128)
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    t.add_argument("--draft-vocab-size", type=int, default=None,
+                   help="draft vocabulary: the most frequent corpus tokens (default: all)")
+    t.add_argument("--ttt-steps", type=int, default=5, help="training-time-test unroll")
+    t.add_argument("--checkpoint-every", type=int, default=200)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train_draft)
     return parser
 
 

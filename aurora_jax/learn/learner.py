@@ -45,6 +45,11 @@ def target_head(target: Target):
 
 def make_learner_step(graphdef, tx: optax.GradientTransformation, cfg: LossConfig):
     """jit((state, buffers, embed, head, batch) -> (state, metrics)); the state is donated."""
+    return jax.jit(learner_step_fn(graphdef, tx, cfg), donate_argnums=0)
+
+
+def learner_step_fn(graphdef, tx: optax.GradientTransformation, cfg: LossConfig):
+    """The un-jitted learner step, for composing into bigger jitted steps."""
 
     def loss_fn(params, buffers, embed, head, batch):
         draft = nnx.merge(graphdef, params, buffers)
@@ -58,7 +63,7 @@ def make_learner_step(graphdef, tx: optax.GradientTransformation, cfg: LossConfi
         return LearnerState(state.step + 1, optax.apply_updates(state.params, updates),
                             opt_state), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    return step
 
 
 @dataclasses.dataclass

@@ -1,0 +1,166 @@
+"""The static baseline: train an EAGLE-3 draft offline on a text corpus.
+
+The target runs over windows of the corpus inside the jitted step to make the same features
+the engine records while serving (aux hidden states and final hidden state at every position),
+and the draft trains on them with the same objective (training-time test; there are no
+rejected tree nodes offline, so the discard term is absent). The loop is the one that trains
+the built-in target (learn/pretrain.fit): a grain pipeline whose position is checkpointed with
+orbax beside the learner state, a progress bar, and resumption from the last checkpoint. The
+result is written in the Hugging Face EAGLE-3 layout, servable here and by SGLang/vLLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from aurora_jax.data.pipeline import pack_documents, training_dataset, windows
+from aurora_jax.data.tokenizer import Tokenizer
+from aurora_jax.errors import ConfigError
+from aurora_jax.learn.learner import Learner, learner_step_fn
+from aurora_jax.learn.losses import LearnBatch, LossConfig
+from aurora_jax.learn.pretrain import OptimizerSettings, fit, make_optimizer
+from aurora_jax.models.attention import causal_mask
+from aurora_jax.models.eagle3 import DraftConfig, build_draft_vocab
+from aurora_jax.models.eagle3_io import Draft, init_draft, save_draft
+from aurora_jax.models.hf_io import Target
+
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
+
+
+@dataclasses.dataclass(frozen=True)
+class OfflineConfig:
+    """An offline draft-training run."""
+
+    steps: int = 1000
+    """Learner steps."""
+    batch_size: int = 8
+    """Windows per step."""
+    seq_len: int = 128
+    """Tokens per window."""
+    learning_rate: float = 1e-3
+    """Peak AdamW learning rate (warmup then cosine decay)."""
+    draft_vocab_size: int | None = None
+    """Draft lm_head rows: the most frequent corpus tokens (None: the whole vocabulary)."""
+    ttt_steps: int = 5
+    """Training-time-test unroll length."""
+    checkpoint_every: int = 200
+    """Steps between orbax checkpoints."""
+    seed: int = 0
+    """Draft initialisation and data order."""
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "ttt_steps", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise ConfigError(f"seq_len must be >= 2, got {self.seq_len}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            raise ConfigError(f"draft_vocab_size must be >= 1, got {self.draft_vocab_size}")
+
+
+def read_corpus(path: str | Path) -> list[str]:
+    """Texts from a file or a directory tree (.py/.txt/.md/.rst files), or a JSONL file whose
+    lines carry a "text" (or "prompt") field."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+        texts = [p.read_text(errors="replace") for p in files]
+    elif path.suffix == ".jsonl" and path.is_file():
+        texts = []
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                texts.append(obj.get("text", obj.get("prompt")))
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise ConfigError(f'{path}:{n}: expected a JSON object with a "text" '
+                                  "field") from e
+            if not isinstance(texts[-1], str):
+                raise ConfigError(f'{path}:{n}: expected a JSON object with a "text" field')
+    elif path.is_file():
+        texts = [path.read_text(errors="replace")]
+    else:
+        raise ConfigError(f"training data {path} does not exist")
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ConfigError(f"no text found in {path}")
+    return texts
+
+
+def _features(tgraph, tstate, tokens_BxT):
+    """The target's aux and final hidden states at every position of full windows."""
+    model = nnx.merge(tgraph, tstate)
+    b, t = tokens_BxT.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    h, aux, _ = model.hidden(tokens_BxT, positions, causal_mask(jnp.full((b,), t), t))
+    return jax.lax.stop_gradient(aux), jax.lax.stop_gradient(h)
+
+
+def _as_batch(tokens_BxT, aux, hidden) -> LearnBatch:
+    b, t = tokens_BxT.shape
+    h = hidden.shape[-1]
+    return LearnBatch(  # no trees offline: one invalid placeholder keeps shapes fixed
+        tokens=tokens_BxT, aux=aux, target_hidden=hidden, length=jnp.full((b,), t, jnp.int32),
+        tree_tokens=jnp.zeros((b, 1, 2), jnp.int32),
+        tree_parent=jnp.broadcast_to(jnp.array([-1, 0], jnp.int32), (b, 1, 2)),
+        tree_hidden=jnp.zeros((b, 1, 2, h), hidden.dtype),
+        tree_accepted=jnp.zeros((b, 1, 2), bool), tree_root_pos=jnp.ones((b, 1), jnp.int32),
+        tree_valid=jnp.zeros((b, 1), bool))
+
+
+def train_draft(target: Target, tokenizer: Tokenizer, texts: list[str], out: str | Path,
+                cfg: OfflineConfig = OfflineConfig(), progress: bool = True) -> Draft:
+    """Trains (or resumes training) a draft; writes out/checkpoints (orbax) and out/draft
+    (Hugging Face EAGLE-3 layout). Returns the trained draft."""
+    out = Path(out)
+    docs = [tokenizer.encode(t) for t in texts]
+    eos = tokenizer.eos_ids[0] if tokenizer.eos_ids else 0
+    stream = pack_documents(docs, eos)
+    try:
+        wins = windows(stream, cfg.seq_len)
+        iterator = iter(training_dataset(np.ascontiguousarray(wins), cfg.batch_size, cfg.seed))
+    except ValueError as e:
+        raise ConfigError(f"training data too small: {e}") from e
+    vocab = target.cfg.vocab_size
+    ids = None
+    if cfg.draft_vocab_size is not None:
+        ids = build_draft_vocab(stream, vocab, cfg.draft_vocab_size,
+                                always=tuple(target.cfg.eos_token_ids))
+    dcfg = DraftConfig.for_target(target.cfg, draft_vocab_size=cfg.draft_vocab_size)
+    draft = init_draft(dcfg, seed=cfg.seed, dtype=target.dtype, draft_to_target=ids,
+                       mesh=target.mesh)
+    opt = OptimizerSettings(learning_rate=cfg.learning_rate, warmup_steps=min(100, cfg.steps),
+                            total_steps=cfg.steps, min_lr_ratio=0.1, weight_decay=0.0,
+                            grad_clip=1.0)
+    loss = LossConfig(ttt_steps=cfg.ttt_steps, lambda_discard=0.0)
+    learner = Learner(draft, target, loss, opt)
+    inner = learner_step_fn(learner._graphdef, make_optimizer(opt), loss)
+    tgraph = target.graphdef
+
+    def step(state, consts, tokens_BxT):
+        tstate, buffers, embed, head = consts
+        aux, hidden = _features(tgraph, tstate, tokens_BxT)
+        return inner(state, buffers, embed, head, _as_batch(tokens_BxT, aux, hidden))
+
+    consts = (target.state, learner._buffers, learner._embed, learner._head)
+    result = fit(learner.state, consts, jax.jit(step, donate_argnums=0), iterator,
+                 total_steps=cfg.steps, ckpt_dir=out / "checkpoints",
+                 checkpoint_every=cfg.checkpoint_every, time_budget_s=float("inf"),
+                 tokens_per_step=cfg.batch_size * (cfg.seq_len + 1), progress=progress)
+    learner.state = result.state
+    trained = Draft(dcfg, draft.graphdef, learner.publish())
+    save_draft(out / "draft", trained)
+    (out / "draft" / "training.json").write_text(json.dumps({
+        "steps": int(result.state.step), "final_loss": result.losses[-1] if result.losses
+        else None, **dataclasses.asdict(cfg)}, indent=2))
+    return trained

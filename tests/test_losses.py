@@ -152,9 +152,10 @@ def test_losses_match_loop_reference(setup):
 def test_lambda_zero_is_the_plain_eagle3_loss(setup):
     target, draft, batch = setup
     cfg = LossConfig(ttt_steps=3, lambda_discard=0.0)
-    loss, metrics = _loss(target, draft, batch, cfg)
+    loss, metrics = jax.jit(lambda b: _loss(target, draft, b, cfg))(batch)
     assert "discard_loss" not in metrics
-    full, _ = _loss(target, draft, batch, dataclasses.replace(cfg, lambda_discard=1.0))
+    with_discard = dataclasses.replace(cfg, lambda_discard=1.0)
+    full, _ = jax.jit(lambda b: _loss(target, draft, b, with_discard))(batch)
     np.testing.assert_allclose(float(loss), float(metrics["ttt_loss"]), rtol=1e-6)
     assert float(full) > float(loss)
 
@@ -168,7 +169,7 @@ def test_discard_gradient_comes_only_from_rejected_nodes(setup):
         return _loss(target, draft, batch.replace(tree_hidden=tree_hidden), cfg)[1][
             "discard_loss"]
 
-    g = np.abs(np.asarray(jax.grad(discard)(batch.tree_hidden))).sum(-1)  # [B, S, N+1]
+    g = np.abs(np.asarray(jax.jit(jax.grad(discard))(batch.tree_hidden))).sum(-1)  # [B,S,N+1]
     rejected = (np.asarray(batch.tree_valid)[..., None] & ~np.asarray(batch.tree_accepted))
     rejected[..., 0] = False
     assert np.all(g[~rejected] == 0)

@@ -102,16 +102,23 @@ def _masked_mean(x, mask):
     return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def _term(logits_q, target_logits, mask, draft, cfg: LossConfig):
+def _targets(target_logits, draft):
+    """What every term needs from the target logits, computed once: (p over the draft vocab,
+    p, argmax in draft vocab, argmax)."""
+    p_d, p, in_vocab = draft_vocab_target(target_logits, draft.d2t[...], draft.t2d[...])
+    return p_d, p, in_vocab, jnp.argmax(target_logits, -1)
+
+
+def _term(logits_q, targets, mask, draft, cfg: LossConfig):
     """(KL (+ TV) averaged over mask & in-vocab, accuracy over mask, correct [...] bool)."""
-    d2t, t2d = draft.d2t[...], draft.t2d[...]
-    p_d, p, in_vocab = draft_vocab_target(target_logits, d2t, t2d)
+    d2t = draft.d2t[...]
+    p_d, p, in_vocab, argmax = targets
     logq = jax.nn.log_softmax(logits_q, -1)
     loss = _masked_mean(kl(p_d, logq), mask & in_vocab)
     if cfg.tv_weight:
         loss = loss + cfg.tv_weight * _masked_mean(
             total_variation(p, jnp.exp(logq), d2t), mask)
-    correct = draft.to_target_ids(jnp.argmax(logits_q, -1)) == jnp.argmax(target_logits, -1)
+    correct = draft.to_target_ids(jnp.argmax(logits_q, -1)) == argmax
     return loss, _masked_mean(correct, mask), correct, _masked_mean(~in_vocab, mask)
 
 
@@ -122,7 +129,7 @@ def ttt_loss(draft, embed_VxH, target_logits_fn, batch: LearnBatch, cfg: LossCon
     r = t - 1  # rows: row j reads x[j+1]
     pos = jnp.arange(r)
     row_ok = pos[None] + 1 < batch.length[:, None]  # [B, R]
-    target_logits = target_logits_fn(batch.target_hidden)  # [B, T, V]
+    targets = _targets(target_logits_fn(batch.target_hidden), draft)  # over [B, T]
     pad = lambda x, k: jnp.pad(x[:, k:], ((0, 0), (0, k - 1)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
 
     hidden = draft.project(batch.aux[:, :r])
@@ -150,7 +157,8 @@ def ttt_loss(draft, embed_VxH, target_logits_fn, batch: LearnBatch, cfg: LossCon
         vs.append(vv)
         hidden = h
         mask = row_ok & (pos[None] + k < batch.length[:, None])  # target at position j+k known
-        loss, acc, correct, oov = _term(logits, pad(target_logits, k), mask, draft, cfg)
+        loss, acc, correct, oov = _term(logits, tuple(pad(x, k) for x in targets), mask,
+                                        draft, cfg)
         total = total + cfg.step_weight ** (k - 1) * loss
         metrics[f"ttt_loss_{k}"] = loss
         metrics[f"acc_{k}"] = acc
@@ -194,8 +202,8 @@ def discard_loss(draft, embed_VxH, target_logits_fn, batch: LearnBatch, step1, c
         out_h = h.reshape(b, s, n1, -1)
     rejected = (batch.tree_valid[..., None] & ~batch.tree_accepted & (depth >= 1)
                 & (depth <= cfg.tree_depth)).reshape(b, q_rows)
-    target_logits = target_logits_fn(batch.tree_hidden.reshape(b, q_rows, -1))
-    loss, acc, _, _ = _term(logits, target_logits, rejected, draft, cfg)
+    targets = _targets(target_logits_fn(batch.tree_hidden.reshape(b, q_rows, -1)), draft)
+    loss, acc, _, _ = _term(logits, targets, rejected, draft, cfg)
     return loss, {"discard_loss": loss, "discard_acc": acc,
                   "rejected_nodes": jnp.sum(rejected).astype(jnp.float32)}
 

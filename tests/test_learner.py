@@ -131,3 +131,34 @@ def test_online_learner_thread_publishes_while_serving(pair, policy):
     assert engine.draft_version == online.published
     if policy == "every":
         assert online.published >= 1
+
+
+def test_failing_learner_leaves_the_engine_serving_its_last_draft(pair):
+    """A learner step that raises (say, a NaN check) ends the learner thread with a logged
+    error; the engine keeps the last draft it published and keeps serving losslessly."""
+    from aurora_jax.learn.online import OnlineConfig, online_engine
+
+    target, draft = pair
+    learner = Learner(draft, target, LossConfig(ttt_steps=2, tree_depth=4))
+    real_step, calls = learner.step, []
+
+    def failing_step(batch):
+        calls.append(1)
+        if len(calls) > 4:
+            raise FloatingPointError("non-finite draft loss")
+        return real_step(batch)
+
+    learner.step = failing_step
+    cfg = OnlineConfig(batch_size=4, seq_len=32, trees_per_seq=4, min_sequences=2,
+                       every_steps=2)
+    engine, online = online_engine(target, draft, SPEC, learner, cfg, max_slots=4, max_len=64)
+    prompts = _prompts(8, seed=5)
+    online.start()
+    engine.run([Request(p, 24) for p in prompts])
+    online._thread.join(timeout=300)  # it trains on what was served until the failure
+    assert isinstance(online.error, FloatingPointError) and online.steps == 4
+    assert engine.draft_version == online.published == 2
+    run = engine.run([Request(p, 24) for p in prompts])
+    ref = TargetGenerator(target, eos_ids=()).generate(prompts, 24)
+    assert [r.token_ids for r in run.results] == [c.token_ids for c in ref.completions]
+    assert all(r.draft_versions == {2} for r in run.results)

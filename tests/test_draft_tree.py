@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 from spec_models import random_pair, tiny_cfg
 
-from aurora_jax.engine.step import draft_cache_zeros
 from aurora_jax.models.attention import causal_mask
+from aurora_jax.models.kv_cache import KVCache
 from aurora_jax.spec.draft import SpecConfig, catch_up, propose
 
 
@@ -25,7 +25,7 @@ def _setup(draft_scale=1.0, seed=0):
     tokens = jnp.asarray(rs.randint(3, 40, (b, r)), jnp.int32)
     aux = jnp.asarray(rs.randn(b, r, 3, 64), jnp.float32)
     count = jnp.array([6, 4], jnp.int32)
-    cache = draft_cache_zeros(d.cfg, b, 32, jnp.float32)
+    cache = KVCache.zeros(d.cfg, b, 32, jnp.float32, num_layers=1)
     lp, h, cache, dlen = catch_up(d, model.embed[...], cache, jnp.zeros((b,), jnp.int32), tokens,
                                   aux, count)
     return model.embed[...], d, cache, dlen, tokens[jnp.arange(b), count - 1], lp, h

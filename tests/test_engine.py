@@ -12,7 +12,6 @@ from flax import nnx
 from spec_models import EOS, copycat_pair, greedy_path, random_pair, swap_state, tiny_cfg
 
 from aurora_jax.engine.engine import Engine, Request
-from aurora_jax.engine.step import draft_cache_zeros
 from aurora_jax.engine.target_only import TargetGenerator
 from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.kv_cache import KVCache
@@ -176,7 +175,7 @@ def _draft_prefill(tgraph, tstate, dgraph, dstate, tokens_1xN, aux_1xNxAxH):
     n = tokens_1xN.shape[1]
     _, _, cache = draft(model.embed[...][tokens_1xN], draft.project(aux_1xNxAxH),
                         jnp.arange(n)[None], causal_mask(jnp.array([n]), n),
-                        draft_cache_zeros(draft.cfg, 1, n, jnp.float32))
+                        KVCache.zeros(draft.cfg, 1, n, jnp.float32, num_layers=1))
     return cache
 
 

@@ -13,10 +13,10 @@ from flax import nnx
 from spec_models import tiny_cfg
 from test_tree_accept import random_tree
 
-from aurora_jax.engine.step import draft_cache_zeros
 from aurora_jax.learn.losses import LearnBatch, LossConfig, draft_loss
 from aurora_jax.models.eagle3 import DraftConfig
 from aurora_jax.models.eagle3_io import init_draft
+from aurora_jax.models.kv_cache import KVCache
 from aurora_jax.models.transformer import init_random
 
 CFG = tiny_cfg(hidden=32)
@@ -85,7 +85,7 @@ def _reference(target, draft, batch, cfg: LossConfig):
 
     def prefix_cache(b, rows):
         """Cache with committed rows 0..rows-1 (step 1), run one at a time."""
-        cache = draft_cache_zeros(d.cfg, 1, 32, jnp.float32)
+        cache = KVCache.zeros(d.cfg, 1, 32, jnp.float32, num_layers=1)
         outs = []
         for j in range(rows):
             _, h, cache = _row(draft.graphdef, draft.state, embed[tok[b, j + 1]],

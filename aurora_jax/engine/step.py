@@ -76,11 +76,6 @@ class StepOutput:
     trace: dict | None  # per-slot verification record, see engine/trace.py
 
 
-def draft_cache_zeros(cfg, batch: int, max_len: int, dtype) -> KVCache:
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(k=(jnp.zeros(shape, dtype),), v=(jnp.zeros(shape, dtype),))
-
-
 def init_state(target_cfg, draft_cfg, spec: SpecConfig, batch: int, max_len: int, dtype,
                seed: int, cache_sharding=None) -> DecodeState:
     """All slots empty."""
@@ -94,7 +89,7 @@ def init_state(target_cfg, draft_cfg, spec: SpecConfig, batch: int, max_len: int
         cache=KVCache.zeros(target_cfg, batch, max_len, dtype, cache_sharding),
         cache_len=zeros_i(), root=zeros_i(),
         draft_cache=(None if draft_cfg is None
-                     else draft_cache_zeros(draft_cfg, batch, max_len, dtype)),
+                     else KVCache.zeros(draft_cfg, batch, max_len, dtype, num_layers=1)),
         draft_len=zeros_i(), pend_tokens=jnp.zeros((batch, r), jnp.int32),
         pend_aux=jnp.zeros((batch, r, aux, target_cfg.hidden_size), dtype),
         pend_count=jnp.ones((batch,), jnp.int32), generated=zeros_i(), max_new=zeros_i(),
@@ -122,7 +117,7 @@ def prefill(tgraph, tstate, dgraph, dstate, tokens_BxT, lengths_B, key, temperat
         shifted = jnp.concatenate([tokens_BxT[:, 1:], jnp.zeros((b, 1), jnp.int32)], 1)
         _, _, draft_cache = draft(model.embed[...][shifted], draft.project(aux), positions,
                                   causal_mask(lengths_B - 1, t),
-                                  draft_cache_zeros(draft.cfg, b, t, dtype))
+                                  KVCache.zeros(draft.cfg, b, t, dtype, num_layers=1))
     return Prefix(cache, draft_cache, lengths_B, first, last_aux,
                   aux if trace else None, h if trace else None)
 

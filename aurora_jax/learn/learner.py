@@ -77,18 +77,20 @@ class Learner:
 
     def __post_init__(self):
         model = nnx.merge(self.draft.graphdef, self.draft.state)
-        self._graphdef, params, self._buffers = nnx.split(model, nnx.Param, ...)
+        # graphdef, buffers (d2t, t2d, RoPE) and the target's frozen embed/head are public:
+        # the offline trainer and the online learner build their own jitted calls on them.
+        self.graphdef, params, self.buffers = nnx.split(model, nnx.Param, ...)
         tx = make_optimizer(self.optimizer)
         # Built by a jitted function: fresh buffers (never aliasing the serving draft's, which
         # the step will donate) typed and placed exactly like the states the step returns,
         # so the second step does not compile again.
         self.state = jax.jit(lambda p: LearnerState(jnp.zeros((), jnp.int32),
                                                     jax.tree.map(jnp.copy, p), tx.init(p)))(params)
-        self._step = make_learner_step(self._graphdef, tx, self.loss)
-        self._embed, self._head = target_head(self.target)
+        self._step = make_learner_step(self.graphdef, tx, self.loss)
+        self.embed, self.head = target_head(self.target)
 
     def step(self, batch: LearnBatch) -> dict:
-        self.state, metrics = self._step(self.state, self._buffers, self._embed, self._head,
+        self.state, metrics = self._step(self.state, self.buffers, self.embed, self.head,
                                          batch)
         return metrics
 
@@ -96,4 +98,4 @@ class Learner:
         """A copy of the current draft state, shaped like the serving draft's (for
         `Engine.set_draft`)."""
         params = jax.tree.map(jnp.copy, self.state.params)
-        return nnx.split(nnx.merge(self._graphdef, params, self._buffers))[1]
+        return nnx.split(nnx.merge(self.graphdef, params, self.buffers))[1]

@@ -144,7 +144,7 @@ def train_draft(target: Target, tokenizer: Tokenizer, texts: list[str], out: str
                             grad_clip=1.0)
     loss = LossConfig(ttt_steps=cfg.ttt_steps, lambda_discard=0.0)
     learner = Learner(draft, target, loss, opt)
-    inner = learner_step_fn(learner._graphdef, make_optimizer(opt), loss)
+    inner = learner_step_fn(learner.graphdef, make_optimizer(opt), loss)
     tgraph = target.graphdef
 
     def step(state, consts, tokens_BxT):
@@ -152,7 +152,7 @@ def train_draft(target: Target, tokenizer: Tokenizer, texts: list[str], out: str
         aux, hidden = _features(tgraph, tstate, tokens_BxT)
         return inner(state, buffers, embed, head, _as_batch(tokens_BxT, aux, hidden))
 
-    consts = (target.state, learner._buffers, learner._embed, learner._head)
+    consts = (target.state, learner.buffers, learner.embed, learner.head)
     result = fit(learner.state, consts, jax.jit(step, donate_argnums=0), iterator,
                  total_steps=cfg.steps, ckpt_dir=out / "checkpoints",
                  checkpoint_every=cfg.checkpoint_every, time_budget_s=float("inf"),

@@ -24,7 +24,7 @@ from flax import nnx
 from aurora_jax.engine.engine import Engine
 from aurora_jax.errors import ConfigError
 from aurora_jax.learn.buffer import TraceAssembler, TraceBuffer
-from aurora_jax.learn.learner import Learner, target_head
+from aurora_jax.learn.learner import Learner
 from aurora_jax.learn.losses import draft_loss
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class OnlineLearner:
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        embed, head = target_head(learner.target)
+        embed, head = learner.embed, learner.head
         graphdef = engine.draft.graphdef
         self._score = jax.jit(lambda state, batch: draft_loss(
             nnx.merge(graphdef, state), embed, lambda h: (h @ head).astype(jnp.float32), batch,

@@ -227,10 +227,16 @@ def read_hf_config(path: str | Path) -> TargetConfig:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint path is not a directory: {path}")
     cfg_file = path / "config.json"
+    return TargetConfig.from_hf_dict(read_config_json(path, "a Hugging Face checkpoint"),
+                                     source=str(cfg_file))
+
+
+def read_config_json(path: str | Path, kind: str) -> dict:
+    """The parsed config.json of a checkpoint directory of the given kind (for messages)."""
+    cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
-        raise CheckpointError(f"no config.json in {path} (not a Hugging Face checkpoint)")
+        raise CheckpointError(f"no config.json in {path} (not {kind})")
     try:
-        raw = json.loads(cfg_file.read_text())
+        return json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
-    return TargetConfig.from_hf_dict(raw, source=str(cfg_file))

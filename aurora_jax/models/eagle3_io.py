@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from aurora_jax.errors import CheckpointError
-from aurora_jax.models.config import TargetConfig
+from aurora_jax.models.config import TargetConfig, read_config_json
 from aurora_jax.models.eagle3 import DraftConfig, Eagle3Draft, check_draft_ids
 from aurora_jax.models.hf_io import DTYPES, TensorReader, weight_files, write_tensors
 from aurora_jax.models.layers import rope_inv_freq
@@ -126,14 +126,8 @@ def init_draft(cfg: DraftConfig, seed: int = 0, dtype: str = "float32",
 
 def read_draft_config(path: str | Path) -> DraftConfig:
     """The DraftConfig of an EAGLE-3 draft directory."""
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"no config.json in {path} (not a draft checkpoint)")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
-    return draft_config_from_hf(raw, str(cfg_file))
+    raw = read_config_json(path, "a draft checkpoint")
+    return draft_config_from_hf(raw, str(Path(path) / "config.json"))
 
 
 def load_draft(path: str | Path, *, target: TargetConfig | None = None, dtype: str = "float32",

@@ -28,16 +28,18 @@ class KVCache:
 
     @classmethod
     def zeros(cls, cfg: TargetConfig, batch: int, max_len: int, dtype=jnp.float32,
-              sharding=None) -> KVCache:
-        """An empty cache; `sharding` (a NamedSharding for [B, S, K, D]) places it on a mesh."""
+              sharding=None, num_layers: int | None = None) -> KVCache:
+        """An empty cache; `sharding` (a NamedSharding for [B, S, K, D]) places it on a mesh.
+        `cfg` is any config with the head fields; `num_layers` defaults to cfg.num_layers (the
+        one-layer EAGLE-3 draft passes 1)."""
         shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
 
         def make():
             z = jnp.zeros(shape, dtype)
             return z if sharding is None else jax.device_put(z, sharding)
 
-        return cls(k=tuple(make() for _ in range(cfg.num_layers)),
-                   v=tuple(make() for _ in range(cfg.num_layers)))
+        layers = cfg.num_layers if num_layers is None else num_layers
+        return cls(k=tuple(make() for _ in range(layers)), v=tuple(make() for _ in range(layers)))
 
 
 def write_block(cache_BxSxKxD: jax.Array, new_BxTxKxD: jax.Array, start_B: jax.Array):

@@ -2,11 +2,12 @@
 
     aurora-jax prepare   [--cache-dir DIR] [--config YAML] [--force]
     aurora-jax train-draft --target (builtin|PATH) --data PATH --steps N --out DIR
-    aurora-jax generate  --target (builtin|PATH) (--prompt TEXT | --prompts FILE.jsonl [--online])
-                         [--max-new-tokens N]
+    aurora-jax generate  --target (builtin|PATH) (--prompt TEXT | --prompts FILE.jsonl
+                         [--online | --workdir DIR]) [--max-new-tokens N]
                          [--temperature T --top-p P --top-k K --seed S] [--json]
                          [--draft (scratch|PATH)] [--spec (off|chain|tree)]
                          [--depth D --topk K --num-draft-tokens N]
+    aurora-jax learn     --target (builtin|PATH) --workdir DIR [--draft (scratch|PATH)]
 
 Errors caused by input (a bad path, a malformed checkpoint, an over-long prompt, a config
 typo) are printed as one line naming the problem, with exit status 2.
@@ -117,15 +118,18 @@ def cmd_generate(args) -> int:
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k)
     if (args.prompt is None) == (args.prompts is None):
         raise ConfigError("give exactly one of --prompt TEXT or --prompts FILE.jsonl")
-    if args.online and args.prompts is None:
-        raise ConfigError("--online learns across requests: use it with --prompts FILE.jsonl")
-    if args.online and args.draft is None:
+    learns = "--online" if args.online else "--workdir" if args.workdir else None
+    if args.online and args.workdir:
+        raise ConfigError("--online learns in this process, --workdir in another: pick one")
+    if learns and args.prompts is None:
+        raise ConfigError(f"{learns} learns across requests: use it with --prompts FILE.jsonl")
+    if learns and args.draft is None:
         args.draft = "scratch"
     spec = spec_from_args(args)
     if spec.mode != "off" and args.draft is None:
         raise ConfigError(f"--spec {spec.mode} needs a draft: --draft scratch or --draft PATH")
-    if args.online and spec.mode == "off":
-        raise ConfigError("--online trains the draft from speculation traces; use --spec "
+    if learns and spec.mode == "off":
+        raise ConfigError(f"{learns} trains the draft from speculation traces; use --spec "
                           "chain or tree")
     if args.prompts is not None:
         return _generate_many(args, sampling, spec, read_prompts_file(args.prompts))
@@ -144,7 +148,7 @@ def _generate_many(args, sampling, spec, items: list[dict]) -> int:
                         id=it["id"], domain=it["domain"]) for it in items]
     kwargs = dict(max_slots=args.max_slots, eos_ids=eos, seed=args.seed,
                   max_len=max(64, max(len(r.prompt) for r in requests) + args.max_new_tokens))
-    online = None
+    online = store = watcher = None
     if args.online:
         from aurora_jax.learn.learner import Learner
         from aurora_jax.learn.online import OnlineConfig, online_engine
@@ -152,6 +156,10 @@ def _generate_many(args, sampling, spec, items: list[dict]) -> int:
         cfg = OnlineConfig(every_steps=args.sync_every, policy=args.sync_policy)
         engine, online = online_engine(target, draft, spec, Learner(draft, target), cfg,
                                        **kwargs)
+    elif args.workdir:
+        from aurora_jax.learn.remote import shared_engine
+
+        engine, store, watcher = shared_engine(target, draft, spec, args.workdir, **kwargs)
     else:
         engine = Engine(target, draft if spec.mode != "off" else None, spec, **kwargs)
 
@@ -176,9 +184,14 @@ def _generate_many(args, sampling, spec, items: list[dict]) -> int:
     finally:
         if online:
             online.stop()
+        if watcher:
+            watcher.stop()
+            engine.traces.flush()
+            store.flush()
     tau = run.acceptance_length
     learned = (f", learner steps {online.steps}, drafts published {online.published}"
-               if online else "")
+               if online else f", traces in {store.root}, serving draft version "
+               f"{engine.draft_version}" if store else "")
     print(f"[{len(requests)} requests, {run.generated_tokens} tokens, "
           f"{run.tokens_per_s:.1f} tokens/s, acceptance {tau or 1.0:.2f}{learned}]",
           file=sys.stderr)
@@ -240,6 +253,53 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
                    help="tree mode: draft nodes verified per step")
 
 
+def _add_sync_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sync-every", type=int, default=20,
+                   help="learner steps between draft publications")
+    p.add_argument("--sync-policy", default="every", choices=["every", "better"],
+                   help="publish every time, or only drafts that score at least as well as "
+                        "the serving one on the newest traffic (held out from training)")
+
+
+def cmd_learn(args) -> int:
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from aurora_jax.learn.learner import DEFAULT_OPTIMIZER
+    from aurora_jax.learn.losses import LossConfig
+    from aurora_jax.learn.online import OnlineConfig
+    from aurora_jax.learn.remote import run_learner
+
+    cfg = OnlineConfig(batch_size=args.batch_size, seq_len=args.seq_len,
+                       every_steps=args.sync_every, policy=args.sync_policy,
+                       max_steps=args.max_steps)
+    loss = LossConfig(ttt_steps=args.ttt_steps, lambda_discard=args.lambda_discard)
+    optimizer = dataclasses.replace(DEFAULT_OPTIMIZER, learning_rate=args.lr)
+    target, draft = _load_pair(args, _target_dir(args))
+    bar = tqdm(total=args.max_steps, desc="learning", unit="step", file=sys.stderr)
+
+    def progress(online, follower) -> None:
+        m = online.last_metrics
+        bar.update(online.steps - bar.n)
+        bar.set_postfix(loss=f"{float(m['loss']):.3f}" if m else "-",
+                        sim_tau=f"{float(m['sim_acceptance_length']):.2f}" if m else "-",
+                        version=online.publisher.version, sequences=follower.sequences,
+                        refresh=False)
+
+    print(f"learner: waiting for traces in {Path(args.workdir) / 'traces'}", file=sys.stderr)
+    try:
+        online = run_learner(target, draft, args.workdir, cfg, loss, optimizer,
+                             on_progress=progress)
+    finally:
+        bar.close()
+    if online.error is not None:
+        raise online.error
+    print(f"learner: {online.steps} steps, {online.published} drafts published "
+          f"(newest version {online.publisher.version})", file=sys.stderr)
+    return 0
+
+
 def cmd_train_draft(args) -> int:
     from aurora_jax.data.tokenizer import Tokenizer
     from aurora_jax.learn.offline import OfflineConfig, read_corpus, train_draft
@@ -280,11 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--online", action="store_true",
                    help="--prompts: train the draft on the served traffic and hot-swap it in "
                         "(default draft: scratch)")
-    g.add_argument("--sync-every", type=int, default=20,
-                   help="--online: learner steps between draft publications")
-    g.add_argument("--sync-policy", default="every", choices=["every", "better"],
-                   help="--online: publish every time, or only drafts that score at least as "
-                        "well as the serving one on recent traffic")
+    g.add_argument("--workdir", default=None,
+                   help="--prompts: write traces to DIR/traces and serve each draft an "
+                        "`aurora-jax learn --workdir DIR` process publishes to DIR/drafts")
+    _add_sync_args(g)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -310,6 +369,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=200)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train_draft)
+
+    lp = sub.add_parser("learn", help="train the draft from the traces a `generate --workdir "
+                                      "DIR` engine writes, publishing drafts it swaps in")
+    _add_target_args(lp)
+    lp.add_argument("--workdir", required=True, help="directory shared with the engine")
+    lp.add_argument("--draft", default="scratch",
+                    help="starting draft: 'scratch' or an EAGLE-3 directory (the engine must "
+                         "start from the same); a workdir with published drafts resumes from "
+                         "the newest")
+    _add_sync_args(lp)
+    lp.add_argument("--max-steps", type=int, default=None, help="default: until Ctrl-C")
+    lp.add_argument("--batch-size", type=int, default=8)
+    lp.add_argument("--seq-len", type=int, default=128)
+    lp.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    lp.add_argument("--ttt-steps", type=int, default=5, help="training-time-test unroll")
+    lp.add_argument("--lambda-discard", type=float, default=0.5,
+                    help="weight of the rejected-node term (0: plain EAGLE-3)")
+    lp.add_argument("--seed", type=int, default=0, help="scratch draft initialisation")
+    lp.set_defaults(func=cmd_learn)
     return parser
 
 

@@ -85,3 +85,13 @@ def test_bad_prompts_file_is_refused_before_anything_runs(llama_16m, tmp_path, c
         assert message in capsys.readouterr().err
     assert main(["generate", "--target", str(llama_16m), "--prompt", "x", "--online"]) == 2
     assert "--online learns across requests" in capsys.readouterr().err
+    (tmp_path / "p.jsonl").write_text('{"prompt": "ok"}\n')
+    assert main(["generate", "--target", str(llama_16m), "--prompts", str(tmp_path / "p.jsonl"),
+                 "--online", "--workdir", str(tmp_path / "w")]) == 2
+    assert "pick one" in capsys.readouterr().err
+    assert main(["generate", "--target", str(llama_16m), "--prompt", "x", "--workdir",
+                 str(tmp_path / "w")]) == 2
+    assert "--workdir learns across requests" in capsys.readouterr().err
+    assert main(["learn", "--target", str(tmp_path / "nowhere"), "--workdir",
+                 str(tmp_path / "w")]) == 2
+    assert "nowhere" in capsys.readouterr().err

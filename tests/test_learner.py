@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -109,6 +110,21 @@ def test_buffer_stays_within_its_byte_bound_under_a_fast_producer():
     assert len(buffer) == 0 and buffer.stats.dropped_stale == 25
 
 
+def test_buffer_holds_out_the_newest_sequences():
+    """The "better" policy compares drafts on the newest sequences; training never draws
+    them."""
+    buffer = TraceBuffer(seed=1)
+    for i in range(10):
+        buffer.add(Sequence(i, None, 0, np.full(6, i, np.int32),
+                            np.zeros((6, 3, 2), np.float32), np.zeros((6, 2), np.float32), []))
+    train = buffer.batch(64, 4, 1, 3, recent=3)
+    held = buffer.batch(64, 4, 1, 3, recent=3, held_out=True)
+    assert set(np.asarray(train.tokens[:, 0]).tolist()) == set(range(7))
+    assert set(np.asarray(held.tokens[:, 0]).tolist()) == {7, 8, 9}
+    with pytest.raises(ValueError, match="no sequences"):
+        buffer.batch(4, 4, 1, 3, recent=10)
+
+
 @pytest.mark.parametrize("policy", ["every", "better"])
 def test_online_learner_thread_publishes_while_serving(pair, policy):
     """A learner thread trains on the traffic the engine serves and swaps drafts in while it
@@ -117,20 +133,34 @@ def test_online_learner_thread_publishes_while_serving(pair, policy):
 
     target, draft = pair
     learner = Learner(draft, target, LossConfig(ttt_steps=2, tree_depth=4))
-    cfg = OnlineConfig(batch_size=4, seq_len=32, trees_per_seq=4, min_sequences=2,
-                       every_steps=5, policy=policy, max_steps=40)
+    cfg = OnlineConfig(batch_size=4, seq_len=32, trees_per_seq=4, min_sequences=3,
+                       holdout=1, every_steps=5, policy=policy, max_steps=40)
     engine, online = online_engine(target, draft, SPEC, learner, cfg, max_slots=4, max_len=64)
     prompts = _prompts(24, seed=4)
+    done = []
+
+    def halfway_wait_for_a_decision(_result):
+        # On a busy machine the engine could finish before the learner decides once; holding
+        # the host loop at request 12 makes the rest of the run certain to follow a decision.
+        done.append(1)
+        deadline = time.time() + 120
+        while (len(done) == 12 and online.published + online.rejected == 0
+               and online.error is None and time.time() < deadline):
+            time.sleep(0.05)
+
     online.start()
-    run = engine.run([Request(p, 32) for p in prompts])
+    run = engine.run([Request(p, 32) for p in prompts], on_result=halfway_wait_for_a_decision)
     online.stop()
     assert online.error is None and online.steps > 0
     ref = TargetGenerator(target, eos_ids=()).generate(prompts, 32)
     assert [r.token_ids for r in run.results] == [c.token_ids for c in ref.completions]
     assert online.published + online.rejected == online.steps // cfg.every_steps
     assert engine.draft_version == online.published
+    assert online.published + online.rejected >= 1
     if policy == "every":
         assert online.published >= 1
+        late = {v for r in run.results[12:] for v in r.draft_versions}
+        assert max(late) >= 1  # requests after the swap were drafted by a published draft
 
 
 def test_failing_learner_leaves_the_engine_serving_its_last_draft(pair):

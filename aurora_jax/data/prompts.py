@@ -6,18 +6,24 @@ import json
 import sysconfig
 from pathlib import Path
 
+import numpy as np
+
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.errors import ConfigError
+
+
+def _held_out_names(model_dir: Path) -> list[str]:
+    """The stdlib files a checkpoint's held_out_files.json says it never trained on."""
+    held = Path(model_dir) / "held_out_files.json"
+    return json.loads(held.read_text())["stdlib_files_held_out"] if held.is_file() else []
 
 
 def stdlib_code_prompts(model_dir: Path, tok: Tokenizer, n: int, length: int) -> list[list[int]]:
     """`n` prompts of exactly `length` tokens cut from the starts of standard-library files:
     those a checkpoint lists in held_out_files.json (files it never saw in training) when it
     has one, else any stdlib modules in name order."""
-    held = Path(model_dir) / "held_out_files.json"
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = (json.loads(held.read_text())["stdlib_files_held_out"] if held.is_file()
-             else sorted(p.name for p in stdlib.glob("*.py")))
+    files = _held_out_names(model_dir) or sorted(p.name for p in stdlib.glob("*.py"))
     out = []
     for rel in files:
         if not (stdlib / rel).is_file():
@@ -28,4 +34,28 @@ def stdlib_code_prompts(model_dir: Path, tok: Tokenizer, n: int, length: int) ->
         if len(out) == n:
             return out
     raise ConfigError(f"only {len(out)} standard-library files have {length} tokens; "
+                      f"{n} prompts were asked for")
+
+
+def stdlib_traffic_prompts(model_dir: Path, tok: Tokenizer, n: int, length: int,
+                           seed: int = 0) -> list[list[int]]:
+    """`n` code prompts of exactly `length` tokens from standard-library files that are NOT in
+    the checkpoint's held_out_files.json (traffic to learn from, disjoint from the held-out
+    evaluation prompts), each cut at a random line start of a random file."""
+    held_out = set(_held_out_names(model_dir))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in sorted(stdlib.glob("*.py")) if p.name not in held_out]
+    rng = np.random.default_rng(seed)
+    out, tries = [], 0
+    while len(out) < n and tries < 50 * n:
+        tries += 1
+        lines = files[rng.integers(len(files))].read_text(errors="replace").splitlines(True)
+        if len(lines) < 2:
+            continue
+        ids = tok.encode("".join(lines[rng.integers(len(lines) // 2 + 1):]))
+        if len(ids) >= length:
+            out.append(ids[:length])
+    if len(out) == n:
+        return out
+    raise ConfigError(f"found only {len(out)} standard-library cuts of {length} tokens; "
                       f"{n} prompts were asked for")

@@ -140,44 +140,65 @@ class TraceBuffer:
             self.stats.bytes = sum(s.nbytes for s in keep)
             self._items = collections.deque(keep)
 
-    def batch(self, batch_size: int, seq_len: int, trees: int, tree_size: int) -> LearnBatch:
-        """B random sequences, each cut to a random window of `seq_len` positions, with up to
-        `trees` of its trees whose roots fall inside the window; zero-padded, masked."""
+    def batch(self, batch_size: int, seq_len: int, trees: int, tree_size: int,
+              recent: int = 0, held_out: bool = False) -> LearnBatch:
+        """B random sequences cut into windows (see `window`). With `recent` = n > 0 the newest
+        n sequences are held out: a training batch (held_out=False) never draws them, a
+        held-out batch (held_out=True) draws only them."""
         with self._lock:
-            if not self._items:
-                raise ValueError("the trace buffer is empty")
-            picks = [self._items[i] for i in self._rng.integers(len(self._items), size=batch_size)]
-        s0 = picks[0]
-        a, h = s0.aux.shape[1:], s0.hidden.shape[1]
-        out = {
-            "tokens": np.zeros((batch_size, seq_len), np.int32),
-            "aux": np.zeros((batch_size, seq_len, *a), np.float32),
-            "target_hidden": np.zeros((batch_size, seq_len, h), np.float32),
-            "length": np.zeros((batch_size,), np.int32),
-            "tree_tokens": np.zeros((batch_size, trees, tree_size), np.int32),
-            "tree_parent": np.full((batch_size, trees, tree_size), -1, np.int32),
-            "tree_hidden": np.zeros((batch_size, trees, tree_size, h), np.float32),
-            "tree_accepted": np.zeros((batch_size, trees, tree_size), bool),
-            "tree_root_pos": np.ones((batch_size, trees), np.int32),
-            "tree_valid": np.zeros((batch_size, trees), bool),
-        }
-        for b, seq in enumerate(picks):
-            n = len(seq.tokens)
-            start = int(self._rng.integers(max(1, n - seq_len + 1)))
-            end = min(n, start + seq_len)
-            out["tokens"][b, : end - start] = seq.tokens[start:end]
-            out["aux"][b, : end - start] = seq.aux[start:end]
-            out["target_hidden"][b, : end - start] = seq.hidden[start:end]
-            out["length"][b] = end - start
-            # A tree needs its root's draft row (root_pos - 1) inside the window.
-            inside = [t for t in seq.trees if start + 1 <= t.root_pos < end
-                      and len(t.tokens) == tree_size]
-            for i, k in enumerate(self._rng.permutation(len(inside))[:trees]):
-                t = inside[k]
-                out["tree_tokens"][b, i] = t.tokens
-                out["tree_parent"][b, i] = t.parent
-                out["tree_hidden"][b, i] = t.hidden
-                out["tree_accepted"][b, i] = t.accepted
-                out["tree_root_pos"][b, i] = t.root_pos - start
-                out["tree_valid"][b, i] = True
-        return LearnBatch(**{k: jnp.asarray(v) for k, v in out.items()})
+            pool = list(self._items)
+        pool = pool[len(pool) - recent:] if held_out else pool[:len(pool) - recent]
+        if not pool:
+            raise ValueError("the trace buffer has no sequences to draw from "
+                             f"({len(self)} held, newest {recent} held out)")
+        picks = [pool[i] for i in self._rng.integers(len(pool), size=batch_size)]
+        return collate([window(s, seq_len, trees, tree_size, self._rng) for s in picks])
+
+
+def window(seq: Sequence, seq_len: int, trees: int, tree_size: int,
+           rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One learner example: a random window of `seq_len` positions of `seq` and up to `trees`
+    of its trees whose roots fall inside it (those of `tree_size` nodes), zero-padded, masked.
+    Pure numpy on the host; the same cut serves the live buffer and stored-trace replay."""
+    a, h = seq.aux.shape[1:], seq.hidden.shape[1]
+    out = {
+        "tokens": np.zeros((seq_len,), np.int32),
+        "aux": np.zeros((seq_len, *a), np.float32),
+        "target_hidden": np.zeros((seq_len, h), np.float32),
+        "length": np.zeros((), np.int32),
+        "tree_tokens": np.zeros((trees, tree_size), np.int32),
+        "tree_parent": np.full((trees, tree_size), -1, np.int32),
+        "tree_hidden": np.zeros((trees, tree_size, h), np.float32),
+        "tree_accepted": np.zeros((trees, tree_size), bool),
+        "tree_root_pos": np.ones((trees,), np.int32),
+        "tree_valid": np.zeros((trees,), bool),
+    }
+    n = len(seq.tokens)
+    start = int(rng.integers(max(1, n - seq_len + 1)))
+    end = min(n, start + seq_len)
+    out["tokens"][: end - start] = seq.tokens[start:end]
+    out["aux"][: end - start] = seq.aux[start:end]
+    out["target_hidden"][: end - start] = seq.hidden[start:end]
+    out["length"][...] = end - start
+    # A tree needs its root's draft row (root_pos - 1) inside the window.
+    inside = [t for t in seq.trees
+              if start + 1 <= t.root_pos < end and len(t.tokens) == tree_size]
+    for i, k in enumerate(rng.permutation(len(inside))[:trees]):
+        t = inside[k]
+        out["tree_tokens"][i] = t.tokens
+        out["tree_parent"][i] = t.parent
+        out["tree_hidden"][i] = t.hidden
+        out["tree_accepted"][i] = t.accepted
+        out["tree_root_pos"][i] = t.root_pos - start
+        out["tree_valid"][i] = True
+    return out
+
+
+def collate_numpy(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stack `window` examples along a new batch axis."""
+    return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def collate(examples: list[dict[str, np.ndarray]]) -> LearnBatch:
+    """Stack `window` examples into one device batch."""
+    return LearnBatch(**{k: jnp.asarray(v) for k, v in collate_numpy(examples).items()})

@@ -1,12 +1,17 @@
 """Online training beside the engine: a learner thread that trains on served traffic and
-hot-swaps each draft the sync policy accepts into the running engine (Aurora's loop).
+publishes each draft the sync policy accepts (Aurora's loop).
 
-The engine's trace sink feeds a TraceAssembler -> TraceBuffer; the thread samples fixed-shape
-batches from the buffer, steps the learner, and every `every_steps` steps considers a swap:
-policy "every" publishes unconditionally; policy "better" first scores the candidate and the
-serving draft on a held-out batch of the most recent traffic (simulated acceptance length)
-and publishes only a candidate that is at least as good. The swap itself is one attribute
-assignment in the engine, picked up at the next step boundary: no pause, no recompilation.
+The thread samples fixed-shape batches from a TraceBuffer, steps the learner, and every
+`every_steps` steps considers a publication: policy "every" publishes unconditionally; policy
+"better" first scores the candidate and the serving draft on the newest `holdout` sequences,
+which training batches never draw, and publishes only a candidate at least as good (simulated
+acceptance length). Where the draft goes is the publisher's business:
+- in one process (`EnginePublisher`), the buffer is fed by the engine's trace sink and a
+  publication is one attribute assignment in the engine, picked up at the next step boundary:
+  no pause, no recompilation;
+- across processes (`draft_sync.DraftPublisher`), the buffer is fed by a `TraceFollower`
+  over the engine's trace store and a publication is a versioned orbax checkpoint that the
+  engine's `DraftWatcher` restores and swaps in.
 A failing learner step is logged and ends the thread; the engine keeps its last good draft.
 """
 
@@ -47,6 +52,8 @@ class OnlineConfig:
     policy: str = "every"
     """"every": publish each attempt; "better": only if the candidate's simulated acceptance on
     recent traffic is at least the serving draft's."""
+    holdout: int = 2
+    """Policy "better": the newest sequences kept out of training to compare drafts on."""
     max_steps: int | None = None
     """Stop after this many steps (None: until stopped)."""
 
@@ -55,17 +62,42 @@ class OnlineConfig:
             raise ConfigError(f"sync policy must be 'every' or 'better', got {self.policy!r}")
         if min(self.batch_size, self.seq_len, self.trees_per_seq, self.every_steps) < 1:
             raise ConfigError("batch_size, seq_len, trees_per_seq and every_steps must be >= 1")
+        if self.policy == "better" and not 0 < self.holdout < self.min_sequences:
+            raise ConfigError(f"policy 'better' needs 0 < holdout < min_sequences, got holdout "
+                              f"{self.holdout} and min_sequences {self.min_sequences}")
+
+    @property
+    def held_out(self) -> int:
+        return self.holdout if self.policy == "better" else 0
+
+
+class EnginePublisher:
+    """Publishes into an engine in the same process."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @property
+    def version(self) -> int:
+        return self.engine.draft_version
+
+    def serving(self):
+        return self.engine.draft_state
+
+    def publish(self, state, meta: dict | None = None) -> int:
+        self.engine.set_draft(state)
+        return self.engine.draft_version
 
 
 class OnlineLearner:
-    """Trains on what `buffer` receives (the engine must be built with
-    `trace_sink=TraceAssembler(buffer.add)`, see `online_engine`); `start()`, then serve."""
+    """Trains on what `buffer` receives and hands drafts to `publisher` (an `EnginePublisher`
+    or a `DraftPublisher`); trees of `tree_size` nodes (the engine's spec.nodes + 1) feed the
+    rejected-node term. `start()`, then serve; `stop()` when done."""
 
-    def __init__(self, engine: Engine, learner: Learner, buffer: TraceBuffer,
+    def __init__(self, learner: Learner, buffer: TraceBuffer, publisher, tree_size: int,
                  cfg: OnlineConfig = OnlineConfig()):
-        if engine.draft is None or engine.traces is None:
-            raise ConfigError("online learning needs an engine with a draft and a trace sink")
-        self.engine, self.learner, self.buffer, self.cfg = engine, learner, buffer, cfg
+        self.learner, self.buffer, self.publisher, self.cfg = learner, buffer, publisher, cfg
+        self.tree_size = tree_size
         self.steps = 0
         self.published = 0
         self.rejected = 0
@@ -73,8 +105,7 @@ class OnlineLearner:
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        embed, head = learner.embed, learner.head
-        graphdef = engine.draft.graphdef
+        embed, head, graphdef = learner.embed, learner.head, learner.draft.graphdef
         self._score = jax.jit(lambda state, batch: draft_loss(
             nnx.merge(graphdef, state), embed, lambda h: (h @ head).astype(jnp.float32), batch,
             learner.loss)[1]["sim_acceptance_length"])
@@ -89,17 +120,21 @@ class OnlineLearner:
         if self._thread is not None:
             self._thread.join()
 
-    def _batch(self):
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _batch(self, held_out: bool = False):
         c = self.cfg
-        return self.buffer.batch(c.batch_size, c.seq_len, c.trees_per_seq,
-                                 self.engine.spec.nodes + 1)
+        return self.buffer.batch(c.batch_size, c.seq_len, c.trees_per_seq, self.tree_size,
+                                 recent=c.held_out, held_out=held_out)
 
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
                 if self.cfg.max_steps is not None and self.steps >= self.cfg.max_steps:
                     return
-                if len(self.buffer) < self.cfg.min_sequences:
+                if len(self.buffer) < max(self.cfg.min_sequences, self.cfg.held_out + 1):
                     time.sleep(0.01)
                     continue
                 self.last_metrics = self.learner.step(self._batch())
@@ -109,24 +144,29 @@ class OnlineLearner:
         except BaseException as e:  # keep serving with the last good draft
             self.error = e
             log.exception("online learner stopped; the engine keeps draft version %d",
-                          self.engine.draft_version)
+                          self.publisher.version)
 
     def _maybe_publish(self) -> None:
         candidate = self.learner.publish()
         if self.cfg.policy == "better":
-            held_out = self._batch()
+            held_out = self._batch(held_out=True)
             new = float(self._score(candidate, held_out))
-            old = float(self._score(self.engine.draft_state, held_out))
+            old = float(self._score(self.publisher.serving(), held_out))
             if new < old:
                 self.rejected += 1
                 return
-        self.engine.set_draft(candidate)
+        metrics = {k: float(v) for k, v in self.last_metrics.items()}
+        version = self.publisher.publish(candidate, {"learner_step": self.steps,
+                                                     "metrics": metrics})
         self.published += 1
+        self.buffer.drop_stale(version)
 
 
 def online_engine(target, draft, spec, learner: Learner, cfg: OnlineConfig = OnlineConfig(),
                   buffer: TraceBuffer | None = None, **engine_kwargs):
     """An engine whose traces feed a buffer, and the OnlineLearner over both (not started)."""
-    buffer = buffer or TraceBuffer()
+    if draft is None:
+        raise ConfigError("online learning needs a draft (say a scratch one) to train")
+    buffer = TraceBuffer() if buffer is None else buffer
     engine = Engine(target, draft, spec, trace_sink=TraceAssembler(buffer.add), **engine_kwargs)
-    return engine, OnlineLearner(engine, learner, buffer, cfg)
+    return engine, OnlineLearner(learner, buffer, EnginePublisher(engine), spec.nodes + 1, cfg)

@@ -1,0 +1,145 @@
+"""Drafts across processes: a learner publishes versioned orbax checkpoints to a directory and
+the engine's watcher restores the newest good one in the background, then hot-swaps it.
+
+Directory layout (an orbax CheckpointManager whose step is the draft version):
+
+    <drafts>/<version>/draft    the draft's nnx.State (orbax StandardSave)
+    <drafts>/<version>/meta     JSON: version, learner step, metrics, wall time
+
+Orbax writes a version under a temporary name and renames it when complete, so a learner
+killed mid-save leaves nothing the watcher would list. A version that is listed but cannot be
+restored (damaged files), does not fit the serving draft (structure, shape, dtype) or holds a
+non-finite value is refused: the reason is logged and kept in `DraftWatcher.refused`, the
+serving draft stays, and the watcher goes on to the next version.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from aurora_jax.learn.periodic import Periodic
+
+log = logging.getLogger(__name__)
+
+
+def _abstract(state):
+    """Shapes, dtypes and shardings of `state`: restoring into it places the arrays exactly
+    like the serving draft's (a different sharding would recompile the engine's step)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        state)
+
+
+def list_versions(directory: str | Path) -> list[int]:
+    """Committed draft versions in `directory`, ascending (temporary directories excluded)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def restore_draft(directory: str | Path, version: int, like) -> tuple:
+    """(state, meta) of one version, arrays placed like `like`; raises on any damage or
+    mismatch, and on a non-finite value."""
+    path = Path(directory).absolute() / str(version)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        got = ckptr.restore(path, args=ocp.args.Composite(
+            draft=ocp.args.StandardRestore(_abstract(like)), meta=ocp.args.JsonRestore()))
+    state, meta = got["draft"], dict(got["meta"])
+    if meta.get("version") != version:
+        raise ValueError(f"its meta names version {meta.get('version')!r}")
+    old = jax.tree.map(lambda x: (x.shape, x.dtype), like)
+    new = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+    if jax.tree.structure(old) != jax.tree.structure(new) or old != new:
+        raise ValueError("its structure, shapes or dtypes differ from the serving draft's")
+    for path_, leaf in jax.tree_util.tree_leaves_with_path(state):
+        if not np.isfinite(np.asarray(leaf)).all():
+            raise ValueError(f"non-finite values in {jax.tree_util.keystr(path_)}")
+    return state, meta
+
+
+class DraftPublisher:
+    """Learner side. `publish(state)` writes the next version synchronously (the learner's
+    next step donates its buffers, so nothing may read them after publish returns)."""
+
+    def __init__(self, directory: str | Path, initial_state, max_to_keep: int = 3):
+        self.directory = Path(directory).absolute()
+        self._mgr = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=False))
+        versions = list_versions(self.directory)
+        self.version = versions[-1] if versions else 0
+        self._serving = initial_state
+
+    def serving(self):
+        """The draft the engine serves now, as far as this learner knows: its last publication
+        (or the initial draft)."""
+        return self._serving
+
+    def resume(self) -> tuple[int, object] | None:
+        """(version, state) of the newest restorable version already in the directory, which
+        becomes the serving draft; None when there is none."""
+        for v in reversed(list_versions(self.directory)):
+            try:
+                self._serving = restore_draft(self.directory, v, self._serving)[0]
+                return v, self._serving
+            except Exception as e:  # noqa: BLE001 (any damage: try the previous version)
+                log.warning("cannot resume from draft version %d: %s", v, e)
+        return None
+
+    def publish(self, state, meta: dict | None = None) -> int:
+        version = self.version + 1
+        self._mgr.save(version, args=ocp.args.Composite(
+            draft=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave({"version": version, "time": time.time(), **(meta or {})})),
+            force=True)
+        self._mgr.wait_until_finished()
+        self.version, self._serving = version, state
+        return version
+
+    def close(self) -> None:
+        self._mgr.close()
+
+
+class DraftWatcher:
+    """Engine side: every `poll_s` seconds, swaps in the newest version above the serving one
+    that restores cleanly (see the module docstring for what is refused)."""
+
+    def __init__(self, engine, directory: str | Path, poll_s: float = 1.0):
+        self.engine, self.directory, self.poll_s = engine, Path(directory).absolute(), poll_s
+        self.refused: dict[int, str] = {}
+        self.swaps = 0
+        self._loop: Periodic | None = None
+
+    def poll(self) -> int | None:
+        """One look at the directory; returns the version swapped in, if any."""
+        serving = self.engine.draft_version
+        for v in reversed(list_versions(self.directory)):
+            if v <= serving:
+                return None
+            if v in self.refused:
+                continue
+            try:
+                state, _ = restore_draft(self.directory, v, self.engine.draft_state)
+                self.engine.set_draft(state, version=v)
+            except Exception as e:  # noqa: BLE001 (refuse anything that does not restore)
+                self.refused[v] = f"{type(e).__name__}: {e}"
+                log.warning("refusing draft version %d from %s: %s; serving version %d stays",
+                            v, self.directory, self.refused[v], serving)
+                continue
+            self.swaps += 1
+            log.info("serving draft version %d", v)
+            return v
+        return None
+
+    def start(self) -> DraftWatcher:
+        self._loop = Periodic(self.poll, self.poll_s, "aurora-draft-watcher").start()
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.stop()

@@ -1,0 +1,93 @@
+"""The online loop split across two processes that share a directory (Aurora's disaggregated
+placement: the learner need not share the engine's devices or host).
+
+    <workdir>/traces   the engine writes finished sequences here (trace_store)
+    <workdir>/drafts   the learner publishes versioned drafts here (draft_sync)
+
+Engine side: `shared_engine(...)` builds an Engine whose traces go to the store and starts a
+DraftWatcher that swaps each new good version in. Learner side: `run_learner(...)` follows the
+store into a TraceBuffer and runs the same OnlineLearner as the in-process mode, publishing
+through a DraftPublisher; restarted on the same workdir it resumes from the newest published
+draft. Either side may die without taking the other down: a dead learner leaves the engine
+serving its last good draft; a dead engine leaves the learner waiting for traces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from aurora_jax.engine.engine import Engine
+from aurora_jax.errors import ConfigError
+from aurora_jax.learn.buffer import TraceAssembler, TraceBuffer
+from aurora_jax.learn.draft_sync import DraftPublisher, DraftWatcher
+from aurora_jax.learn.learner import DEFAULT_OPTIMIZER, Learner
+from aurora_jax.learn.losses import LossConfig
+from aurora_jax.learn.online import OnlineConfig, OnlineLearner
+from aurora_jax.learn.pretrain import OptimizerSettings
+from aurora_jax.learn.trace_store import TraceFollower, TraceStore
+from aurora_jax.models.eagle3_io import Draft
+
+log = logging.getLogger(__name__)
+
+
+def workdir_paths(workdir: str | Path) -> tuple[Path, Path]:
+    w = Path(workdir)
+    return w / "traces", w / "drafts"
+
+
+def shared_engine(target, draft: Draft, spec, workdir: str | Path, *, poll_s: float = 1.0,
+                  sequences_per_shard: int = 8, **engine_kwargs):
+    """(engine, store, watcher): an engine whose traces go to `workdir`/traces and whose draft
+    follows `workdir`/drafts; the watcher is started. Call `store.flush()` (after
+    `engine.traces.flush()`) and `watcher.stop()` when done."""
+    if draft is None:
+        raise ConfigError("a shared workdir needs a draft for the learner to train")
+    traces, drafts = workdir_paths(workdir)
+    store = TraceStore(traces, sequences_per_shard)
+    engine = Engine(target, draft, spec, trace_sink=TraceAssembler(store.add), **engine_kwargs)
+    watcher = DraftWatcher(engine, drafts, poll_s)
+    watcher.poll()  # a learner that already published: start from its newest draft
+    return engine, store, watcher.start()
+
+
+def run_learner(target, draft: Draft, workdir: str | Path, cfg: OnlineConfig | None = None,
+                loss: LossConfig | None = None,
+                optimizer: OptimizerSettings = DEFAULT_OPTIMIZER, *,
+                buffer_bytes: int = 1 << 30, poll_s: float = 0.5,
+                should_stop: Callable[[], bool] = lambda: False,
+                on_progress: Callable[[OnlineLearner, TraceFollower], None] | None = None,
+                ) -> OnlineLearner:
+    """Trains on the traces an engine writes to `workdir` and publishes drafts there, until
+    `cfg.max_steps`, `should_stop()` or a learner error; returns the (stopped) OnlineLearner."""
+    cfg, loss = cfg or OnlineConfig(), loss or LossConfig()
+    traces, drafts = workdir_paths(workdir)
+    publisher = DraftPublisher(drafts, draft.state)
+    resumed = publisher.resume()
+    if resumed is not None:
+        log.info("resuming from published draft version %d", resumed[0])
+        draft = dataclasses.replace(draft, state=resumed[1])
+    buffer = TraceBuffer(max_bytes=buffer_bytes)
+    follower = TraceFollower(traces, buffer.add, poll_s).start()
+    online = None
+    try:
+        while follower.sequences == 0 and not should_stop():  # the tree size comes from them
+            time.sleep(poll_s)
+        online = OnlineLearner(Learner(draft, target, loss, optimizer), buffer, publisher,
+                               follower.tree_size or 1, cfg)
+        if should_stop():
+            return online
+        online.start()
+        while online.running and not should_stop():
+            time.sleep(poll_s)
+            if on_progress is not None:
+                on_progress(online, follower)
+        return online
+    finally:  # also on Ctrl-C: the learner finishes its step (and any save) first
+        if online is not None:
+            online.stop()
+        follower.stop()
+        publisher.close()

@@ -1,0 +1,259 @@
+"""Traces on disk: finished sequences as tensorstore (zarr3) shards, for replay and for a
+learner in another process.
+
+Layout under a store's root (one directory, local or shared):
+
+    shard-<time_ns>-<pid>/      one committed shard of n sequences
+      meta.json                 format, tree size, per sequence: request id, domain, version
+      tokens [L] int32, aux [L, A, H] f32, hidden [L, H] f32     sequences concatenated
+      seq_offsets [n + 1] int64                                  where each sequence starts
+      tree_seq [R] int32, tree_root_pos [R] int32                owner and anchor of each tree
+      tree_tokens, tree_parent [R, N1] int32, tree_accepted [R, N1] bool,
+      tree_hidden [R, N1, H] f32
+
+A shard is written under a `.tmp` name and renamed when complete, so readers (which list only
+committed names) never see half a shard, and a writer killed mid-shard leaves only a `.tmp`
+directory that everyone ignores. The engine side is `TraceStore` (a trace-assembler sink);
+readers are `TraceFollower` (tails the store into a live `TraceBuffer`), `StoredTraces` (a
+random-access source) and `replay_dataset` (a grain pipeline of learner batches over it).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+import grain
+import numpy as np
+import tensorstore as ts
+
+from aurora_jax.learn.buffer import Sequence, Tree, collate_numpy, window
+from aurora_jax.learn.losses import LearnBatch
+from aurora_jax.learn.periodic import Periodic
+
+log = logging.getLogger(__name__)
+
+FORMAT = "aurora-jax-traces/1"
+_SHARD = re.compile(r"^shard-\d+-\d+$")
+_SEQ_FIELDS = ("tokens", "aux", "hidden")
+_TREE_FIELDS = ("tree_tokens", "tree_parent", "tree_accepted", "tree_hidden")
+
+
+class TraceStoreError(Exception):
+    """A shard that cannot be read as traces (names the shard and the reason)."""
+
+
+def _spec(path: Path) -> dict:
+    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+
+
+def _write_array(path: Path, a: np.ndarray) -> None:
+    store = ts.open(_spec(path), create=True, dtype=ts.dtype(a.dtype.name),
+                    shape=a.shape).result()
+    store.write(a).result()
+
+
+def _read_array(path: Path) -> np.ndarray:
+    return ts.open(_spec(path), open=True).result().read().result()
+
+
+def write_shard(root: Path, seqs: list[Sequence]) -> Path:
+    """Write `seqs` as one committed shard under `root`; returns its path."""
+    tree_sizes = {len(t.tokens) for s in seqs for t in s.trees}
+    if len(tree_sizes) > 1:
+        raise ValueError(f"one shard holds one tree size, got {sorted(tree_sizes)}")
+    n1 = tree_sizes.pop() if tree_sizes else 0
+    h = seqs[0].hidden.shape[1]
+    trees = [(i, t) for i, s in enumerate(seqs) for t in s.trees]
+    arrays = {
+        "tokens": np.concatenate([s.tokens for s in seqs]).astype(np.int32),
+        "aux": np.concatenate([s.aux for s in seqs]).astype(np.float32),
+        "hidden": np.concatenate([s.hidden for s in seqs]).astype(np.float32),
+        "seq_offsets": np.cumsum([0] + [len(s.tokens) for s in seqs]).astype(np.int64),
+        "tree_seq": np.asarray([i for i, _ in trees], np.int32),
+        "tree_root_pos": np.asarray([t.root_pos for _, t in trees], np.int32),
+        "tree_tokens": np.asarray([t.tokens for _, t in trees], np.int32).reshape(-1, n1),
+        "tree_parent": np.asarray([t.parent for _, t in trees], np.int32).reshape(-1, n1),
+        "tree_accepted": np.asarray([t.accepted for _, t in trees], bool).reshape(-1, n1),
+        "tree_hidden": np.asarray([t.hidden for _, t in trees], np.float32).reshape(-1, n1, h),
+    }
+    meta = {"format": FORMAT, "tree_size": n1, "hidden_size": h,
+            "sequences": [{"request_id": _jsonable(s.request_id), "domain": s.domain,
+                           "draft_version": s.draft_version} for s in seqs]}
+    name = f"shard-{time.time_ns():020d}-{os.getpid()}"
+    tmp = root / f"{name}.tmp"
+    for key, a in arrays.items():
+        _write_array(tmp / key, a)
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    final = root / name
+    tmp.rename(final)
+    return final
+
+
+def _jsonable(x):
+    return x if isinstance(x, (int, str, type(None))) else str(x)
+
+
+def list_shards(root: str | Path) -> list[Path]:
+    """Committed shards, oldest first (a `.tmp` directory is a shard still being written, or
+    one whose writer died: never listed)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _SHARD.match(p.name))
+
+
+def read_meta(shard: Path) -> dict:
+    try:
+        meta = json.loads((shard / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise TraceStoreError(f"{shard}: unreadable meta.json ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise TraceStoreError(f"{shard}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def read_shard(shard: Path) -> list[Sequence]:
+    """All sequences of one shard; a damaged shard raises TraceStoreError naming it."""
+    meta = read_meta(shard)
+    try:
+        a = {k: _read_array(shard / k) for k in
+             ("seq_offsets", "tree_seq", "tree_root_pos", *_SEQ_FIELDS, *_TREE_FIELDS)}
+    except (ValueError, OSError) as e:  # tensorstore reports damage as ValueError
+        raise TraceStoreError(f"{shard}: {e}") from e
+    off, rows = a["seq_offsets"], meta["sequences"]
+    if len(off) != len(rows) + 1 or off[-1] != len(a["tokens"]):
+        raise TraceStoreError(f"{shard}: sequence offsets do not match the data")
+    trees: list[list[Tree]] = [[] for _ in rows]
+    for r, i in enumerate(a["tree_seq"]):
+        trees[i].append(Tree(int(a["tree_root_pos"][r]), a["tree_tokens"][r],
+                             a["tree_parent"][r], a["tree_hidden"][r], a["tree_accepted"][r]))
+    return [Sequence(m["request_id"], m["domain"], m["draft_version"],
+                     a["tokens"][off[i]:off[i + 1]], a["aux"][off[i]:off[i + 1]],
+                     a["hidden"][off[i]:off[i + 1]], trees[i])
+            for i, m in enumerate(rows)]
+
+
+class TraceStore:
+    """Engine-side sink: `add(seq)` collects finished sequences and writes a shard every
+    `sequences_per_shard` of them (on the caller's thread: the engine's trace thread, never
+    the decode loop); `flush()` writes what is pending."""
+
+    def __init__(self, root: str | Path, sequences_per_shard: int = 16):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.sequences_per_shard = sequences_per_shard
+        self.shards_written = 0
+        self._pending: list[Sequence] = []
+        self._lock = threading.Lock()
+
+    def add(self, seq: Sequence) -> None:
+        with self._lock:
+            self._pending.append(seq)
+            if len(self._pending) >= self.sequences_per_shard:
+                self._write()
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._pending:
+                self._write()
+
+    def _write(self) -> None:
+        write_shard(self.root, self._pending)
+        self._pending = []
+        self.shards_written += 1
+
+
+class TraceFollower:
+    """Tails a store from another process: every `poll_s` seconds, each newly committed shard
+    is read and its sequences handed to `sink` (say `TraceBuffer.add`). A damaged shard is
+    logged, counted in `bad_shards` and skipped; it never stops the follower."""
+
+    def __init__(self, root: str | Path, sink, poll_s: float = 0.5):
+        self.root, self.sink, self.poll_s = Path(root), sink, poll_s
+        self.seen: set[str] = set()
+        self.sequences = 0
+        self.bad_shards = 0
+        self.tree_size: int | None = None
+        self._loop: Periodic | None = None
+
+    def poll(self) -> int:
+        """Read every shard not read before; returns the number of new sequences."""
+        new = 0
+        for shard in list_shards(self.root):
+            if shard.name in self.seen:
+                continue
+            self.seen.add(shard.name)
+            try:
+                seqs = read_shard(shard)
+                size = read_meta(shard)["tree_size"]
+            except TraceStoreError as e:
+                self.bad_shards += 1
+                log.warning("skipping trace shard: %s", e)
+                continue
+            if size:
+                self.tree_size = size
+            for s in seqs:
+                self.sink(s)
+            new += len(seqs)
+        self.sequences += new
+        return new
+
+    def start(self) -> TraceFollower:
+        self.poll()
+        self._loop = Periodic(self.poll, self.poll_s, "aurora-trace-follower").start()
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.stop()
+
+
+class StoredTraces:
+    """Random access over every sequence in a store's committed shards (a grain source).
+    The shard list is fixed at construction; build a new one to see newer shards."""
+
+    def __init__(self, root: str | Path):
+        self.shards = list_shards(root)
+        self.counts = [len(read_meta(s)["sequences"]) for s in self.shards]
+        self._starts = np.cumsum([0] + self.counts).tolist()
+        self._cache: tuple[int, list[Sequence]] | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, i: int) -> Sequence:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = bisect.bisect_right(self._starts, i) - 1
+        with self._lock:  # one decoded shard cached: shuffled reads still hit it often
+            if self._cache is None or self._cache[0] != k:
+                self._cache = (k, read_shard(self.shards[k]))
+            return self._cache[1][i - self._starts[k]]
+
+
+def replay_dataset(root: str | Path, batch_size: int, seq_len: int, trees: int,
+                   tree_size: int, seed: int = 0) -> grain.IterDataset:
+    """Endless learner batches over a store's sequences: shuffled per epoch, each sequence
+    cut by the same `window` as the live buffer; deterministic for a seed, and its iterator
+    state (`get_state`/`set_state`) resumes exactly."""
+    source = StoredTraces(root)
+    if len(source) == 0:
+        raise ValueError(f"no committed trace shards under {root}")
+    ds = (grain.MapDataset.source(source)
+          .shuffle(seed=seed)
+          .repeat()
+          .random_map(lambda s, rng: window(s, seq_len, trees, tree_size, rng), seed=seed)
+          .batch(batch_size, drop_remainder=True, batch_fn=_to_batch))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+
+
+def _to_batch(examples) -> LearnBatch:
+    return LearnBatch(**collate_numpy(examples))

@@ -1,0 +1,150 @@
+"""Drafts across processes: the engine takes each good published version, refuses damaged,
+partial, non-finite and misfit ones with a logged reason while its serving draft stays, and
+keeps serving losslessly when the learner process is killed mid-run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from spec_models import random_pair, swap_state, tiny_cfg
+
+from aurora_jax.engine.engine import Request
+from aurora_jax.engine.target_only import TargetGenerator
+from aurora_jax.learn.draft_sync import DraftPublisher, list_versions
+from aurora_jax.learn.remote import shared_engine
+from aurora_jax.models.eagle3 import DraftConfig
+from aurora_jax.models.eagle3_io import init_draft, load_draft, save_draft
+from aurora_jax.models.hf_io import load_target, save_target
+from aurora_jax.spec.draft import SpecConfig
+
+SPEC = SpecConfig(mode="tree", depth=3, topk=2, num_draft_tokens=5)
+
+
+def _prompts(n, seed):
+    rs = np.random.RandomState(seed)
+    return [rs.randint(3, 40, size=rs.randint(4, 10)).tolist() for _ in range(n)]
+
+
+def _equal(a, b) -> bool:
+    return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b)))
+
+
+# Orbax's reader leaves coroutines of the damaged version's failed reads unawaited; Python
+# reports them at garbage collection. The refusal itself is asserted below.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_watcher_swaps_good_versions_and_refuses_bad_ones(tmp_path, caplog):
+    target, draft = random_pair(tiny_cfg(eos=()), seed=3)
+    engine, store, watcher = shared_engine(target, draft, SPEC, tmp_path, poll_s=3600,
+                                           max_slots=2, max_len=32)
+    drafts = tmp_path / "drafts"
+    pub = DraftPublisher(drafts, draft.state)
+    good = swap_state(draft, seed=1)
+    assert pub.publish(good) == 1
+    assert watcher.poll() == 1 and engine.draft_version == 1
+    assert _equal(engine.draft_state, good)
+
+    caplog.set_level(logging.WARNING)
+    # 2: damaged array files (as if the disk or a copy went wrong after the commit).
+    pub.publish(swap_state(draft, seed=2))
+    for f in (drafts / "2" / "draft").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"\0garbage")
+    # 3: a NaN in one matrix (a diverged learner).
+    nan = jax.tree.map(lambda x: x.at[0].set(jnp.nan) if x.dtype == jnp.float32 else x,
+                       swap_state(draft, seed=3))
+    pub.publish(nan)
+    # 4: a draft for another vocabulary (a misconfigured learner).
+    other = init_draft(DraftConfig.for_target(target.cfg, draft_vocab_size=20), seed=4)
+    pub.publish(other.state)
+    # A partial save (its writer was killed before the rename) is not a version at all.
+    shutil.copytree(drafts / "4", drafts / "5.orbax-checkpoint-tmp-1700000000")
+    assert list_versions(drafts) == [2, 3, 4]  # the publisher keeps the newest 3
+
+    assert watcher.poll() is None
+    assert engine.draft_version == 1 and _equal(engine.draft_state, good)
+    assert sorted(watcher.refused) == [2, 3, 4]
+    assert "non-finite" in watcher.refused[3]
+    assert "shape" in watcher.refused[4]
+    for v in (2, 3, 4):
+        assert f"refusing draft version {v}" in caplog.text
+    caplog.clear()
+    assert watcher.poll() is None and "refusing" not in caplog.text  # refused once, not retried
+
+    newest = swap_state(draft, seed=6)
+    assert pub.publish(newest) == 5
+    assert watcher.poll() == 5 and _equal(engine.draft_state, newest)
+    prompts = _prompts(3, seed=0)
+    run = engine.run([Request(p, 12) for p in prompts])
+    ref = TargetGenerator(target, eos_ids=()).generate(prompts, 12)
+    assert [r.token_ids for r in run.results] == [c.token_ids for c in ref.completions]
+    assert {v for r in run.results for v in r.draft_versions} == {5}
+    watcher.stop()
+    # A learner restarted on this directory resumes from the newest good version.
+    assert DraftPublisher(drafts, draft.state).resume()[0] == 5
+
+
+def test_learner_process_killed_mid_run_leaves_the_engine_serving(tmp_path):
+    """A real `aurora-jax learn` process trains on the traces this engine writes and publishes
+    drafts that the engine swaps in; killed with SIGKILL, it leaves the engine serving its
+    newest committed draft, every request completing with the target's own output."""
+    target0, draft0 = random_pair(tiny_cfg(eos=()), seed=8)
+    save_target(tmp_path / "target", target0.cfg, target0.state)
+    save_draft(tmp_path / "draft", draft0)
+    target = load_target(tmp_path / "target")
+    draft = load_draft(tmp_path / "draft", target=target.cfg)
+    work = tmp_path / "work"
+    log_path = tmp_path / "learner.log"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "aurora_jax.cli", "learn", "--target",
+             str(tmp_path / "target"), "--draft", str(tmp_path / "draft"), "--workdir",
+             str(work), "--sync-every", "3", "--batch-size", "4", "--seq-len", "32",
+             "--ttt-steps", "2"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    engine, store, watcher = shared_engine(target, draft, SPEC, work, poll_s=0.2,
+                                           sequences_per_shard=2, max_slots=4, max_len=48)
+    gen = TargetGenerator(target, eos_ids=())
+    try:
+        deadline = time.time() + 240
+        seed = 0
+        while watcher.swaps < 2:
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"the learner published {watcher.swaps} drafts; its log:\n"
+                            + log_path.read_text()[-3000:])
+            seed += 1
+            prompts = _prompts(4, seed)
+            run = engine.run([Request(p, 16) for p in prompts])
+            assert [r.token_ids for r in run.results] == \
+                [c.token_ids for c in gen.generate(prompts, 16).completions]
+            engine.traces.flush()
+            store.flush()
+        proc.send_signal(signal.SIGKILL)  # mid-run: it is training, maybe saving
+        proc.wait()
+        time.sleep(0.5)
+        watcher.poll()
+        newest = list_versions(work / "drafts")[-1]
+        assert engine.draft_version == newest >= 2 and not watcher.refused
+        prompts = _prompts(6, seed=99)
+        run = engine.run([Request(p, 16) for p in prompts])
+        assert [r.token_ids for r in run.results] == \
+            [c.token_ids for c in gen.generate(prompts, 16).completions]
+        assert {v for r in run.results for v in r.draft_versions} == {newest}
+    finally:
+        watcher.stop()
+        if proc.poll() is None:
+            proc.kill()
+    # A learner started again on the workdir resumes from the newest version it published.
+    assert DraftPublisher(work / "drafts", draft.state).resume()[0] == newest
+    assert Path(work / "traces").is_dir() and store.shards_written >= 2

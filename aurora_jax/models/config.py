@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aurora_jax.errors import CheckpointError
+from pallas_kernels.dispatch import check_impl
 
 # Hugging Face architecture name -> our family name.
 SUPPORTED_ARCHITECTURES = {
@@ -82,8 +83,13 @@ class TargetConfig:
     """Tokens that end a generation."""
     pad_token_id: int | None = None
     """Padding token, if the model has one."""
+    attention: str = "auto"
+    """Attention implementation (not a checkpoint property): "auto" (the Pallas kernel on
+    GPU, the jnp reference elsewhere), "reference", "pallas" or "interpret" (the kernel in
+    Pallas interpret mode, for tests on CPU). See pallas_kernels/dispatch.py."""
 
     def __post_init__(self):
+        check_impl(self.attention)
         if self.family not in ("llama", "qwen3"):
             raise ValueError(f"unknown model family {self.family!r} (llama, qwen3)")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",

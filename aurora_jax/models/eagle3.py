@@ -26,6 +26,7 @@ from aurora_jax.models.config import RopeScaling, TargetConfig
 from aurora_jax.models.kv_cache import KVCache, write_block
 from aurora_jax.models.layers import Linear, RMSNorm, rope_cos_sin, rope_inv_freq
 from aurora_jax.models.transformer import MLP, Attention
+from pallas_kernels.dispatch import check_impl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +59,13 @@ class DraftConfig:
     """RoPE scaling (the target's)."""
     max_position_embeddings: int = 2048
     """Longest sequence."""
+    attention: str = "auto"
+    """Attention implementation (not a checkpoint property): "auto" (the Pallas kernel on
+    GPU, the jnp reference elsewhere), "reference", "pallas" or "interpret" (the kernel in
+    Pallas interpret mode, for tests on CPU). See pallas_kernels/dispatch.py."""
 
     def __post_init__(self):
+        check_impl(self.attention)
         if not 0 < self.draft_vocab_size <= self.vocab_size:
             raise ValueError(f"draft_vocab_size {self.draft_vocab_size} must be in "
                              f"1..vocab_size ({self.vocab_size})")
@@ -75,7 +81,8 @@ class DraftConfig:
                    draft_vocab_size=draft_vocab_size or t.vocab_size,
                    target_hidden_size=t.hidden_size, aux_layers=t.resolved_aux_layers,
                    rms_norm_eps=t.rms_norm_eps, rope_theta=t.rope_theta,
-                   rope_scaling=t.rope_scaling, max_position_embeddings=t.max_position_embeddings)
+                   rope_scaling=t.rope_scaling, max_position_embeddings=t.max_position_embeddings,
+                   attention=t.attention)
 
 
 class MidLayer(nnx.Module):
@@ -155,7 +162,7 @@ class Eagle3Draft(nnx.Module):
         tree_k_BxMxKxD = tree_k_BxMxKxD.at[:, slots_T].set(k.astype(tree_k_BxMxKxD.dtype))
         tree_v_BxMxKxD = tree_v_BxMxKxD.at[:, slots_T].set(v.astype(tree_v_BxMxKxD.dtype))
         out = attend(q, tree_k_BxMxKxD, tree_v_BxMxKxD, visible_BxTxM, cache.k[0], cache.v[0],
-                     cache_len_B)
+                     cache_len_B, impl=mid.self_attn.impl)
         a = mid.self_attn.o_proj(out.reshape(*out.shape[:2], -1))
         h = mid.finish(hidden_BxTxH, a)
         return self.lm_head(self.norm(h)).astype(jnp.float32), h, tree_k_BxMxKxD, tree_v_BxMxKxD

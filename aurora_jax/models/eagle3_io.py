@@ -137,6 +137,7 @@ def load_draft(path: str | Path, *, target: TargetConfig | None = None, dtype: s
     cfg = read_draft_config(path)
     if target is not None:
         check_fits(cfg, target)
+        cfg = dataclasses.replace(cfg, attention=target.attention)  # the same kernels
     mesh = mesh or make_mesh(tp=1, devices=jax.devices()[:1])
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     reader = TensorReader(path, weight_files(path))

@@ -32,6 +32,7 @@ class Attention(nnx.Module):
         h, d = cfg.hidden_size, cfg.head_dim
         d_in = d_in or h
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.impl = cfg.attention
         self.q_proj = Linear(d_in, cfg.num_heads * d, dtype=dtype, rngs=rngs)
         self.k_proj = Linear(d_in, cfg.num_kv_heads * d, dtype=dtype, rngs=rngs)
         self.v_proj = Linear(d_in, cfg.num_kv_heads * d, dtype=dtype, rngs=rngs)
@@ -51,7 +52,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxTxH, cos, sin, block_mask, k_cache, v_cache, cache_len):
         q, k, v = self.project_qkv(x_BxTxH, cos, sin)
-        out = attend(q, k, v, block_mask, k_cache, v_cache, cache_len)
+        out = attend(q, k, v, block_mask, k_cache, v_cache, cache_len, impl=self.impl)
         return self.o_proj(out.reshape(*out.shape[:2], -1)), k, v
 
 

@@ -1,0 +1,163 @@
+"""Tree-verification attention: N new tokens (tree nodes) per sequence against that sequence's
+KV-cache prefix plus the new block under a block mask, as a Pallas kernel beside its jnp
+reference.
+
+Contract (SpecInfer, Miao et al. 2024; EAGLE-2, Li et al. 2024): query t of sequence b sees
+every cached slot s < cache_len[b] and new token j iff block_mask[b, t, j]. Shapes: B batch,
+T queries, J new keys (J = T for a forward over the new tokens, J > T for a draft's side
+buffer), S cache slots, Q query heads, K kv heads (G = Q / K per group), D head dim.
+
+Kernel (flash-decoding style, Dao et al. 2022 / 2023): one program per (sequence, kv head).
+Its T * G query rows (all query heads of the group, every tree node) are one matrix, so each
+cache block is read once for the whole group. It walks only the cache blocks below
+cache_len[b] (ragged lengths skip the rest) with an online softmax in float32, then folds in
+the tree block under its mask. No [T, S] mask is ever built for the prefix: visibility there
+is a comparison of a block's slot index with cache_len. Inputs may be float32 or bfloat16;
+scores, softmax and accumulation are float32.
+
+A query row that sees no key at all (only padding rows do) gets zeros from the kernel and
+the reference's uniform average; callers never read such rows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+_NEG = -1e30  # finite: a fully masked row must not turn the softmax into NaN
+
+
+def tree_attention_reference(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
+                             k_cache_BxSxKxD=None, v_cache_BxSxKxD=None, cache_len_B=None):
+    """Grouped-query attention in plain jnp; softmax in float32; returns [B, T, Q, D] in q's
+    dtype. Without a cache, only the new block is attended (training, prefill from empty)."""
+    b, t, nq, d = q_BxTxQxD.shape
+    nk = k_new_BxJxKxD.shape[2]
+    q_BxTxKxGxD = q_BxTxQxD.reshape(b, t, nk, nq // nk, d)
+    scale = d ** -0.5
+    f32 = jnp.float32
+
+    s_new = jnp.einsum("btkgd,bjkd->bkgtj", q_BxTxKxGxD, k_new_BxJxKxD,
+                       preferred_element_type=f32) * scale
+    s_new = jnp.where(block_mask_BxTxJ[:, None, None], s_new, _NEG)
+    if k_cache_BxSxKxD is None:
+        p = jax.nn.softmax(s_new, axis=-1)
+        out = jnp.einsum("bkgtj,bjkd->btkgd", p.astype(v_new_BxJxKxD.dtype), v_new_BxJxKxD,
+                         preferred_element_type=f32)
+        return out.reshape(b, t, nq, d).astype(q_BxTxQxD.dtype)
+
+    s_len = k_cache_BxSxKxD.shape[1]
+    s_old = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_cache_BxSxKxD,
+                       preferred_element_type=f32) * scale
+    visible_BxS = jnp.arange(s_len)[None, :] < cache_len_B[:, None]
+    s_old = jnp.where(visible_BxS[:, None, None, None, :], s_old, _NEG)
+    p = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1)
+    p_old, p_new = p[..., :s_len], p[..., s_len:]
+    out = jnp.einsum("bkgts,bskd->btkgd", p_old.astype(v_cache_BxSxKxD.dtype), v_cache_BxSxKxD,
+                     preferred_element_type=f32)
+    out = out + jnp.einsum("bkgtj,bjkd->btkgd", p_new.astype(v_new_BxJxKxD.dtype), v_new_BxJxKxD,
+                           preferred_element_type=f32)
+    return out.reshape(b, t, nq, d).astype(q_BxTxQxD.dtype)
+
+
+def _kernel(cache_len_ref, q_ref, k_new_ref, v_new_ref, mask_ref, k_cache_ref, v_cache_ref,
+            o_ref, *, block_s: int, scale: float):
+    """One (sequence b, kv head k). Refs: cache_len [B], q [R, D] (R = padded T * G rows),
+    k_new/v_new [Jp, D], mask [R, Jp], caches [B, S, K, D] (whole), out [R, D]."""
+    b, k = pl.program_id(0), pl.program_id(1)
+    f32 = jnp.float32
+    q_RxD = q_ref[...]
+    rows, d = q_RxD.shape
+
+    def fold(carry, s_RxC, visible_RxC, v_CxD):
+        """Online softmax: merge one block of scores into (max, sum, accumulator)."""
+        m_R, l_R, acc_RxD = carry
+        s_RxC = jnp.where(visible_RxC, s_RxC, _NEG)
+        m_new = jnp.maximum(m_R, s_RxC.max(axis=1))
+        p_RxC = jnp.where(visible_RxC, jnp.exp(s_RxC - m_new[:, None]), 0.0)
+        alpha = jnp.exp(m_R - m_new)
+        pv = jax.lax.dot_general(p_RxC.astype(v_CxD.dtype), v_CxD, (((1,), (0,)), ((), ())),
+                                 preferred_element_type=f32)
+        return m_new, alpha * l_R + p_RxC.sum(axis=1), alpha[:, None] * acc_RxD + pv
+
+    def scores(k_CxD):
+        return jax.lax.dot_general(q_RxD, k_CxD, (((1,), (1,)), ((), ())),
+                                   preferred_element_type=f32) * scale
+
+    cache_len = cache_len_ref[b]
+
+    def prefix_block(i, carry):
+        start = pl.multiple_of(i * block_s, block_s)
+        k_CxD = k_cache_ref[b, pl.ds(start, block_s), k, :]
+        v_CxD = v_cache_ref[b, pl.ds(start, block_s), k, :]
+        slot_C = start + jax.lax.broadcasted_iota(jnp.int32, (rows, block_s), 1)
+        return fold(carry, scores(k_CxD), slot_C < cache_len, v_CxD)
+
+    carry = (jnp.full((rows,), _NEG, f32), jnp.zeros((rows,), f32), jnp.zeros((rows, d), f32))
+    carry = jax.lax.fori_loop(0, pl.cdiv(cache_len, block_s), prefix_block, carry)
+    v_new = v_new_ref[...]
+    _, l_R, acc_RxD = fold(carry, scores(k_new_ref[...]), mask_ref[...] != 0, v_new)
+    o_ref[...] = (acc_RxD / jnp.where(l_R == 0, 1.0, l_R)[:, None]).astype(o_ref.dtype)
+
+
+def _pad_to(x, axis: int, size: int):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def _block_s(s: int, preferred: int) -> int:
+    """The largest power of two <= preferred that divides S (so no block runs past the cache
+    and no masked load is needed)."""
+    bs = preferred
+    while s % bs:
+        bs //= 2
+    return bs
+
+
+@functools.partial(jax.jit, static_argnames=("block_s", "interpret"))
+def tree_attention(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ, k_cache_BxSxKxD,
+                   v_cache_BxSxKxD, cache_len_B, *, block_s: int = 128,
+                   interpret: bool = False):
+    """The kernel; same contract and result as `tree_attention_reference` with a cache."""
+    b, t, nq, d = q_BxTxQxD.shape
+    j, nk = k_new_BxJxKxD.shape[1], k_new_BxJxKxD.shape[2]
+    g, s = nq // nk, k_cache_BxSxKxD.shape[1]
+    # GPU (Triton) tiles need power-of-two sides of at least 16: pad the query rows and the
+    # new block; padded keys are masked out and padded rows are sliced off.
+    rows = max(16, pl.next_power_of_2(t * g))
+    jp = max(16, pl.next_power_of_2(j))
+    q_BxKxRxD = q_BxTxQxD.reshape(b, t, nk, g, d).transpose(0, 2, 1, 3, 4).reshape(b, nk, t * g, d)
+    q_BxKxRxD = _pad_to(q_BxKxRxD, 2, rows)
+    mask_BxRxJ = jnp.repeat(block_mask_BxTxJ, g, axis=1).astype(jnp.int32)  # row t*G+g: node t
+    mask_BxRxJ = _pad_to(_pad_to(mask_BxRxJ, 1, rows), 2, jp)
+    k_new = _pad_to(k_new_BxJxKxD, 1, jp)
+    v_new = _pad_to(v_new_BxJxKxD, 1, jp)
+    bs = _block_s(s, block_s)
+
+    kernel = functools.partial(_kernel, block_s=bs, scale=d ** -0.5)
+    sq = pl.Squeezed()
+    whole = pl.BlockSpec(memory_space=pl.ANY)  # left where it is; the kernel reads slices
+    out = pl.pallas_call(
+        kernel,
+        grid=(b, nk),
+        in_specs=[
+            whole,
+            pl.BlockSpec((sq, sq, rows, d), lambda i, k: (i, k, 0, 0)),
+            pl.BlockSpec((sq, jp, sq, d), lambda i, k: (i, 0, k, 0)),
+            pl.BlockSpec((sq, jp, sq, d), lambda i, k: (i, 0, k, 0)),
+            pl.BlockSpec((sq, rows, jp), lambda i, k: (i, 0, 0)),
+            whole,
+            whole,
+        ],
+        out_specs=pl.BlockSpec((sq, sq, rows, d), lambda i, k: (i, k, 0, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, nk, rows, d), q_BxTxQxD.dtype),
+        interpret=interpret,
+        name="tree_attention",
+    )(cache_len_B.astype(jnp.int32), q_BxKxRxD, k_new, v_new, mask_BxRxJ, k_cache_BxSxKxD,
+      v_cache_BxSxKxD)
+    out = out[:, :, : t * g].reshape(b, nk, t, g, d).transpose(0, 2, 1, 3, 4)
+    return out.reshape(b, t, nq, d)

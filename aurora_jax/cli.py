@@ -8,6 +8,7 @@
                          [--draft (scratch|PATH)] [--spec (off|chain|tree)]
                          [--depth D --topk K --num-draft-tokens N]
     aurora-jax learn     --target (builtin|PATH) --workdir DIR [--draft (scratch|PATH)]
+    aurora-jax run       [--config YAML] [--out DIR] [key.sub=value ...]
 
 Errors caused by input (a bad path, a malformed checkpoint, an over-long prompt, a config
 typo) are printed as one line naming the problem, with exit status 2.
@@ -54,23 +55,9 @@ def cmd_prepare(args) -> int:
 
 def _load_pair(args, path: Path):
     """The target, and the draft that --draft names (None for target-only)."""
-    from aurora_jax.models.eagle3 import DraftConfig
-    from aurora_jax.models.eagle3_io import init_draft, load_draft, read_draft_config
-    from aurora_jax.models.hf_io import load_target
+    from aurora_jax.models.eagle3_io import load_pair
 
-    if args.draft in (None, "scratch"):
-        target = load_target(path, dtype=args.dtype)
-        if args.draft is None:
-            return target, None
-        # Day 0: a randomly initialised draft over the target's whole vocabulary.
-        return target, init_draft(DraftConfig.for_target(target.cfg), seed=args.seed,
-                                  dtype=target.dtype, mesh=target.mesh)
-    # The draft says which target layers it reads; the target must return exactly those.
-    aux = read_draft_config(args.draft).aux_layers
-    target = load_target(path, dtype=args.dtype,
-                         cfg_overrides={"aux_layers": tuple(aux)} if aux else None)
-    return target, load_draft(args.draft, target=target.cfg, dtype=target.dtype,
-                              mesh=target.mesh)
+    return load_pair(path, args.draft, dtype=args.dtype, seed=args.seed)
 
 
 def spec_from_args(args):
@@ -300,6 +287,25 @@ def cmd_learn(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from aurora_jax.run.config import RunConfig
+    from aurora_jax.run.job import new_run_dir, run_job
+
+    cfg = RunConfig.load(args.config, args.overrides)
+    target_dir = _target_dir(argparse.Namespace(target=cfg.target, cache_dir=args.cache_dir))
+    out = Path(args.out) if args.out else new_run_dir()
+    print(f"run: writing to {out}", file=sys.stderr)
+    s = run_job(cfg, target_dir, out)
+    f = s["final_window"]
+    print(f"{s['requests']} requests, {s['generated_tokens']} tokens, "
+          f"{s['tokens_per_s']:.1f} tokens/s while serving; final window: acceptance "
+          f"{s['acceptance_length']:.2f}, {s['speedup_vs_target_only']:.2f}x target-only "
+          f"({f.get('spec_tokens_per_s', f['target_only_tokens_per_s']):.1f} vs "
+          f"{f['target_only_tokens_per_s']:.1f} tokens/s); {s['learner_steps']} learner "
+          f"steps, {s['drafts_published']} drafts published. Report: {out}")
+    return 0
+
+
 def cmd_train_draft(args) -> int:
     from aurora_jax.data.tokenizer import Tokenizer
     from aurora_jax.learn.offline import OfflineConfig, read_corpus, train_draft
@@ -388,6 +394,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weight of the rejected-node term (0: plain EAGLE-3)")
     lp.add_argument("--seed", type=int, default=0, help="scratch draft initialisation")
     lp.set_defaults(func=cmd_learn)
+
+    r = sub.add_parser("run", help="serve a traffic scenario while the draft learns online; "
+                                   "writes generations, metrics, a summary and plots")
+    r.add_argument("--config", default=None,
+                   help="YAML run config (default: the built-in defaults, as in "
+                        "configs/default.yaml)")
+    r.add_argument("--out", default=None, help="output directory (default: runs/<time>)")
+    r.add_argument("--cache-dir", default=None, help="where the built-in model lives")
+    r.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides, e.g. scenario.requests=16 learner.enabled=false")
+    r.set_defaults(func=cmd_run)
     return parser
 
 

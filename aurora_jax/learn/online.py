@@ -129,18 +129,28 @@ class OnlineLearner:
         return self.buffer.batch(c.batch_size, c.seq_len, c.trees_per_seq, self.tree_size,
                                  recent=c.held_out, held_out=held_out)
 
+    def ready(self) -> bool:
+        """Enough sequences in the buffer to train (and, for "better", to hold out)."""
+        return len(self.buffer) >= max(self.cfg.min_sequences, self.cfg.held_out + 1)
+
+    def train_step(self) -> None:
+        """One learner step, and a publication attempt every `every_steps` steps. The thread
+        calls this in a loop; a caller that interleaves serving and learning calls it
+        directly."""
+        self.last_metrics = self.learner.step(self._batch())
+        self.steps += 1
+        if self.steps % self.cfg.every_steps == 0:
+            self._maybe_publish()
+
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
                 if self.cfg.max_steps is not None and self.steps >= self.cfg.max_steps:
                     return
-                if len(self.buffer) < max(self.cfg.min_sequences, self.cfg.held_out + 1):
+                if not self.ready():
                     time.sleep(0.01)
                     continue
-                self.last_metrics = self.learner.step(self._batch())
-                self.steps += 1
-                if self.steps % self.cfg.every_steps == 0:
-                    self._maybe_publish()
+                self.train_step()
         except BaseException as e:  # keep serving with the last good draft
             self.error = e
             log.exception("online learner stopped; the engine keeps draft version %d",

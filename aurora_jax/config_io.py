@@ -1,0 +1,85 @@
+"""Typed configs from YAML: nested frozen dataclasses built from plain mappings, with every
+unknown key, wrong type and invalid value reported by its dotted path before anything runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from aurora_jax.errors import ConfigError
+
+
+def from_dict(cls, raw: Any, source: str):
+    """`cls(**raw)` with nested dataclasses built the same way; `source` names the place in
+    errors (a file name, then dotted keys)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"{source}: unknown key {key!r}{hint}")
+        kwargs[key] = _coerce(hints[key], value, f"{source}.{key}")
+    try:
+        return cls(**kwargs)
+    except (ConfigError, ValueError) as e:
+        raise ConfigError(f"{source}: {e}") from e
+
+
+def _coerce(tp, value, where: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}.get(tp)
+    if ok is not None and not ok(value):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def read_yaml(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    return raw or {}
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`key.sub=value` strings (value parsed as YAML) applied onto a nested mapping."""
+    import yaml
+
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. scenario.requests=8)")
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[leaf] = yaml.safe_load(text)
+    return raw

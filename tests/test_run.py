@@ -1,0 +1,137 @@
+"""`aurora-jax run`: a tiny end-to-end run writes every output with consistent numbers; bad
+configs and scenarios fail before anything runs; the adaptive policy follows measured speed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from spec_models import copycat_pair, random_pair, tiny_cfg
+
+from aurora_jax.cli import main
+from aurora_jax.data.scenarios import ScenarioConfig, build_scenario
+from aurora_jax.engine.engine import Engine, Request
+from aurora_jax.engine.utility import AdaptiveConfig, UtilityMonitor
+from aurora_jax.errors import ConfigError
+from aurora_jax.run.config import RunConfig
+from aurora_jax.spec.draft import SpecConfig
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_default_yaml_is_the_built_in_default():
+    assert RunConfig.load(ROOT / "configs" / "default.yaml") == RunConfig()
+
+
+def test_tiny_run_writes_consistent_outputs(llama_16m, tmp_path):
+    out = tmp_path / "run"
+    rc = main(["run", "--out", str(out), f"target={llama_16m}", "scenario.requests=6",
+               "scenario.prompt_tokens=16", "scenario.max_new_tokens=8", "window=2",
+               "max_slots=2", "learner.steps_per_window=2", "learner.every_steps=2",
+               "learner.batch_size=2", "learner.seq_len=16", "learner.trees_per_seq=2",
+               "spec.depth=2", "spec.topk=2", "spec.num_draft_tokens=4",
+               "adaptive.probe_every=2"])
+    assert rc == 0
+    for name in ("generations.jsonl", "metrics.jsonl", "summary.json", "config.json",
+                 "acceptance.png", "throughput.png", "acceptance_by_domain.png"):
+        assert (out / name).stat().st_size > 0, name
+    gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(g["id"] for g in gens) == list(range(6))
+    assert {g["domain"] for g in gens} == {"code", "prose"}
+    assert [g["domain"] for g in sorted(gens, key=lambda g: g["id"])] == ["code"] * 3 + \
+        ["prose"] * 3  # the shift order
+    assert summary["requests"] == 6 and len(metrics) == summary["windows"] == 3
+    tokens = sum(len(g["token_ids"]) for g in gens)
+    assert summary["generated_tokens"] == tokens == sum(m["tokens"] for m in metrics)
+    assert all(1 <= len(g["token_ids"]) <= 8 for g in gens)
+    assert summary["acceptance_length"] >= 1 and all(m["acceptance_length"] >= 1
+                                                     for m in metrics)
+    assert [m["mode"] for m in metrics][:2] == ["spec", "off"]  # both measured first
+    assert summary["final_window"]["greedy_outputs_equal"] is True
+    # Training starts once 3 sequences are in (after window 1): 2 windows x 2 steps.
+    assert summary["learner_steps"] == metrics[-1]["learner_steps"] == 4
+    assert summary["drafts_published"] == 2
+    assert summary["speedup_vs_target_only"] > 0
+
+
+def test_bad_config_or_scenario_fails_before_anything_runs(llama_16m, tmp_path, capsys):
+    out = tmp_path / "never"
+    bad = tmp_path / "s.jsonl"
+    bad.write_text('{"prompt": "x = 1", "domain": "code"}\n{"prompt": "no domain"}\n')
+    typo = tmp_path / "c.yaml"
+    typo.write_text("scenario:\n  requets: 4\n")
+    cases = [
+        ([f"target={llama_16m}", f"scenario.file={bad}", "scenario.domains=[code]"],
+         "s.jsonl:2"),
+        (["scenario.order=sideways"], "scenario order must be one of"),
+        (["--config", str(typo)], "unknown key 'requets' (did you mean 'requests'?)"),
+        (["scenario.domains=[code, poetry]"], "unknown domain(s) ['poetry']"),
+        (["learner.lr=0.1"], "unknown key 'lr'"),
+        (["window"], "expected key=value"),
+    ]
+    for args, message in cases:
+        assert main(["run", "--out", str(out), *args]) == 2
+        assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_scenario_orders_and_files(tmp_path):
+    enc = lambda text: list(range(1, 1 + min(len(text), 50)))  # noqa: E731
+    shift = build_scenario(ScenarioConfig(requests=10, prompt_tokens=20), enc)
+    assert [r.domain for r in shift] == ["code"] * 5 + ["prose"] * 5
+    assert all(1 <= len(r.prompt) <= 20 for r in shift)
+    mixed = build_scenario(ScenarioConfig(requests=10, order="mixed", seed=3), enc)
+    assert sorted(r.domain for r in mixed) == sorted(r.domain for r in shift)
+    assert [r.domain for r in mixed] != [r.domain for r in shift]
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"q{i}", "domain": d}) + "\n"
+                         for i, d in enumerate(["sql", "sql", "chat"])))
+    own = build_scenario(ScenarioConfig(domains=("chat", "sql"), requests=4, file=str(f)), enc)
+    assert [r.domain for r in own] == ["chat", "chat", "sql", "sql"]
+    with pytest.raises(ConfigError, match="no prompts of domain"):
+        build_scenario(ScenarioConfig(domains=("math",), requests=2, file=str(f)), enc)
+
+
+def test_utility_monitor_follows_the_measured_rates():
+    m = UtilityMonitor(AdaptiveConfig(probe_every=4))
+    assert [m.choose(0), m.choose(1)] == ["spec", "off"]
+    m.record("spec", 100, 1.0)
+    m.record("off", 300, 1.0)
+    assert m.speedup == pytest.approx(1 / 3) and m.choose(2) == "off"
+    assert m.choose(4) == "spec"  # a probe window
+    for _ in range(3):  # the draft got good
+        m.record("spec", 900, 1.0)
+    assert m.choose(5) == "spec" and m.choose(8) == "off"
+    assert UtilityMonitor(AdaptiveConfig(enabled=False)).choose(3) == "spec"
+
+
+@pytest.mark.parametrize("pair", ["useless", "copycat"])
+def test_adaptive_policy_turns_speculation_off_and_on_from_measurements(pair):
+    """Measured on real engines: a random draft (nothing accepted) makes speculation slower
+    than the target alone, so the monitor prefers target-only; a draft that copies the
+    target's choices (tau = depth + 1) makes it faster, so it prefers speculation."""
+    cfg = tiny_cfg(eos=())
+    target, draft = (random_pair(cfg, seed=1) if pair == "useless" else copycat_pair(cfg)[:2])
+    rs = np.random.RandomState(0)
+    reqs = [Request(rs.randint(3, 40, size=6).tolist(), 48) for _ in range(4)]
+    engines = {"spec": Engine(target, draft, SpecConfig(mode="chain", depth=6), max_slots=4,
+                              max_len=64, eos_ids=()),
+               "off": Engine(target, draft, SpecConfig(mode="off"), max_slots=4, max_len=64,
+                             eos_ids=())}
+    monitor = UtilityMonitor()
+    for e in engines.values():
+        e.run(reqs)  # compile
+    for _ in range(3):
+        for mode, e in engines.items():
+            run = e.run(reqs)
+            monitor.record(mode, run.generated_tokens, run.decode_s)
+    tau = engines["spec"].run(reqs).acceptance_length
+    print(f"{pair}: tau {tau:.2f}, measured speedup {monitor.speedup:.2f}")
+    if pair == "useless":
+        assert tau < 1.2 and monitor.preferred() == "off"
+    else:
+        assert tau > 5 and monitor.preferred() == "spec"

@@ -295,6 +295,12 @@ def cmd_run(args) -> int:
     target_dir = _target_dir(argparse.Namespace(target=cfg.target, cache_dir=args.cache_dir))
     out = Path(args.out) if args.out else new_run_dir()
     print(f"run: writing to {out}", file=sys.stderr)
+    if args.compare:
+        from aurora_jax.run.compare import run_compare
+
+        run_compare(cfg, target_dir, out)
+        print(f"comparison: {out / 'compare.md'}")
+        return 0
     s = run_job(cfg, target_dir, out)
     f = s["final_window"]
     print(f"{s['requests']} requests, {s['generated_tokens']} tokens, "
@@ -402,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "configs/default.yaml)")
     r.add_argument("--out", default=None, help="output directory (default: runs/<time>)")
     r.add_argument("--cache-dir", default=None, help="where the built-in model lives")
+    r.add_argument("--compare", action="store_true",
+                   help="run the four arms (target-only, static draft, online from scratch, "
+                        "online from the static draft) on the same traffic and compare")
     r.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="config overrides, e.g. scenario.requests=16 learner.enabled=false")
     r.set_defaults(func=cmd_run)

@@ -135,3 +135,16 @@ def test_adaptive_policy_turns_speculation_off_and_on_from_measurements(pair):
         assert tau < 1.2 and monitor.preferred() == "off"
     else:
         assert tau > 5 and monitor.preferred() == "spec"
+
+
+def test_compare_arms_differ_only_in_draft_and_learning(tmp_path):
+    from aurora_jax.run.compare import ARMS, arm_config, static_draft
+
+    cfg = RunConfig(target="/some/ckpt")
+    arms = {a: arm_config(cfg, a, "/drafts/static") for a in ARMS}
+    assert {a: (c.draft, c.learner.enabled) for a, c in arms.items()} == {
+        "target-only": ("none", False), "static": ("/drafts/static", False),
+        "online-scratch": ("scratch", True), "online-static": ("/drafts/static", True)}
+    assert {c.scenario for c in arms.values()} == {cfg.scenario}  # the same traffic
+    with pytest.raises(ConfigError, match="needs compare.static_draft"):
+        static_draft(cfg, tmp_path, tmp_path)

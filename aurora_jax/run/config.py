@@ -51,6 +51,23 @@ class LearnSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class CompareSettings:
+    """`aurora-jax run --compare`: the four arms on the same traffic."""
+
+    static_draft: str | None = None
+    """The static (offline-trained) draft; None: train one on the built-in corpus (built-in
+    target only)."""
+    static_steps: int = 300
+    """Offline steps when the static draft is trained here."""
+    static_seq_len: int = 128
+    """Offline training window."""
+
+    def __post_init__(self):
+        if min(self.static_steps, self.static_seq_len) < 1:
+            raise ConfigError("compare.static_steps and static_seq_len must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """A serve-and-learn run."""
 
@@ -74,6 +91,8 @@ class RunConfig:
     """Online learning."""
     adaptive: AdaptiveConfig = AdaptiveConfig()
     """When to speculate, from measured tokens/s."""
+    compare: CompareSettings = CompareSettings()
+    """Only for --compare."""
 
     def __post_init__(self):
         if self.spec.mode == "off":

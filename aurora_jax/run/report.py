@@ -55,7 +55,8 @@ def plot_run(rows: list[dict], out: Path) -> list[Path]:
             ax.plot(*zip(*pts, strict=True), "o-", label=d)
     ax.set(xlabel="requests served", ylabel="acceptance length",
            title="Acceptance length per domain (speculative windows)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # a target-only run has no speculative window
+        ax.legend(fontsize=8)
     paths.append(_save(fig, out / "acceptance_by_domain.png"))
     return paths
 

@@ -148,3 +148,9 @@ def test_compare_arms_differ_only_in_draft_and_learning(tmp_path):
     assert {c.scenario for c in arms.values()} == {cfg.scenario}  # the same traffic
     with pytest.raises(ConfigError, match="needs compare.static_draft"):
         static_draft(cfg, tmp_path, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["fixture", "llama3.1-8b-instruct", "qwen3-8b"])
+def test_example_configs_load(name):
+    cfg = RunConfig.load(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.spec.mode == "tree" and cfg.learner.enabled

@@ -183,19 +183,19 @@ def save_draft(path: str | Path, draft: Draft, *, dtype: str | None = None) -> P
 
 
 def load_pair(target_dir: str | Path, draft: str | None, *, dtype: str = "float32",
-              seed: int = 0):
-    """(target, draft) for serving: `draft` is None (target only), "scratch" (a random draft
-    over the target's whole vocabulary: day 0) or an EAGLE-3 directory, whose recorded aux
-    layers the target is loaded to return."""
+              seed: int = 0, mesh=None):
+    """(target, draft) for serving on `mesh` (default one device): `draft` is None (target
+    only), "scratch" (a random draft over the target's whole vocabulary: day 0) or an EAGLE-3
+    directory, whose recorded aux layers the target is loaded to return."""
     from aurora_jax.models.hf_io import load_target
 
     if draft in (None, "scratch"):
-        target = load_target(target_dir, dtype=dtype)
+        target = load_target(target_dir, dtype=dtype, mesh=mesh)
         if draft is None:
             return target, None
         return target, init_draft(DraftConfig.for_target(target.cfg), seed=seed,
                                   dtype=target.dtype, mesh=target.mesh)
     aux = read_draft_config(draft).aux_layers
-    target = load_target(target_dir, dtype=dtype,
+    target = load_target(target_dir, dtype=dtype, mesh=mesh,
                          cfg_overrides={"aux_layers": tuple(aux)} if aux else None)
     return target, load_draft(draft, target=target.cfg, dtype=target.dtype, mesh=target.mesh)

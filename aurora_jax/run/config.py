@@ -77,6 +77,8 @@ class RunConfig:
     """"scratch" (random, day 0), an EAGLE-3 directory, or "none" (target only)."""
     dtype: str = "float32"
     """Parameter dtype."""
+    tp: int = 1
+    """Tensor-parallel degree: the target is split over this many local devices."""
     max_slots: int = 8
     """Requests served at once."""
     window: int = 8
@@ -99,8 +101,8 @@ class RunConfig:
             raise ConfigError("spec.mode must be chain or tree (target-only is draft: none)")
         if self.draft == "none" and self.learner.enabled:
             raise ConfigError("draft: none serves target-only; set learner.enabled: false")
-        if min(self.max_slots, self.window) < 1:
-            raise ConfigError("max_slots and window must be >= 1")
+        if min(self.max_slots, self.window, self.tp) < 1:
+            raise ConfigError("max_slots, window and tp must be >= 1")
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

@@ -34,6 +34,7 @@ from aurora_jax.learn.learner import DEFAULT_OPTIMIZER, Learner
 from aurora_jax.learn.losses import LossConfig
 from aurora_jax.learn.online import EnginePublisher, OnlineConfig, OnlineLearner
 from aurora_jax.models.eagle3_io import load_pair
+from aurora_jax.models.sharding import make_mesh
 from aurora_jax.run.config import RunConfig
 from aurora_jax.spec.draft import SpecConfig
 
@@ -69,8 +70,9 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
     stream = build_scenario(cfg.scenario, tok.encode)  # bad scenario input fails here, early
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    mesh = make_mesh(tp=cfg.tp) if cfg.tp > 1 else None
     target, draft = load_pair(target_dir, None if cfg.draft == "none" else cfg.draft,
-                              dtype=cfg.dtype, seed=cfg.seed)
+                              dtype=cfg.dtype, seed=cfg.seed, mesh=mesh)
     eos = tuple(dict.fromkeys(target.cfg.eos_token_ids + tok.eos_ids))
     max_len = max(len(r.prompt) for r in stream) + cfg.scenario.max_new_tokens
     buffer = TraceBuffer()

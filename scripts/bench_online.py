@@ -10,10 +10,11 @@ Arms, all on one target and the same held-out evaluation prompts:
   (d) the same as (c) with lambda_discard = 0 (no rejected-node term), on the same requests
       and the same number of learner steps.
 Rounds are synchronous (serve, then learn), so the comparison of (c) and (d) does not depend
-on how the two threads would share this machine's cores. Reported per arm: acceptance length
-(tau) and tokens/s on the held-out prompts (greedy, stop tokens ignored, every request makes
---new-tokens), tokens/s relative to target-only measured in the same run, and for the online
-arms tau on the served traffic per round (the learning curve).
+on how the two threads would share this machine's cores. At the end every arm is evaluated
+interleaved on the held-out prompts (greedy, stop tokens ignored, every request makes
+--new-tokens): acceptance length (tau), tokens/s and its ratio to target-only; plus tau on
+the last round of training traffic, and for the online arms tau per round as served (the
+learning curve). The online drafts are saved beside the JSON.
 
     python scripts/bench_online.py --target ../shared/fixtures/llama-code-16m \\
         --offline-draft runs/offline/draft
@@ -38,21 +39,29 @@ from aurora_jax.learn.buffer import TraceAssembler, TraceBuffer
 from aurora_jax.learn.learner import DEFAULT_OPTIMIZER, Learner
 from aurora_jax.learn.losses import LossConfig
 from aurora_jax.models.eagle3 import DraftConfig
-from aurora_jax.models.eagle3_io import init_draft, load_draft, read_draft_config
+from aurora_jax.models.eagle3_io import init_draft, load_draft, read_draft_config, save_draft
 from aurora_jax.models.hf_io import load_target
 from aurora_jax.spec.draft import SpecConfig
 
 
-def evaluate(target, draft, spec, prompts, new_tokens, repeats, slots):
-    """Median tokens/s and tau of `draft` (None: target-only) on the evaluation prompts."""
-    engine = Engine(target, draft, spec if draft is not None else SpecConfig(mode="off"),
-                    max_slots=slots, max_len=len(prompts[0]) + new_tokens, eos_ids=())
+def evaluate(target, drafts: dict, spec, prompts, traffic, new_tokens, repeats, slots):
+    """Every arm on the held-out prompts, interleaved (each repeat runs all arms in turn, so
+    machine noise hits them alike): median tokens/s and tau; plus tau on `traffic`."""
+    engines = {name: Engine(target, d, spec if d is not None else SpecConfig(mode="off"),
+                            max_slots=slots, max_len=len(prompts[0]) + new_tokens, eos_ids=())
+               for name, d in drafts.items()}
     reqs = [Request(p, new_tokens) for p in prompts]
-    engine.run(reqs)  # compile
-    runs = [engine.run(reqs) for _ in range(repeats)]
-    return {"tokens_per_s": statistics.median(r.tokens_per_s for r in runs),
-            "acceptance_length": runs[-1].acceptance_length or 1.0,
-            "outputs": [r.token_ids for r in runs[-1].results]}
+    runs = {name: [e.run(reqs)] for name, e in engines.items()}  # compile
+    for _ in range(repeats):
+        for name, e in engines.items():
+            runs[name].append(e.run(reqs))
+    served = [Request(p, new_tokens) for p in traffic]
+    return {name: {"tokens_per_s": statistics.median(r.tokens_per_s for r in rs[1:]),
+                   "acceptance_length": rs[-1].acceptance_length or 1.0,
+                   "traffic_acceptance_length": engines[name].run(served).acceptance_length
+                   or 1.0,
+                   "outputs": [r.token_ids for r in rs[-1].results]}
+            for name, rs in runs.items()}
 
 
 def online(target, spec, loss: LossConfig, traffic, args):
@@ -116,42 +125,43 @@ def main() -> None:
     eval_prompts = stdlib_code_prompts(target_dir, tok, args.eval_prompts, args.prompt_tokens)
     traffic = stdlib_traffic_prompts(target_dir, tok, args.rounds * args.round_requests,
                                      args.prompt_tokens, seed=args.seed)
-    results, curves, learn = {}, {}, {}
-    ev = lambda d: evaluate(target, d, spec, eval_prompts, args.new_tokens, args.repeats,
-                          args.eval_batch)  # noqa: E731
-    print("target-only", flush=True)
-    results["target-only"] = ev(None)
-    print("(a) random draft", flush=True)
-    results["random"] = ev(init_draft(DraftConfig.for_target(target.cfg), seed=args.seed))
+    drafts, curves, learn = {"target-only": None}, {}, {}
+    drafts["random"] = init_draft(DraftConfig.for_target(target.cfg), seed=args.seed)
     if args.offline_draft:
         aux = read_draft_config(args.offline_draft).aux_layers
         if aux and tuple(aux) != target.cfg.resolved_aux_layers:
             raise SystemExit(f"the offline draft reads aux layers {aux}, the target gives "
                              f"{target.cfg.resolved_aux_layers}")
-        print("(b) offline draft", flush=True)
-        results["offline"] = ev(load_draft(args.offline_draft, target=target.cfg))
+        drafts["offline"] = load_draft(args.offline_draft, target=target.cfg)
+    out = Path(args.out)
     for name, lam in (("online", args.lambda_discard), ("online-no-discard", 0.0)):
         print(f"({'c' if lam else 'd'}) {name}, lambda_discard={lam}", flush=True)
         loss = LossConfig(ttt_steps=args.ttt_steps, lambda_discard=lam, tree_depth=spec.depth)
-        draft, curves[name], learn[name] = online(target, spec, loss, traffic, args)
-        results[name] = ev(draft)
+        drafts[name], curves[name], learn[name] = online(target, spec, loss, traffic, args)
+        save_draft(out.parent / f"{out.stem}_drafts" / name, drafts[name])
+    print("evaluating every arm, interleaved", flush=True)
+    last_round = traffic[-args.round_requests:]
+    results = evaluate(target, drafts, spec, eval_prompts, last_round, args.new_tokens,
+                       args.repeats, args.eval_batch)
 
     ref = results["target-only"]
     for name, r in results.items():
         if r["outputs"] != ref["outputs"]:
             raise SystemExit(f"{name}: greedy outputs differ from target-only (a bug)")
     rows = [{"arm": name, "acceptance_length": round(r["acceptance_length"], 3),
+             "traffic_acceptance_length": round(r["traffic_acceptance_length"], 3),
              "tokens_per_s": round(r["tokens_per_s"], 1),
              "vs_target_only": round(r["tokens_per_s"] / ref["tokens_per_s"], 3)}
             for name, r in results.items()]
-    print("\n| arm | tau (held-out) | tok/s | vs target-only |\n|---|---:|---:|---:|")
+    print("\n| arm | tau held-out | tau last traffic round | tok/s | vs target-only |\n"
+          "|---|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['arm']} | {row['acceptance_length']:.2f} | {row['tokens_per_s']:.1f} | "
+        print(f"| {row['arm']} | {row['acceptance_length']:.2f} | "
+              f"{row['traffic_acceptance_length']:.2f} | {row['tokens_per_s']:.1f} | "
               f"{row['vs_target_only']:.2f}x |")
     for name, c in curves.items():
         print(f"{name}: served tau by round "
               + " ".join(f"{x['served_tau']:.2f}" for x in c))
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "args": vars(args), "spec": dataclasses.asdict(spec), "rows": rows, "curves": curves,

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import difflib
 import io
 import json
 import os
@@ -33,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from aurora_jax import config_io
 from aurora_jax.errors import ConfigError
 
 ENV_CACHE = "AURORA_JAX_CACHE"
@@ -129,33 +129,11 @@ class PrepareConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "prepare config") -> PrepareConfig:
         """Validated construction; unknown keys and wrong types raise ConfigError."""
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: expected a mapping of settings, got {type(raw).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in raw.items():
-            if key not in fields:
-                near = difflib.get_close_matches(str(key), fields, n=1)
-                hint = f" (did you mean {near[0]!r}?)" if near else ""
-                raise ConfigError(f"{source}: unknown key {key!r}{hint}")
-            kwargs[key] = _coerce(source, key, fields[key].type, value)
-        try:
-            return cls(**kwargs)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from e
+        return config_io.from_dict(cls, raw, source)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PrepareConfig:
-        import yaml
-
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e}") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from e
-        return cls.from_dict(raw or {}, source=str(path))
+        return cls.from_dict(config_io.read_yaml(path), source=str(path))
 
     def target_config(self, vocab_size: int):
         """The TargetConfig of the model this recipe trains, for a tokenizer of `vocab_size`."""
@@ -168,15 +146,6 @@ class PrepareConfig:
             rope_theta=self.rope_theta, max_position_embeddings=self.max_position_embeddings,
             tie_word_embeddings=self.tie_word_embeddings, bos_token_id=BOS_ID,
             eos_token_ids=(EOS_ID,), pad_token_id=PAD_ID)
-
-
-def _coerce(source: str, key: str, type_name: str, value):
-    ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          "bool": lambda v: isinstance(v, bool)}[type_name]
-    if not ok(value):
-        raise ConfigError(f"{source}: {key} must be {type_name}, got {value!r}")
-    return float(value) if type_name == "float" else value
 
 
 # ------------------------------------------------------------------------------- locations

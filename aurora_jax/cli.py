@@ -71,20 +71,11 @@ def spec_from_args(args):
 def read_prompts_file(path: str) -> list[dict]:
     """JSONL, one object per line with a "prompt" string and optional "id" and "domain";
     a bad line is reported with its number before anything runs."""
+    from aurora_jax.data.prompts import read_jsonl
     from aurora_jax.errors import ConfigError
 
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise ConfigError(f"cannot read prompts file {path}: {e.strerror}") from e
     out = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+    for n, obj in read_jsonl(path, "prompts file"):
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise ConfigError(f'{path}:{n}: expected an object with a "prompt" string')
         unknown = set(obj) - {"prompt", "id", "domain"}

@@ -44,13 +44,13 @@ def _coerce(tp, value, where: str):
         return from_dict(tp, value, where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where} must be a list, got {value!r}")
         return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
     ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
           float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
           bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}.get(tp)
     if ok is not None and not ok(value):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
     return float(value) if tp is float else value
 
 

@@ -12,6 +12,23 @@ from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.errors import ConfigError
 
 
+def read_jsonl(path: str | Path, what: str) -> list[tuple[int, object]]:
+    """(line number, parsed object) of each non-blank line; an unreadable file or a line that
+    is not JSON raises ConfigError naming `path:line`."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from e
+    out = []
+    for n, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                out.append((n, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+    return out
+
+
 def _held_out_names(model_dir: Path) -> list[str]:
     """The stdlib files a checkpoint's held_out_files.json says it never trained on."""
     held = Path(model_dir) / "held_out_files.json"

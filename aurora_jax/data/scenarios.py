@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from aurora_jax.data.corpus import held_out_code_files, held_out_prose_topics, prose_topics
+from aurora_jax.data.prompts import read_jsonl
 from aurora_jax.errors import ConfigError
 
 BUILTIN_DOMAINS = ("code", "prose")
@@ -99,18 +100,8 @@ def builtin_texts(domain: str) -> list[str]:
 
 def read_scenario_file(path: str) -> dict[str, list[str]]:
     """Prompts by domain from a JSONL file; a bad line is reported with its number."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise ConfigError(f"cannot read scenario file {path}: {e.strerror}") from e
     out: dict[str, list[str]] = {}
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+    for n, obj in read_jsonl(path, "scenario file"):
         if (not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str)
                 or not isinstance(obj.get("domain"), str)):
             raise ConfigError(f'{path}:{n}: expected an object with "prompt" and "domain" '

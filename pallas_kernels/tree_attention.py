@@ -71,6 +71,8 @@ def _kernel(cache_len_ref, q_ref, k_new_ref, v_new_ref, mask_ref, k_cache_ref, v
     f32 = jnp.float32
     q_RxD = q_ref[...]
     rows, d = q_RxD.shape
+    # fp32 inputs get fp32 products (a GPU would otherwise use TF32 tensor cores).
+    precision = jax.lax.Precision.HIGHEST if q_RxD.dtype == jnp.float32 else None
 
     def fold(carry, s_RxC, visible_RxC, v_CxD):
         """Online softmax: merge one block of scores into (max, sum, accumulator)."""
@@ -80,12 +82,12 @@ def _kernel(cache_len_ref, q_ref, k_new_ref, v_new_ref, mask_ref, k_cache_ref, v
         p_RxC = jnp.where(visible_RxC, jnp.exp(s_RxC - m_new[:, None]), 0.0)
         alpha = jnp.exp(m_R - m_new)
         pv = jax.lax.dot_general(p_RxC.astype(v_CxD.dtype), v_CxD, (((1,), (0,)), ((), ())),
-                                 preferred_element_type=f32)
+                                 precision=precision, preferred_element_type=f32)
         return m_new, alpha * l_R + p_RxC.sum(axis=1), alpha[:, None] * acc_RxD + pv
 
     def scores(k_CxD):
         return jax.lax.dot_general(q_RxD, k_CxD, (((1,), (1,)), ((), ())),
-                                   preferred_element_type=f32) * scale
+                                   precision=precision, preferred_element_type=f32) * scale
 
     cache_len = cache_len_ref[b]
 

@@ -17,13 +17,17 @@ def plot_run(rows: list[dict], out: Path) -> list[Path]:
     spec = [r["mode"] == "spec" for r in rows]
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(req, [r["acceptance_length"] for r in rows], "-", color="0.7", zorder=1)
-    ax.scatter([x for x, s in zip(req, spec, strict=True) if s],
-               [r["acceptance_length"] for r in rows if r["mode"] == "spec"],
-               label="speculative window", zorder=2)
+    ax.plot([x for x, s in zip(req, spec, strict=True) if s],
+            [r["acceptance_length"] for r in rows if r["mode"] == "spec"], "o-",
+            label="served, speculative windows", zorder=2)
     if r_off := [r for r in rows if r["mode"] == "off"]:
         ax.scatter([r["requests"] for r in r_off], [1.0] * len(r_off), marker="x",
-                   color="C3", label="target-only window (tau 1)", zorder=2)
+                   color="C3", label="target-only windows (tau 1)", zorder=2)
+    sim = [(r["requests"], r["learner_sim_acceptance"]) for r in rows
+           if r.get("learner_sim_acceptance")]
+    if sim:
+        ax.plot(*zip(*sim, strict=True), "--", color="0.5",
+                label="learner's simulated chain tau", zorder=1)
     ax.set(xlabel="requests served", ylabel="acceptance length (tokens/step)",
            title="Acceptance length while the draft learns")
     ax.legend(fontsize=8)

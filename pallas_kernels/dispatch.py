@@ -1,11 +1,12 @@
 """One place that decides, per call site, whether a kernel or its jnp reference runs.
 
 Implementations (a model config's `attention` field):
-  "auto"       the Pallas kernel where it has been built for the backend (GPU), the jnp
-               reference elsewhere (CPU; TPU until a Mosaic variant of the kernel exists)
+  "auto"       the Pallas kernel on GPU (tree_attention.py, lowered through Triton) and TPU
+               (tree_attention_tpu.py, Mosaic; for head_dim % 128 == 0, else the reference),
+               the jnp reference elsewhere (CPU)
   "reference"  always the jnp reference
-  "pallas"     always the kernel (fails to lower on a backend it does not support)
-  "interpret"  the kernel in Pallas interpret mode: runs anywhere, slowly; for tests on CPU
+  "pallas"     the kernel for the backend, even where "auto" would not pick it
+  "interpret"  the GPU-style kernel in Pallas interpret mode: runs anywhere, slowly; for tests
 The kernel covers attention against a KV cache (decode, tree verification, drafting). Calls
 without a cache (training, which needs gradients the kernel does not define, and prefill from
 an empty cache) always take the reference.
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 import jax
 
+from pallas_kernels import tree_attention_tpu as tpu
 from pallas_kernels.tree_attention import tree_attention, tree_attention_reference
 
 IMPLEMENTATIONS = ("auto", "reference", "pallas", "interpret")
-KERNEL_BACKENDS = ("gpu",)
+KERNEL_BACKENDS = ("gpu", "tpu")
 
 
 def check_impl(impl: str) -> str:
@@ -40,11 +42,16 @@ def attention(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
               impl: str = "auto"):
     """Grouped-query attention of T new queries against a cache prefix (< cache_len) and J
     new keys under `block_mask`; see tree_attention.py for the contract."""
-    how = resolve(impl)
-    if how == "reference" or k_cache_BxSxKxD is None:
+    how = "reference" if k_cache_BxSxKxD is None else resolve(impl)
+    on_tpu = how == "pallas" and jax.default_backend() == "tpu"
+    if on_tpu and not tpu.supported(q_BxTxQxD.shape[-1], k_cache_BxSxKxD.shape[1]):
+        how = "reference"
+    if how == "reference":
         return tree_attention_reference(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD,
                                         block_mask_BxTxJ, k_cache_BxSxKxD, v_cache_BxSxKxD,
                                         cache_len_B)
-    return tree_attention(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
-                          k_cache_BxSxKxD, v_cache_BxSxKxD, cache_len_B,
-                          interpret=how == "interpret")
+    args = (q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ, k_cache_BxSxKxD,
+            v_cache_BxSxKxD, cache_len_B)
+    if on_tpu:
+        return tpu.tree_attention_tpu(*args)
+    return tree_attention(*args, interpret=how == "interpret")

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from aurora_jax.spec.tree import ancestor_mask
-from pallas_kernels.tree_attention import tree_attention, tree_attention_reference
+from pallas_kernels.dispatch import attention
+from pallas_kernels.tree_attention import tree_attention_reference
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -100,7 +101,10 @@ def main() -> None:
         nq, nk, d, repeats = args.q_heads, args.kv_heads, args.head_dim, args.repeats
     dtype = jnp.dtype(args.dtype)
     impls = {
-        "kernel": jax.jit(lambda *a: tree_attention(*a, interpret=interpret)),
+        # The backend's kernel (Triton on GPU, Mosaic on TPU) through the dispatch function;
+        # the GPU-style kernel in interpret mode on CPU.
+        "kernel": jax.jit(lambda *a: attention(*a, impl="interpret" if interpret
+                                               else "pallas")),
         "reference": jax.jit(tree_attention_reference),
         "xla_dpa": jax.jit(xla_attention),
     }

@@ -18,6 +18,7 @@ from aurora_jax.spec.draft import SpecConfig
 from aurora_jax.spec.tree import ancestor_mask
 from pallas_kernels.dispatch import attention, resolve
 from pallas_kernels.tree_attention import tree_attention, tree_attention_reference
+from pallas_kernels.tree_attention_tpu import tree_attention_tpu
 
 
 def test_interpret_mode_poisons_outputs():
@@ -61,13 +62,19 @@ CASES = [  # b, t, j, q heads, kv heads, d, s, tree, cache lengths, block_s
 ]
 
 
+KERNELS = {"gpu-style": tree_attention, "tpu": tree_attention_tpu}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[7]}-{c[2]}x{c[6]}" for c in CASES])
-def test_kernel_equals_reference(case, dtype):
+def test_kernel_equals_reference(case, dtype, kernel):
+    """Both kernels (the GPU-style one in Pallas interpret mode, the TPU one in the TPU
+    interpret mode, which also simulates its HBM-to-VMEM copies)."""
     b, t, j, nq, nk, d, s, tree, lens, block_s = case
     rs = np.random.RandomState(CASES.index(case) + (100 if dtype == "bfloat16" else 0))
     args = _inputs(rs, b, t, j, nq, nk, d, s, jnp.dtype(dtype), tree, lens)
-    out = tree_attention(*args, block_s=block_s, interpret=True)
+    out = KERNELS[kernel](*args, block_s=block_s, interpret=True)
     ref = tree_attention_reference(*args)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
@@ -78,16 +85,18 @@ def test_kernel_equals_reference(case, dtype):
         np.testing.assert_allclose(out, ref, rtol=1e-2, atol=1e-2)
 
 
-def test_kernel_sees_only_the_prefix_below_cache_len():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernel_sees_only_the_prefix_below_cache_len(kernel):
     """Slots at or above cache_len must not matter: filling them with huge values changes
     nothing (the kernel never reads a block entirely beyond the length)."""
     rs = np.random.RandomState(3)
     args = list(_inputs(rs, 2, 5, 5, 4, 2, 16, 64, jnp.float32, "wide", [10, 33]))
-    base = tree_attention(*args, block_s=8, interpret=True)
+    fn = KERNELS[kernel]
+    base = fn(*args, block_s=8, interpret=True)
     pos = jnp.arange(64)[None, :, None, None]
     for i in (4, 5):
         args[i] = jnp.where(pos >= args[6][:, None, None, None], 1e4, args[i])
-    np.testing.assert_array_equal(tree_attention(*args, block_s=8, interpret=True), base)
+    np.testing.assert_array_equal(fn(*args, block_s=8, interpret=True), base)
 
 
 def test_dispatch_picks_the_reference_on_cpu_and_without_a_cache():
@@ -145,16 +154,15 @@ def test_kernel_benchmark_runs_on_cpu_in_interpret_mode(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_compiled_kernel_equals_reference_on_gpu(dtype):
-    """On a GPU the kernel compiles (Triton) and matches the reference at a realistic shape:
-    head_dim 128, 32 query and 8 KV heads, a 64-node tree, ragged caches up to 4k."""
-    if jax.default_backend() != "gpu":
-        pytest.skip("the compiled kernel targets GPUs (TPU uses the reference for now)")
+def test_compiled_kernel_equals_reference_on_an_accelerator(dtype):
+    """On a GPU (Triton) or TPU (Mosaic) the backend's kernel compiles and matches the
+    reference at a realistic shape: head_dim 128, 32 query and 8 KV heads, a 64-node tree,
+    ragged caches up to 4k."""
     rs = np.random.RandomState(11)
     args = _inputs(rs, 4, 64, 64, 32, 8, 128, 4096, jnp.dtype(dtype), "wide",
                    [4096, 1, 1000, 3000])
     with jax.default_matmul_precision("highest"):  # the reference in true fp32, not TF32
-        out = np.asarray(tree_attention(*args), np.float32)
+        out = np.asarray(attention(*args, impl="pallas"), np.float32)
         ref = np.asarray(tree_attention_reference(*args), np.float32)
     tol = 1e-5 if dtype == "float32" else 1e-2
     np.testing.assert_allclose(out, ref, rtol=tol, atol=tol)

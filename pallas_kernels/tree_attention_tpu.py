@@ -1,0 +1,129 @@
+"""Tree-verification attention for TPU (Mosaic): the same contract and result as
+tree_attention.py (see there), laid out the way TPU Pallas pipelines memory.
+
+Grid (B, K, S / block_s), the last dimension sequential: each step brings one cache block of
+one (sequence, KV head) from HBM into VMEM, and an online softmax in VMEM scratch (running max,
+sum and float32 accumulator over the group's T * G query rows) folds it in. The sequence
+lengths are scalar-prefetched, so the block index map clamps every block past a sequence's
+length to its last valid block: Pallas skips the copy of a block index it already holds, and
+`pl.when` skips the compute, so a short sequence costs only its own blocks. The tree block and
+the output are handled at the last step.
+
+TPU tiles need their last two block dimensions divisible by (8, 128): the cache is viewed as
+[B, S, K * D] (a free reshape) and read in [block_s, D] tiles, which needs D % 128 == 0 and
+block_s % 8 == 0; `supported` says whether a shape qualifies (dispatch falls back to the
+reference otherwise).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.tree_attention import _NEG, _block_s, _pad_to
+
+
+def supported(head_dim: int, cache_len: int, block_s: int = 512) -> bool:
+    return head_dim % 128 == 0 and _block_s(cache_len, block_s) % 8 == 0
+
+
+def _kernel(lens_ref, q_ref, k_new_ref, v_new_ref, mask_ref, k_ref, v_ref, o_ref,
+            m_ref, l_ref, acc_ref, *, block_s: int, scale: float):
+    """Refs: lens [B] (SMEM), q [R, D], k_new/v_new [Jp, D], mask [R, Jp], this step's
+    cache tiles k/v [block_s, D], out [R, D]; scratch m, l [R, 1] and acc [R, D] (f32)."""
+    b, i = pl.program_id(0), pl.program_id(2)
+    f32 = jnp.float32
+    precision = jax.lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
+
+    def fold(s_RxC, visible_RxC, v_CxD):
+        m_prev, l_prev = m_ref[...], l_ref[...]
+        s_RxC = jnp.where(visible_RxC, s_RxC, _NEG)
+        m_new = jnp.maximum(m_prev, s_RxC.max(axis=1, keepdims=True))
+        p_RxC = jnp.where(visible_RxC, jnp.exp(s_RxC - m_new), 0.0)
+        alpha = jnp.exp(m_prev - m_new)
+        m_ref[...] = m_new
+        l_ref[...] = alpha * l_prev + p_RxC.sum(axis=1, keepdims=True)
+        acc_ref[...] = alpha * acc_ref[...] + jax.lax.dot_general(
+            p_RxC.astype(v_CxD.dtype), v_CxD, (((1,), (0,)), ((), ())),
+            precision=precision, preferred_element_type=f32)
+
+    def scores(k_CxD):
+        return jax.lax.dot_general(q_ref[...], k_CxD, (((1,), (1,)), ((), ())),
+                                   precision=precision, preferred_element_type=f32) * scale
+
+    @pl.when(i == 0)
+    def _init():
+        m_ref[...] = jnp.full(m_ref.shape, _NEG, f32)
+        l_ref[...] = jnp.zeros(l_ref.shape, f32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, f32)
+
+    length = lens_ref[b]
+
+    @pl.when(i * block_s < length)
+    def _prefix():
+        rows = q_ref.shape[0]
+        slot = i * block_s + jax.lax.broadcasted_iota(jnp.int32, (rows, block_s), 1)
+        fold(scores(k_ref[...]), slot < length, v_ref[...])
+
+    @pl.when(i == pl.num_programs(2) - 1)
+    def _tree_and_out():
+        fold(scores(k_new_ref[...]), mask_ref[...] != 0, v_new_ref[...])
+        total = l_ref[...]
+        o_ref[...] = (acc_ref[...] / jnp.where(total == 0, 1.0, total)).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_s", "interpret"))
+def tree_attention_tpu(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
+                       k_cache_BxSxKxD, v_cache_BxSxKxD, cache_len_B, *, block_s: int = 512,
+                       interpret: bool = False):
+    """The TPU kernel; `interpret=True` runs it in the TPU interpret mode (on CPU)."""
+    b, t, nq, d = q_BxTxQxD.shape
+    j, nk = k_new_BxJxKxD.shape[1], k_new_BxJxKxD.shape[2]
+    g, s = nq // nk, k_cache_BxSxKxD.shape[1]
+    rows = -(-t * g // 8) * 8
+    jp = -(-j // 8) * 8
+    bs = _block_s(s, block_s)
+    q = q_BxTxQxD.reshape(b, t, nk, g, d).transpose(0, 2, 1, 3, 4).reshape(b, nk, t * g, d)
+    q = _pad_to(q, 2, rows)
+    mask = jnp.repeat(block_mask_BxTxJ, g, axis=1).astype(jnp.int32)
+    mask = _pad_to(_pad_to(mask, 1, rows), 2, jp)
+    k_new = _pad_to(k_new_BxJxKxD, 1, jp).reshape(b, jp, nk * d)
+    v_new = _pad_to(v_new_BxJxKxD, 1, jp).reshape(b, jp, nk * d)
+    k_cache = k_cache_BxSxKxD.reshape(b, s, nk * d)
+    v_cache = v_cache_BxSxKxD.reshape(b, s, nk * d)
+
+    def cache_block(bi, ki, si, lens):
+        last = jnp.maximum(pl.cdiv(lens[bi], bs) - 1, 0)
+        return bi, jnp.minimum(si, last), ki  # past the length: the block already held
+
+    sq = pl.Squeezed()
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1,
+        grid=(b, nk, s // bs),
+        in_specs=[
+            pl.BlockSpec((sq, sq, rows, d), lambda bi, ki, si, lens: (bi, ki, 0, 0)),
+            pl.BlockSpec((sq, jp, d), lambda bi, ki, si, lens: (bi, 0, ki)),
+            pl.BlockSpec((sq, jp, d), lambda bi, ki, si, lens: (bi, 0, ki)),
+            pl.BlockSpec((sq, rows, jp), lambda bi, ki, si, lens: (bi, 0, 0)),
+            pl.BlockSpec((sq, bs, d), cache_block),
+            pl.BlockSpec((sq, bs, d), cache_block),
+        ],
+        out_specs=pl.BlockSpec((sq, sq, rows, d), lambda bi, ki, si, lens: (bi, ki, 0, 0)),
+        scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
+                        pltpu.VMEM((rows, d), jnp.float32)],
+    )
+    out = pl.pallas_call(
+        functools.partial(_kernel, block_s=bs, scale=d ** -0.5),
+        grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct((b, nk, rows, d), q_BxTxQxD.dtype),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=pltpu.InterpretParams() if interpret else False,
+        name="tree_attention_tpu",
+    )(cache_len_B.astype(jnp.int32), q, k_new, v_new, mask, k_cache, v_cache)
+    out = out[:, :, : t * g].reshape(b, nk, t, g, d).transpose(0, 2, 1, 3, 4)
+    return out.reshape(b, t, nq, d)

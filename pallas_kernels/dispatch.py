@@ -10,17 +10,29 @@ Implementations (a model config's `attention` field):
 The kernel covers attention against a KV cache (decode, tree verification, drafting). Calls
 without a cache (training, which needs gradients the kernel does not define, and prefill from
 an empty cache) always take the reference.
+
+Before "auto" first picks a kernel on a backend, it compiles and runs it once on a small
+problem against the reference; a kernel that fails to lower or disagrees (a jax version whose
+Pallas backend changed, say) is logged and the reference is used instead, so serving never
+depends on an untested lowering.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import tree_attention_tpu as tpu
 from pallas_kernels.tree_attention import tree_attention, tree_attention_reference
 
 IMPLEMENTATIONS = ("auto", "reference", "pallas", "interpret")
 KERNEL_BACKENDS = ("gpu", "tpu")
+
+log = logging.getLogger(__name__)
 
 
 def check_impl(impl: str) -> str:
@@ -34,7 +46,33 @@ def resolve(impl: str) -> str:
     """"auto" made concrete for the default backend: "pallas" or "reference"."""
     if check_impl(impl) != "auto":
         return impl
-    return "pallas" if jax.default_backend() in KERNEL_BACKENDS else "reference"
+    backend = jax.default_backend()
+    return "pallas" if backend in KERNEL_BACKENDS and kernel_works(backend) else "reference"
+
+
+@functools.cache
+def kernel_works(backend: str) -> bool:
+    """The backend's kernel, compiled and run on a small ragged problem, equals the
+    reference (checked once per process)."""
+    rs = np.random.RandomState(0)
+    b, t, nq, nk, d, s = 2, 8, 4, 2, 128, 256
+    f = lambda *shape: jnp.asarray(rs.randn(*shape), jnp.float32)  # noqa: E731
+    args = (f(b, t, nq, d), f(b, t, nk, d), f(b, t, nk, d),
+            jnp.tril(jnp.ones((t, t), bool))[None].repeat(b, 0), f(b, s, nk, d),
+            f(b, s, nk, d), jnp.asarray([s, 37], jnp.int32))
+    try:
+        with jax.default_matmul_precision("highest"):
+            kernel = (tpu.tree_attention_tpu(*args) if backend == "tpu"
+                      else tree_attention(*args))
+            ref = tree_attention_reference(*args)
+        err = float(jnp.max(jnp.abs(kernel - ref)))
+        if not err < 1e-4:
+            raise ValueError(f"max error {err:.3g} against the reference")
+    except Exception as e:  # noqa: BLE001 (any failure: serve with the reference)
+        log.warning("the Pallas tree-attention kernel does not work on %s (%s: %s); "
+                    "using the jnp reference", backend, type(e).__name__, e)
+        return False
+    return True
 
 
 def attention(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,

@@ -99,6 +99,19 @@ def test_kernel_sees_only_the_prefix_below_cache_len(kernel):
     np.testing.assert_array_equal(fn(*args, block_s=8, interpret=True), base)
 
 
+def test_auto_falls_back_to_the_reference_when_the_kernel_cannot_run(caplog):
+    """"auto" checks a kernel once before using it; on a backend where it cannot lower (here:
+    the compiled kernel on CPU) it logs why and serves with the reference."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("needs a backend the compiled kernel does not support")
+    from pallas_kernels.dispatch import kernel_works
+
+    kernel_works.cache_clear()
+    with caplog.at_level("WARNING"):
+        assert kernel_works("gpu") is False
+    assert "using the jnp reference" in caplog.text
+
+
 def test_dispatch_picks_the_reference_on_cpu_and_without_a_cache():
     assert resolve("auto") == ("pallas" if jax.default_backend() == "gpu" else "reference")
     with pytest.raises(ValueError, match="attention implementation"):

@@ -32,7 +32,7 @@ def test_tiny_run_writes_consistent_outputs(llama_16m, tmp_path):
                "max_slots=2", "learner.steps_per_window=2", "learner.every_steps=2",
                "learner.batch_size=2", "learner.seq_len=16", "learner.trees_per_seq=2",
                "spec.depth=2", "spec.topk=2", "spec.num_draft_tokens=4",
-               "adaptive.probe_every=2"])
+               "adaptive.probe_every=2", "adaptive.alternatives=[{mode: chain, depth: 2}]"])
     assert rc == 0
     for name in ("generations.jsonl", "metrics.jsonl", "summary.json", "config.json",
                  "acceptance.png", "throughput.png", "acceptance_by_domain.png"):
@@ -50,7 +50,9 @@ def test_tiny_run_writes_consistent_outputs(llama_16m, tmp_path):
     assert all(1 <= len(g["token_ids"]) <= 8 for g in gens)
     assert summary["acceptance_length"] >= 1 and all(m["acceptance_length"] >= 1
                                                      for m in metrics)
-    assert [m["mode"] for m in metrics][:2] == ["spec", "off"]  # both measured first
+    assert [m["mode"] for m in metrics] == ["spec", "alt1", "off"]  # each measured first
+    assert set(summary["measured_tokens_per_s"]) == {"spec", "alt1", "off"}
+    assert summary["final_window"]["spec_setting"] in ("spec", "alt1")
     assert summary["final_window"]["greedy_outputs_equal"] is True
     # Training starts once 3 sequences are in (after window 1): 2 windows x 2 steps.
     assert summary["learner_steps"] == metrics[-1]["learner_steps"] == 4
@@ -109,6 +111,19 @@ def test_utility_monitor_follows_the_measured_rates():
     assert UtilityMonitor(AdaptiveConfig(enabled=False)).choose(3) == "spec"
 
 
+def test_utility_monitor_picks_the_fastest_speculation_setting():
+    m = UtilityMonitor(AdaptiveConfig(probe_every=3), modes=("spec", "alt1", "alt2", "off"))
+    assert [m.choose(w) for w in range(4)] == ["spec", "alt1", "alt2", "off"]
+    for mode, rate in (("spec", 200), ("alt1", 500), ("alt2", 300), ("off", 400)):
+        m.record(mode, rate, 1.0)
+    assert m.best_spec() == "alt1" and m.speedup == pytest.approx(1.25)
+    assert m.choose(4) == "alt1"
+    probes = {m.choose(w) for w in (6, 9, 12)}  # every 3rd window probes the others in turn
+    assert probes == {"spec", "alt2", "off"}
+    with pytest.raises(ConfigError):
+        UtilityMonitor(modes=("spec",))
+
+
 @pytest.mark.parametrize("pair", ["useless", "copycat"])
 def test_adaptive_policy_turns_speculation_off_and_on_from_measurements(pair):
     """Measured on real engines: a random draft (nothing accepted) makes speculation slower
@@ -120,7 +135,7 @@ def test_adaptive_policy_turns_speculation_off_and_on_from_measurements(pair):
     reqs = [Request(rs.randint(3, 40, size=6).tolist(), 48) for _ in range(4)]
     engines = {"spec": Engine(target, draft, SpecConfig(mode="chain", depth=6), max_slots=4,
                               max_len=64, eos_ids=()),
-               "off": Engine(target, draft, SpecConfig(mode="off"), max_slots=4, max_len=64,
+               "off": Engine(target, None, SpecConfig(mode="off"), max_slots=4, max_len=64,
                              eos_ids=())}
     monitor = UtilityMonitor()
     for e in engines.values():

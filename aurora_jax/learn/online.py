@@ -72,21 +72,24 @@ class OnlineConfig:
 
 
 class EnginePublisher:
-    """Publishes into an engine in the same process."""
+    """Publishes into engines in the same process (several when one draft serves several
+    speculation settings; they all take each version)."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, *engines: Engine):
+        self.engines = engines
 
     @property
     def version(self) -> int:
-        return self.engine.draft_version
+        return self.engines[0].draft_version
 
     def serving(self):
-        return self.engine.draft_state
+        return self.engines[0].draft_state
 
     def publish(self, state, meta: dict | None = None) -> int:
-        self.engine.set_draft(state)
-        return self.engine.draft_version
+        version = self.version + 1
+        for e in self.engines:
+            e.set_draft(state, version=version)
+        return version
 
 
 class OnlineLearner:

@@ -79,11 +79,14 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
     sink = TraceAssembler(buffer.add) if cfg.learner.enabled else None
     kw = dict(max_slots=cfg.max_slots, max_len=max_len, eos_ids=eos, seed=cfg.seed,
               trace_sink=sink)
-    engines = {"off": Engine(target, draft, SpecConfig(mode="off"), **kw)}
-    if draft is not None:
-        engines["spec"] = Engine(target, draft, cfg.spec, **kw)
-    online = _online_learner(cfg, target, draft, buffer, engines.get("spec"))
-    monitor = UtilityMonitor(cfg.adaptive)
+    specs = spec_modes(cfg) if draft is not None else {}
+    engines = {name: Engine(target, draft, s, **kw) for name, s in specs.items()}
+    # Target-only is the target alone (no draft catch-up): the speed speculation must beat.
+    # Its traces still carry the target's features at every committed token.
+    engines["off"] = Engine(target, None, SpecConfig(mode="off"), **kw)
+    online = _online_learner(cfg, target, draft, buffer,
+                             [engines[n] for n in specs])
+    monitor = UtilityMonitor(cfg.adaptive, modes=tuple(engines))
 
     gen_log, metric_log = _Writer(out / "generations.jsonl"), _Writer(out / "metrics.jsonl")
     windows = [stream[i:i + cfg.window] for i in range(0, len(stream), cfg.window)]
@@ -92,7 +95,7 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
     rows, t_start, served = [], time.perf_counter(), 0
     try:
         for w, chunk in enumerate(windows):
-            mode = monitor.choose(w) if "spec" in engines else "off"
+            mode = monitor.choose(w)
             engine = engines[mode]
             reqs = [Request(r.prompt, cfg.scenario.max_new_tokens, id=served + i,
                             domain=r.domain) for i, r in enumerate(chunk)]
@@ -116,10 +119,11 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
                    "tokens": run.generated_tokens, "decode_s": run.decode_s,
                    "compile_s": run.compile_s, "tokens_per_s": run.tokens_per_s,
                    "acceptance_length": run.acceptance_length or 1.0,
-                   "draft_version": engines["spec"].draft_version if "spec" in engines else None,
-                   "measured_speedup": monitor.speedup,
-                   "spec_tokens_per_s": monitor.tokens_per_s["spec"],
+                   "draft_version": engines["spec"].draft_version if specs else None,
+                   "measured_speedup": monitor.speedup, "best_spec": monitor.best_spec(),
+                   "spec_tokens_per_s": monitor.tokens_per_s[monitor.best_spec()],
                    "off_tokens_per_s": monitor.tokens_per_s["off"],
+                   "mode_tokens_per_s": dict(monitor.tokens_per_s),
                    "elapsed_s": time.perf_counter() - t_start, **learn,
                    "per_domain_acceptance": _per_domain(run.results)}
             metric_log(row)
@@ -136,8 +140,11 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
         for e in engines.values():
             if e.traces:
                 e.traces.close()
-    final = _side_by_side(engines, windows[-1], cfg, served)
+    final = _side_by_side({n: engines[n] for n in ("off", monitor.best_spec()) if n in engines},
+                          windows[-1], cfg, served)
     summary = _summary(cfg, rows, final, online, time.perf_counter() - t_start)
+    summary["spec_settings"] = {n: dataclasses.asdict(s) for n, s in specs.items()}
+    summary["measured_tokens_per_s"] = dict(monitor.tokens_per_s)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     from aurora_jax.run.report import plot_run
 
@@ -145,8 +152,15 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
     return summary
 
 
-def _online_learner(cfg: RunConfig, target, draft, buffer, spec_engine):
-    if not cfg.learner.enabled or spec_engine is None:
+def spec_modes(cfg: RunConfig) -> dict[str, SpecConfig]:
+    """The speculation settings the run may serve with: "spec" (the primary one), then
+    "alt1", "alt2", ... (adaptive.alternatives)."""
+    return {"spec": cfg.spec, **{f"alt{i + 1}": a
+                                 for i, a in enumerate(cfg.adaptive.alternatives)}}
+
+
+def _online_learner(cfg: RunConfig, target, draft, buffer, spec_engines):
+    if not cfg.learner.enabled or not spec_engines:
         return None
     s = cfg.learner
     loss = LossConfig(ttt_steps=s.ttt_steps, lambda_discard=s.lambda_discard,
@@ -156,7 +170,7 @@ def _online_learner(cfg: RunConfig, target, draft, buffer, spec_engine):
                               trees_per_seq=s.trees_per_seq, min_sequences=3, holdout=2,
                               every_steps=s.every_steps, policy=s.policy)
     return OnlineLearner(Learner(draft, target, loss, opt), buffer,
-                         EnginePublisher(spec_engine), cfg.spec.nodes + 1, online_cfg)
+                         EnginePublisher(*spec_engines), cfg.spec.nodes + 1, online_cfg)
 
 
 def _learn(online: OnlineLearner, cfg: RunConfig) -> dict:
@@ -181,8 +195,9 @@ def _per_domain(results) -> dict:
 
 
 def _side_by_side(engines, chunk, cfg: RunConfig, first_id: int) -> dict:
-    """The final window's prompts served again by each engine, alternately, twice (greedy),
-    side by side so that machine noise hits both alike."""
+    """The final window's prompts served again target-only and with the best measured
+    speculation setting, alternately, twice (greedy), side by side so that machine noise
+    hits both alike."""
     reqs = [Request(r.prompt, cfg.scenario.max_new_tokens, id=first_id + i, domain=r.domain)
             for i, r in enumerate(chunk)]
     for e in engines.values():  # the final check must not feed the learner
@@ -195,12 +210,14 @@ def _side_by_side(engines, chunk, cfg: RunConfig, first_id: int) -> dict:
             for n, rs in runs.items()}
     outputs = {n: [r.token_ids for r in rs[-1].results] for n, rs in runs.items()}
     final = {"target_only_tokens_per_s": rate["off"], "requests": len(reqs)}
-    if "spec" in engines:
+    spec = [n for n in engines if n != "off"]
+    if spec:
+        (name,) = spec
         final.update({
-            "spec_tokens_per_s": rate["spec"],
-            "speedup_vs_target_only": rate["spec"] / rate["off"],
-            "acceptance_length": runs["spec"][-1].acceptance_length or 1.0,
-            "greedy_outputs_equal": outputs["spec"] == outputs["off"]})  # lossless check
+            "spec_setting": name, "spec_tokens_per_s": rate[name],
+            "speedup_vs_target_only": rate[name] / rate["off"],
+            "acceptance_length": runs[name][-1].acceptance_length or 1.0,
+            "greedy_outputs_equal": outputs[name] == outputs["off"]})  # lossless check
     return final
 
 

@@ -122,6 +122,8 @@ def test_utility_monitor_picks_the_fastest_speculation_setting():
     assert probes == {"spec", "alt2", "off"}
     with pytest.raises(ConfigError):
         UtilityMonitor(modes=("spec",))
+    only = UtilityMonitor(modes=("off",))  # a target-only run (no draft)
+    assert {only.choose(w) for w in range(9)} == {"off"}
 
 
 @pytest.mark.parametrize("pair", ["useless", "copycat"])

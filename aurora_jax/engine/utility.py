@@ -89,7 +89,7 @@ class UtilityMonitor:
         if window < len(self.modes):
             return self.modes[window]
         best = self.preferred()
-        if window % self.cfg.probe_every == 0:
-            others = [m for m in self.modes if m != best]
+        others = [m for m in self.modes if m != best]
+        if others and window % self.cfg.probe_every == 0:
             return others[(window // self.cfg.probe_every) % len(others)]
         return best

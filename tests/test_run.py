@@ -51,6 +51,7 @@ def test_tiny_run_writes_consistent_outputs(llama_16m, tmp_path):
     assert summary["acceptance_length"] >= 1 and all(m["acceptance_length"] >= 1
                                                      for m in metrics)
     assert [m["mode"] for m in metrics] == ["spec", "alt1", "off"]  # each measured first
+    assert summary["speculative_windows"] == 2
     assert set(summary["measured_tokens_per_s"]) == {"spec", "alt1", "off"}
     assert summary["final_window"]["spec_setting"] in ("spec", "alt1")
     assert summary["final_window"]["greedy_outputs_equal"] is True

@@ -232,7 +232,7 @@ def _summary(cfg: RunConfig, rows: list[dict], final: dict, online, wall_s: floa
         "speedup_vs_target_only": final.get("speedup_vs_target_only", 1.0),
         "final_window": final,
         "windows": len(rows),
-        "speculative_windows": sum(r["mode"] == "spec" for r in rows),
+        "speculative_windows": sum(r["mode"] != "off" for r in rows),
         "learner_steps": online.steps if online else 0,
         "drafts_published": online.published if online else 0,
         "seconds": {"wall": wall_s, "decode": decode,

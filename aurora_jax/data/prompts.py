@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import sysconfig
 from pathlib import Path
 
 import numpy as np
 
+from aurora_jax.data.corpus import stdlib_root
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.errors import ConfigError
 
@@ -39,7 +39,7 @@ def stdlib_code_prompts(model_dir: Path, tok: Tokenizer, n: int, length: int) ->
     """`n` prompts of exactly `length` tokens cut from the starts of standard-library files:
     those a checkpoint lists in held_out_files.json (files it never saw in training) when it
     has one, else any stdlib modules in name order."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    stdlib = stdlib_root()
     files = _held_out_names(model_dir) or sorted(p.name for p in stdlib.glob("*.py"))
     out = []
     for rel in files:
@@ -60,7 +60,7 @@ def stdlib_traffic_prompts(model_dir: Path, tok: Tokenizer, n: int, length: int,
     the checkpoint's held_out_files.json (traffic to learn from, disjoint from the held-out
     evaluation prompts), each cut at a random line start of a random file."""
     held_out = set(_held_out_names(model_dir))
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    stdlib = stdlib_root()
     files = [p for p in sorted(stdlib.glob("*.py")) if p.name not in held_out]
     rng = np.random.default_rng(seed)
     out, tries = [], 0

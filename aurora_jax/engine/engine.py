@@ -24,7 +24,7 @@ import numpy as np
 from aurora_jax.engine import step
 from aurora_jax.engine.trace import PrefillTrace, TraceEmitter, VerifyTrace
 from aurora_jax.errors import ConfigError, PromptError
-from aurora_jax.models.eagle3_io import Draft, check_fits
+from aurora_jax.models.eagle3_io import Draft, check_fits, same_layout
 from aurora_jax.models.hf_io import Target
 from aurora_jax.models.sharding import cache_sharding
 from aurora_jax.spec.draft import SpecConfig
@@ -191,9 +191,7 @@ class Engine:
         Safe to call from another thread (a learner's) while the engine serves."""
         if self.draft is None:
             raise ConfigError("this engine was built without a draft; nothing to swap")
-        old = jax.tree.map(lambda x: (x.shape, x.dtype), self.draft_state)
-        new = jax.tree.map(lambda x: (x.shape, x.dtype), draft_state)
-        if jax.tree.structure(old) != jax.tree.structure(new) or old != new:
+        if not same_layout(self.draft_state, draft_state):
             raise ConfigError("new draft params differ in structure, shape or dtype from the "
                               "serving draft; a swap would recompile")
         self._serving = (draft_state, self.draft_version + 1 if version is None else version)

@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from aurora_jax.learn.periodic import Periodic
+from aurora_jax.models.eagle3_io import same_layout
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,7 @@ def restore_draft(directory: str | Path, version: int, like) -> tuple:
     state, meta = got["draft"], dict(got["meta"])
     if meta.get("version") != version:
         raise ValueError(f"its meta names version {meta.get('version')!r}")
-    old = jax.tree.map(lambda x: (x.shape, x.dtype), like)
-    new = jax.tree.map(lambda x: (x.shape, x.dtype), state)
-    if jax.tree.structure(old) != jax.tree.structure(new) or old != new:
+    if not same_layout(like, state):
         raise ValueError("its structure, shapes or dtypes differ from the serving draft's")
     for path_, leaf in jax.tree_util.tree_leaves_with_path(state):
         if not np.isfinite(np.asarray(leaf)).all():

@@ -192,13 +192,12 @@ class TraceFollower:
             self.seen.add(shard.name)
             try:
                 seqs = read_shard(shard)
-                size = read_meta(shard)["tree_size"]
             except TraceStoreError as e:
                 self.bad_shards += 1
                 log.warning("skipping trace shard: %s", e)
                 continue
-            if size:
-                self.tree_size = size
+            self.tree_size = next((len(t.tokens) for s in seqs for t in s.trees),
+                                  self.tree_size)
             for s in seqs:
                 self.sink(s)
             new += len(seqs)

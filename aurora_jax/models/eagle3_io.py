@@ -106,6 +106,14 @@ def check_fits(cfg: DraftConfig, target: TargetConfig) -> None:
         raise CheckpointError("draft does not fit the target: " + "; ".join(problems))
 
 
+def same_layout(a, b) -> bool:
+    """Two draft states of identical structure, shapes and dtypes: one can replace the other
+    in a compiled step without recompiling it."""
+    la = jax.tree.map(lambda x: (x.shape, x.dtype), a)
+    lb = jax.tree.map(lambda x: (x.shape, x.dtype), b)
+    return jax.tree.structure(la) == jax.tree.structure(lb) and la == lb
+
+
 @dataclasses.dataclass
 class Draft:
     cfg: DraftConfig

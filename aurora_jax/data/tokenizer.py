@@ -1,23 +1,26 @@
-"""Tokenizers from a checkpoint directory: tokenizer.json (Hugging Face `tokenizers`) or
-tokenizer.model (SentencePiece), behind one small interface."""
+"""Tokenizers from a checkpoint: tokenizer.json (Hugging Face `tokenizers`), tokenizer.model
+(SentencePiece) or a GGUF file's metadata, behind one small interface, with the model's chat
+template for instruct targets."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from aurora_jax.errors import CheckpointError
+from aurora_jax.errors import CheckpointError, PromptError
 
 
 class Tokenizer:
     """encode/decode plus the special ids the engine needs."""
 
     def __init__(self, backend, kind: str, bos_id: int | None, eos_ids: tuple[int, ...],
-                 pad_id: int | None, add_bos: bool):
+                 pad_id: int | None, add_bos: bool, chat_template: str | None = None):
         self._b = backend
         self.kind = kind
         self.bos_id, self.eos_ids, self.pad_id = bos_id, eos_ids, pad_id
         self._add_bos = add_bos
+        self.chat_template = chat_template
+        """The Jinja template that turns chat messages into the model's prompt text."""
 
     @property
     def vocab_size(self) -> int:
@@ -30,6 +33,22 @@ class Tokenizer:
         ids = list(self._b.encode(text))
         return ([self.bos_id] + ids) if self._add_bos and self.bos_id is not None else ids
 
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of chat `messages` ([{"role", "content"}, ...]) under the model's chat
+        template, ending with the assistant's turn opened (the generation prompt)."""
+        if not self.chat_template:
+            raise PromptError("this model has no chat template; send a plain prompt instead")
+        text = render_chat(self.chat_template, messages, bos=self._token(self.bos_id),
+                           eos=self._token(self.eos_ids[0] if self.eos_ids else None))
+        if self.kind == "hf":  # the template writes any bos itself
+            return list(self._b.encode(text, add_special_tokens=False).ids)
+        return list(self._b.encode(text))
+
+    def _token(self, i: int | None) -> str:
+        if i is None:
+            return ""
+        return self._b.id_to_token(i) if self.kind == "hf" else self._b.id_to_piece(i)
+
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
         if self.kind == "hf":
@@ -38,8 +57,11 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """From a directory holding tokenizer.json or tokenizer.model (or either file)."""
+        """From a directory holding tokenizer.json or tokenizer.model (or either file), or from
+        a GGUF file's metadata."""
         path = Path(path)
+        if path.suffix.lower() == ".gguf":
+            return cls.from_gguf(path)
         d = path if path.is_dir() else path.parent
         if path.is_dir():
             candidates = [d / "tokenizer.json", d / "tokenizer.model"]
@@ -63,9 +85,10 @@ class Tokenizer:
 
             bos = tid(special["bos"]) if special["bos"] else special["bos_id"]
             eos = tid(special["eos"]) if special["eos"] else None
-            eos_ids = (eos,) if eos is not None else special["eos_ids"]
+            eos_ids = ((eos,) if eos is not None else ()) + special["eos_ids"]
             pad = tid(special["pad"]) if special["pad"] else special["pad_id"]
-            return cls(backend, "hf", bos, tuple(eos_ids), pad, add_bos=False)
+            return cls(backend, "hf", bos, tuple(dict.fromkeys(eos_ids)), pad, add_bos=False,
+                       chat_template=special["chat_template"])
         import sentencepiece as spm
 
         try:
@@ -78,18 +101,59 @@ class Tokenizer:
 
         eos = opt(backend.eos_id())
         return cls(backend, "sp", opt(backend.bos_id()), (eos,) if eos is not None else (),
-                   opt(backend.pad_id()), add_bos=True)
+                   opt(backend.pad_id()), add_bos=True, chat_template=special["chat_template"])
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> Tokenizer:
+        """The byte-level BPE tokenizer a GGUF file describes in its metadata."""
+        from aurora_jax.models.gguf_io import GGUFCheckpoint
+
+        spec = GGUFCheckpoint(path).tokenizer_spec()
+        return cls(spec.build(), "hf", spec.bos_id, spec.eos_ids, spec.pad_id, add_bos=False,
+                   chat_template=spec.chat_template)
+
+
+def render_chat(template: str, messages: list[dict], bos: str = "", eos: str = "") -> str:
+    """A chat template rendered the way transformers does: Jinja in a sandbox, trimmed blocks,
+    with `messages`, `add_generation_prompt=True`, `bos_token` and `eos_token`."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    bad = [m for m in messages if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                                       and isinstance(m.get("content"), str))]
+    if not messages or bad:
+        raise PromptError('chat messages must be a non-empty list of {"role": str, '
+                          '"content": str} objects')
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+    except TemplateError as e:
+        raise PromptError(f"the chat template refused these messages: {e}") from e
 
 
 def _special_tokens(d: Path) -> dict:
     """Special token strings from tokenizer_config.json, ids from config.json as fallback."""
-    out = {"bos": None, "eos": None, "pad": None, "bos_id": None, "eos_ids": (), "pad_id": None}
+    out = {"bos": None, "eos": None, "pad": None, "bos_id": None, "eos_ids": (), "pad_id": None,
+           "chat_template": None}
     tc = d / "tokenizer_config.json"
     if tc.is_file():
         raw = json.loads(tc.read_text())
         for k in ("bos", "eos", "pad"):
             tok = raw.get(f"{k}_token")
             out[k] = tok.get("content") if isinstance(tok, dict) else tok
+        template = raw.get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+            template = {t.get("name"): t.get("template") for t in template}.get("default")
+        out["chat_template"] = template
+    jinja = d / "chat_template.jinja"
+    if out["chat_template"] is None and jinja.is_file():
+        out["chat_template"] = jinja.read_text()
     cfg = d / "config.json"
     if cfg.is_file():
         raw = json.loads(cfg.read_text())

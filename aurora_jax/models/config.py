@@ -231,7 +231,7 @@ def read_hf_config(path: str | Path) -> TargetConfig:
     if not path.exists():
         raise CheckpointError(f"checkpoint path does not exist: {path}")
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint path is not a directory: {path}")
+        raise CheckpointError(f"checkpoint path is neither a directory nor a .gguf file: {path}")
     cfg_file = path / "config.json"
     return TargetConfig.from_hf_dict(read_config_json(path, "a Hugging Face checkpoint"),
                                      source=str(cfg_file))

@@ -20,6 +20,7 @@ from flax import nnx
 
 from aurora_jax.errors import CheckpointError
 from aurora_jax.models.config import TargetConfig, read_hf_config
+from aurora_jax.models.gguf_io import GGUFCheckpoint, is_gguf
 from aurora_jax.models.layers import rope_inv_freq
 from aurora_jax.models.safetensors_io import SafetensorsFile, write_safetensors
 from aurora_jax.models.sharding import make_mesh, param_sharding, state_path
@@ -113,11 +114,18 @@ class TensorReader:
         self.used.add(name)
         return jax.device_put(np.asarray(arr, dtype=dtype), sharding)
 
+    def unused(self) -> list[str]:
+        """Checkpoint tensors no read has used."""
+        return sorted(n for n in self.files if n not in self.used)
+
 
 def _resolve_dtype(dtype: str, path: Path) -> str:
     if dtype == "auto":
-        raw = json.loads((path / "config.json").read_text())
-        dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+        if is_gguf(path):  # quantized weights have no dtype of their own to keep
+            dtype = "float32"
+        else:
+            raw = json.loads((path / "config.json").read_text())
+            dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
     if dtype not in DTYPES:
         raise CheckpointError(f"unsupported dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     return dtype
@@ -125,15 +133,19 @@ def _resolve_dtype(dtype: str, path: Path) -> str:
 
 def load_target(path: str | Path, *, dtype: str = "float32", mesh=None,
                 cfg_overrides: dict | None = None) -> Target:
-    """Loads a Hugging Face Llama/Qwen3 checkpoint directory onto `mesh` (default: 1 device)."""
+    """Loads a Llama/Qwen3 target onto `mesh` (default: 1 device) from a Hugging Face
+    checkpoint directory or a GGUF file (dequantized tensor by tensor into `dtype`)."""
     path = Path(path)
-    cfg = read_hf_config(path)
+    if is_gguf(path):
+        reader = GGUFCheckpoint(path)
+        cfg = reader.config()
+    else:
+        cfg = read_hf_config(path)
+        reader = TensorReader(path, weight_files(path))
     if cfg_overrides:
         cfg = dataclasses.replace(cfg, **cfg_overrides)
     dtype = _resolve_dtype(dtype, path)
     mesh = mesh or make_mesh(tp=1, devices=jax.devices()[:1])
-    files = weight_files(path)
-    reader = TensorReader(path, files)
     abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=DTYPES[dtype], rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
 
@@ -146,9 +158,8 @@ def load_target(path: str | Path, *, dtype: str = "float32", mesh=None,
         return reader.read(name, sds.shape, transpose, DTYPES[dtype], sharding)
 
     state = jax.tree_util.tree_map_with_path(load_leaf, abstract_state)
-    unused = sorted(n for n in files if n not in reader.used
-                    and not n.endswith(_IGNORED_SUFFIXES)
-                    and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+    unused = [n for n in reader.unused() if not n.endswith(_IGNORED_SUFFIXES)
+              and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
     if unused:
         log.warning("%s: %d checkpoint tensors not used by the model: %s", path, len(unused),
                     unused[:5])

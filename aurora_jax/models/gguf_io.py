@@ -246,8 +246,15 @@ class TokenizerSpec:
 
     def build(self):
         """A `tokenizers.Tokenizer` equal to the model's own."""
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-        from tokenizers import processors
+        from tokenizers import (
+            AddedToken,
+            Regex,
+            Tokenizer,
+            decoders,
+            models,
+            pre_tokenizers,
+            processors,
+        )
 
         vocab = {tok: i for i, tok in enumerate(self.tokens)}
         merges = [tuple(m.split(" ", 1)) for m in self.merges]

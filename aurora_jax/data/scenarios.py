@@ -7,6 +7,11 @@ embedded default target):
 - "prose": the held-out pydoc topic texts (what `help('if')` shows), cut at paragraph starts.
 A user's JSONL file (one {"prompt": ..., "domain": ...} per line) supplies any other domain.
 
+Per domain, prompts are raw continuations (code: the model completes the function) or chat
+turns (`chat_domains`, prose by default: the text becomes a user's question under the target's
+chat template, so an instruct model answers it as it would in service, ending at its
+end-of-turn token). A target without a chat template gets every prompt raw.
+
 Orders: "mixed" interleaves the domains at random (seeded); "shift" serves them in blocks, in
 the order the config lists them, which is the domain-shift experiment (Aurora, section 5).
 """
@@ -45,6 +50,9 @@ class ScenarioConfig:
     file: str | None = None
     """JSONL of {"prompt", "domain"} objects; when set, prompts come from it (its domains
     must include every listed one)."""
+    chat_domains: tuple[str, ...] = ("prose",)
+    """Domains whose prompts are sent as a user chat turn (built-in prose: a request to explain
+    the passage); the others are raw text to continue."""
     seed: int = 0
     """Seeds prompt choice and the mixed order."""
 
@@ -63,6 +71,10 @@ class ScenarioConfig:
                               "domains")
         if min(self.prompt_tokens, self.max_new_tokens) < 1:
             raise ConfigError("prompt_tokens and max_new_tokens must be >= 1")
+
+
+CHAT_REQUEST = "Explain this passage from the Python documentation in plain words:\n\n"
+"""What a built-in prose prompt asks when it is sent as a chat turn."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +122,12 @@ def read_scenario_file(path: str) -> dict[str, list[str]]:
     return out
 
 
-def build_scenario(cfg: ScenarioConfig, encode) -> list[ScenarioRequest]:
-    """The request stream: `encode(text) -> token ids` cuts each prompt to prompt_tokens."""
+def build_scenario(cfg: ScenarioConfig, encode, chat_turn=None) -> list[ScenarioRequest]:
+    """The request stream: `encode(text) -> token ids` cuts each prompt to prompt_tokens.
+
+    `chat_turn(text, max_tokens) -> token ids` (None: the target has no chat template) makes a
+    chat domain's prompt: a user turn whose text is cut to `max_tokens`, under the template.
+    """
     pools = read_scenario_file(cfg.file) if cfg.file else {}
     missing = [d for d in cfg.domains if cfg.file and d not in pools]
     if missing:
@@ -127,7 +143,13 @@ def build_scenario(cfg: ScenarioConfig, encode) -> list[ScenarioRequest]:
             raise ConfigError(f"no prompts available for domain {domain!r}")
         order = rng.permutation(len(texts))
         picked = [texts[order[i % len(texts)]] for i in range(n)]
-        blocks.append([ScenarioRequest(domain, encode(t)[: cfg.prompt_tokens]) for t in picked])
+        if chat_turn is not None and domain in cfg.chat_domains:
+            ask = CHAT_REQUEST if not cfg.file else ""
+            blocks.append([ScenarioRequest(domain, chat_turn(ask + t, cfg.prompt_tokens))
+                           for t in picked])
+        else:
+            blocks.append([ScenarioRequest(domain, encode(t)[: cfg.prompt_tokens])
+                           for t in picked])
     if cfg.order == "shift":
         return [r for b in blocks for r in b]
     stream = [r for b in blocks for r in b]

@@ -44,6 +44,18 @@ class Tokenizer:
             return list(self._b.encode(text, add_special_tokens=False).ids)
         return list(self._b.encode(text))
 
+    def chat_turn(self, text: str, max_tokens: int | None = None) -> list[int]:
+        """Token ids of one user turn (the text cut to `max_tokens` tokens first) under the chat
+        template, with the assistant's turn opened."""
+        if max_tokens is not None:
+            ids = self.encode(text)
+            ids = ids[1:] if self._starts_with_bos(ids) else ids
+            text = self.decode(ids[:max_tokens])
+        return self.encode_chat([{"role": "user", "content": text}])
+
+    def _starts_with_bos(self, ids: list[int]) -> bool:
+        return bool(ids) and self.bos_id is not None and ids[0] == self.bos_id
+
     def _token(self, i: int | None) -> str:
         if i is None:
             return ""

@@ -191,18 +191,22 @@ def save_draft(path: str | Path, draft: Draft, *, dtype: str | None = None) -> P
 
 
 def load_pair(target_dir: str | Path, draft: str | None, *, dtype: str = "float32",
-              seed: int = 0, mesh=None):
+              seed: int = 0, mesh=None, draft_vocab=None):
     """(target, draft) for serving on `mesh` (default one device): `draft` is None (target
-    only), "scratch" (a random draft over the target's whole vocabulary: day 0) or an EAGLE-3
-    directory, whose recorded aux layers the target is loaded to return."""
+    only), "scratch" (a random draft: day 0) or an EAGLE-3 directory, whose recorded aux
+    layers the target is loaded to return. A scratch draft predicts over `draft_vocab`
+    (sorted target ids, or a callable of the target config returning them; None: the whole
+    target vocabulary)."""
     from aurora_jax.models.hf_io import load_target
 
     if draft in (None, "scratch"):
         target = load_target(target_dir, dtype=dtype, mesh=mesh)
         if draft is None:
             return target, None
-        return target, init_draft(DraftConfig.for_target(target.cfg), seed=seed,
-                                  dtype=target.dtype, mesh=target.mesh)
+        ids = draft_vocab(target.cfg) if callable(draft_vocab) else draft_vocab
+        dcfg = DraftConfig.for_target(target.cfg, None if ids is None else len(ids))
+        return target, init_draft(dcfg, seed=seed, dtype=target.dtype, mesh=target.mesh,
+                                  draft_to_target=ids)
     aux = read_draft_config(draft).aux_layers
     target = load_target(target_dir, dtype=dtype, mesh=mesh,
                          cfg_overrides={"aux_layers": tuple(aux)} if aux else None)

@@ -29,9 +29,11 @@ from aurora_jax.models.config import RopeScaling, TargetConfig
 
 log = logging.getLogger(__name__)
 
-# GGUF tensor types we dequantize (the float types and llama.cpp's classic and K quants).
+# GGUF tensor types we dequantize: the float types and llama.cpp's weight quantizations that
+# the gguf package dequantizes (not integer tensors, nor Q8_K/Q8_1, which hold activations).
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K",
-                   "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+                   "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS",
+                   "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0")
 SUPPORTED_ARCHITECTURES = ("llama", "qwen3")
 # Hugging Face name pieces -> GGUF name pieces (per layer, then global).
 _LAYER_NAMES = {
@@ -106,6 +108,13 @@ class GGUFCheckpoint:
         if end > self.path.stat().st_size:
             raise CheckpointError(f"{self.path}: truncated GGUF file (tensor data ends at byte "
                                   f"{end}, the file has {self.path.stat().st_size})")
+        odd = [(n, t.tensor_type.name) for n, t in self.tensors.items()
+               if t.tensor_type.name not in SUPPORTED_TYPES]
+        if odd:
+            raise CheckpointError(
+                f"{self.path}: tensor {odd[0][0]!r} has quantization type {odd[0][1]}, which is "
+                f"not supported ({len(odd)} such tensors; supported: "
+                f"{', '.join(SUPPORTED_TYPES)})")
         self.arch = self.get("general.architecture")
         self.used: set[str] = set()
 
@@ -185,11 +194,6 @@ class GGUFCheckpoint:
         if gname not in self.tensors:
             raise CheckpointError(f"{self.path}: tensor {gname!r} is missing from the GGUF file")
         t = self.tensors[gname]
-        kind = t.tensor_type.name
-        if kind not in SUPPORTED_TYPES:
-            raise CheckpointError(f"{self.path}: tensor {gname!r} has quantization type {kind}, "
-                                  f"which is not supported (supported: "
-                                  f"{', '.join(SUPPORTED_TYPES)})")
         arr = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         arr = arr.reshape([int(d) for d in reversed(t.shape)])
         if self.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
@@ -300,7 +304,8 @@ class TokenizerSpec:
         return cfg
 
 
-def convert_gguf(gguf_path: str | Path, out: str | Path, *, dtype: str = "float32") -> Path:
+def convert_gguf(gguf_path: str | Path, out: str | Path, *, dtype: str = "float32",
+                 progress: bool = False) -> Path:
     """Writes a GGUF target as a Hugging Face checkpoint directory (config.json,
     generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json) that
     transformers and `load_target` read. The directory appears complete or not at all."""
@@ -313,7 +318,7 @@ def convert_gguf(gguf_path: str | Path, out: str | Path, *, dtype: str = "float3
     out = Path(out)
     ckpt = GGUFCheckpoint(gguf_path)
     spec = ckpt.tokenizer_spec()  # checked before any weight is read
-    target = load_target(gguf_path, dtype=dtype)
+    target = load_target(gguf_path, dtype=dtype, progress=progress)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 from pathlib import Path
 
 import jax
@@ -132,7 +133,7 @@ def _resolve_dtype(dtype: str, path: Path) -> str:
 
 
 def load_target(path: str | Path, *, dtype: str = "float32", mesh=None,
-                cfg_overrides: dict | None = None) -> Target:
+                cfg_overrides: dict | None = None, progress: bool = False) -> Target:
     """Loads a Llama/Qwen3 target onto `mesh` (default: 1 device) from a Hugging Face
     checkpoint directory or a GGUF file (dequantized tensor by tensor into `dtype`)."""
     path = Path(path)
@@ -157,7 +158,15 @@ def load_target(path: str | Path, *, dtype: str = "float32", mesh=None,
         name, transpose = hf_name(p)
         return reader.read(name, sds.shape, transpose, DTYPES[dtype], sharding)
 
-    state = jax.tree_util.tree_map_with_path(load_leaf, abstract_state)
+    from tqdm import tqdm
+
+    with tqdm(total=len(jax.tree.leaves(abstract_state)), desc="load", unit="tensor",
+              disable=not progress, file=sys.stderr) as bar:
+        def counted(keypath, sds):
+            bar.update()
+            return load_leaf(keypath, sds)
+
+        state = jax.tree_util.tree_map_with_path(counted, abstract_state)
     unused = [n for n in reader.unused() if not n.endswith(_IGNORED_SUFFIXES)
               and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
     if unused:

@@ -29,7 +29,7 @@ def static_draft(cfg: RunConfig, target_dir: Path, out: Path) -> str:
     corpus (the embedded target's own training split)."""
     if cfg.compare.static_draft:
         return cfg.compare.static_draft
-    if cfg.target != "builtin":
+    if cfg.target not in ("builtin", "builtin-scratch"):
         raise ConfigError("--compare on a non-built-in target needs compare.static_draft "
                           "(a draft from `aurora-jax train-draft`)")
     from aurora_jax.data.corpus import training_documents
@@ -41,6 +41,7 @@ def static_draft(cfg: RunConfig, target_dir: Path, out: Path) -> str:
     train_draft(load_target(target_dir), Tokenizer.load(target_dir), texts, out / "static",
                 OfflineConfig(steps=cfg.compare.static_steps, seq_len=cfg.compare.static_seq_len,
                               learning_rate=cfg.learner.learning_rate,
+                              draft_vocab_size=cfg.draft_vocab_size,
                               ttt_steps=cfg.learner.ttt_steps, seed=cfg.seed))
     return str(out / "static" / "draft")
 

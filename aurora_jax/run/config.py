@@ -72,9 +72,13 @@ class RunConfig:
     """A serve-and-learn run."""
 
     target: str = "builtin"
-    """"builtin" (the embedded default, prepared on first use) or a HF checkpoint dir."""
+    """"builtin" (SmolLM2-135M-Instruct, prepared on first use), "builtin-scratch" (a small
+    model trained here), a Hugging Face checkpoint directory or a .gguf file."""
     draft: str = "scratch"
     """"scratch" (random, day 0), an EAGLE-3 directory, or "none" (target only)."""
+    draft_vocab_size: int | None = 8192
+    """A scratch draft's head rows: the most frequent built-in corpus tokens under the target's
+    tokenizer, stop tokens included (None: the whole target vocabulary)."""
     dtype: str = "float32"
     """Parameter dtype."""
     tp: int = 1
@@ -103,6 +107,9 @@ class RunConfig:
             raise ConfigError("draft: none serves target-only; set learner.enabled: false")
         if min(self.max_slots, self.window, self.tp) < 1:
             raise ConfigError("max_slots, window and tp must be >= 1")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            raise ConfigError(f"draft_vocab_size must be >= 1 or null, got "
+                              f"{self.draft_vocab_size}")
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

@@ -27,6 +27,7 @@ import jax
 
 from aurora_jax.data.scenarios import build_scenario
 from aurora_jax.data.tokenizer import Tokenizer
+from aurora_jax.data.vocab import day0_draft_vocab
 from aurora_jax.engine.engine import Engine, Request
 from aurora_jax.engine.utility import UtilityMonitor
 from aurora_jax.learn.buffer import TraceAssembler, TraceBuffer
@@ -62,17 +63,34 @@ class _Writer:
         self.f.close()
 
 
+def scratch_vocab(cfg: RunConfig, tok: Tokenizer):
+    """What load_pair needs to give a scratch draft its day-0 vocabulary (None: the whole
+    target vocabulary)."""
+    if cfg.draft_vocab_size is None:
+        return None
+
+    def choose(tcfg):
+        if cfg.draft_vocab_size >= tcfg.vocab_size:
+            return None
+        stops = tuple(dict.fromkeys(tcfg.eos_token_ids + tok.eos_ids))
+        return day0_draft_vocab(tok, tcfg.vocab_size, cfg.draft_vocab_size, stops)
+
+    return choose
+
+
 def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) -> dict:
     """Runs `cfg` on the checkpoint in `target_dir`, writing into `out`; returns the summary."""
     from tqdm import tqdm
 
     tok = Tokenizer.load(target_dir)
-    stream = build_scenario(cfg.scenario, tok.encode)  # bad scenario input fails here, early
+    chat = tok.chat_turn if tok.chat_template else None
+    stream = build_scenario(cfg.scenario, tok.encode, chat)  # bad input fails here, early
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     mesh = make_mesh(tp=cfg.tp) if cfg.tp > 1 else None
     target, draft = load_pair(target_dir, None if cfg.draft == "none" else cfg.draft,
-                              dtype=cfg.dtype, seed=cfg.seed, mesh=mesh)
+                              dtype=cfg.dtype, seed=cfg.seed, mesh=mesh,
+                              draft_vocab=scratch_vocab(cfg, tok))
     eos = tuple(dict.fromkeys(target.cfg.eos_token_ids + tok.eos_ids))
     max_len = max(len(r.prompt) for r in stream) + cfg.scenario.max_new_tokens
     buffer = TraceBuffer()

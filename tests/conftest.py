@@ -1,4 +1,5 @@
-"""Shared test helpers: the fixture checkpoint and tiny random Hugging Face models."""
+"""Shared test helpers: a small trained checkpoint the tests make themselves, the prepared
+built-in target, and tiny random Hugging Face models."""
 
 from __future__ import annotations
 
@@ -8,8 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-LLAMA_16M = FIXTURES / "llama-code-16m"
+# The builtin-scratch recipe at test size: a Llama-architecture model with a SentencePiece
+# tokenizer, trained for a few seconds on the standard library, in Hugging Face layout.
+SMALL_RECIPE = dict(
+    max_corpus_bytes=300_000, vocab_size=512, tokenizer_sentences=10_000, hidden_size=64,
+    intermediate_size=160, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+    max_position_embeddings=512, seq_len=64, batch_size=8, steps=150, learning_rate=1e-2,
+    warmup_steps=10, checkpoint_every=1000, eval_windows=4)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -23,10 +29,24 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def llama_16m() -> Path:
-    if not (LLAMA_16M / "config.json").is_file():
-        pytest.fail(f"fixture checkpoint missing: {LLAMA_16M} (expected beside the repo)")
-    return LLAMA_16M
+def small_ckpt(tmp_path_factory) -> Path:
+    """A small trained checkpoint directory (config.json, model.safetensors, tokenizer.model),
+    made once per session by the builtin-scratch recipe (a few seconds)."""
+    from aurora_jax.builtin_scratch import PrepareConfig, prepare
+
+    cache = tmp_path_factory.mktemp("small-ckpt")
+    return prepare(cache, PrepareConfig(**SMALL_RECIPE), progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The built-in target (SmolLM2-135M-Instruct) as `aurora-jax prepare` caches it."""
+    from aurora_jax.builtin import is_prepared, pretrained_dir
+
+    if not is_prepared():
+        pytest.skip(f"SmolLM2-135M-Instruct is not prepared in {pretrained_dir().parent.parent} "
+                    "(run `aurora-jax prepare`; .ci/run does)")
+    return pretrained_dir()
 
 
 def make_hf_model(tmp_path: Path, family: str = "llama", *, num_heads=4, num_kv_heads=2,

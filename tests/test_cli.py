@@ -8,19 +8,19 @@ from aurora_jax.cli import main
 from aurora_jax.data.tokenizer import Tokenizer
 
 
-def test_generate_json(llama_16m, capsys):
-    rc = main(["generate", "--target", str(llama_16m), "--prompt", "import os\n",
+def test_generate_json(small_ckpt, capsys):
+    rc = main(["generate", "--target", str(small_ckpt), "--prompt", "import os\n",
                "--max-new-tokens", "12", "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert {"text", "token_ids", "tokens_per_s"} <= out.keys()
     assert 1 <= len(out["token_ids"]) <= 12 and out["generated_tokens"] == len(out["token_ids"])
-    assert out["text"] == Tokenizer.load(llama_16m).decode(out["token_ids"])
+    assert out["text"] == Tokenizer.load(small_ckpt).decode(out["token_ids"])
     assert out["tokens_per_s"] > 0
 
 
-def test_sampling_is_seeded(llama_16m, capsys):
-    args = ["generate", "--target", str(llama_16m), "--prompt", "def ", "--max-new-tokens", "16",
+def test_sampling_is_seeded(small_ckpt, capsys):
+    args = ["generate", "--target", str(small_ckpt), "--prompt", "def ", "--max-new-tokens", "16",
             "--temperature", "1.0", "--top-p", "0.9", "--top-k", "40", "--json"]
     runs = []
     for seed in ("1", "1", "2"):
@@ -30,16 +30,16 @@ def test_sampling_is_seeded(llama_16m, capsys):
     assert runs[0] != runs[2]
 
 
-def test_speculative_generate_json(llama_16m, tmp_path, capsys):
+def test_speculative_generate_json(small_ckpt, tmp_path, capsys):
     """--draft PATH --spec chain gives the target's own greedy tokens, with the speculation
     counters; a draft for another target is refused with one line."""
     from aurora_jax.models.config import read_hf_config
     from aurora_jax.models.eagle3 import DraftConfig
     from aurora_jax.models.eagle3_io import init_draft, save_draft
 
-    cfg = read_hf_config(llama_16m)
+    cfg = read_hf_config(small_ckpt)
     save_draft(tmp_path / "draft", init_draft(DraftConfig.for_target(cfg), seed=1))
-    base = ["generate", "--target", str(llama_16m), "--prompt", "class Foo:\n",
+    base = ["generate", "--target", str(small_ckpt), "--prompt", "class Foo:\n",
             "--max-new-tokens", "10", "--json"]
     assert main(base) == 0
     plain = json.loads(capsys.readouterr().out)
@@ -51,7 +51,7 @@ def test_speculative_generate_json(llama_16m, tmp_path, capsys):
     assert 1 + (n - 1) / 4 <= spec["target_forwards"] <= n
     small = DraftConfig(hidden_size=64, intermediate_size=128, num_heads=2, num_kv_heads=1,
                         head_dim=32, vocab_size=cfg.vocab_size, draft_vocab_size=512,
-                        target_hidden_size=64)
+                        target_hidden_size=32)
     save_draft(tmp_path / "other", init_draft(small))
     assert main(base + ["--draft", str(tmp_path / "other")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -60,11 +60,11 @@ def test_speculative_generate_json(llama_16m, tmp_path, capsys):
     assert "needs a draft" in capsys.readouterr().err
 
 
-def test_prompts_file_prints_one_json_line_per_request(llama_16m, tmp_path, capsys):
+def test_prompts_file_prints_one_json_line_per_request(small_ckpt, tmp_path, capsys):
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "import os\\n", "id": "a", "domain": "code"}\n\n'
                  '{"prompt": "The file"}\n{"prompt": "def f(x):", "domain": "code"}\n')
-    assert main(["generate", "--target", str(llama_16m), "--prompts", str(f),
+    assert main(["generate", "--target", str(small_ckpt), "--prompts", str(f),
                  "--max-new-tokens", "8", "--max-slots", "2", "--json"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert sorted(str(x["id"]) for x in lines) == ["1", "2", "a"]
@@ -73,23 +73,23 @@ def test_prompts_file_prints_one_json_line_per_request(llama_16m, tmp_path, caps
         assert 1 <= len(x["token_ids"]) <= 8
 
 
-def test_bad_prompts_file_is_refused_before_anything_runs(llama_16m, tmp_path, capsys):
+def test_bad_prompts_file_is_refused_before_anything_runs(small_ckpt, tmp_path, capsys):
     cases = {'{"prompt": "ok"}\n{"prompt": 3}\n': 'p.jsonl:2: expected an object',
              '{"prompt": "ok"}\nnot json\n': "p.jsonl:2: not valid JSON",
              '{"prompt": "ok", "domian": "code"}\n': "unknown field(s) ['domian']",
              "": "no prompts"}
     for text, message in cases.items():
         (tmp_path / "p.jsonl").write_text(text)
-        assert main(["generate", "--target", str(llama_16m), "--prompts",
+        assert main(["generate", "--target", str(small_ckpt), "--prompts",
                      str(tmp_path / "p.jsonl")]) == 2
         assert message in capsys.readouterr().err
-    assert main(["generate", "--target", str(llama_16m), "--prompt", "x", "--online"]) == 2
+    assert main(["generate", "--target", str(small_ckpt), "--prompt", "x", "--online"]) == 2
     assert "--online learns across requests" in capsys.readouterr().err
     (tmp_path / "p.jsonl").write_text('{"prompt": "ok"}\n')
-    assert main(["generate", "--target", str(llama_16m), "--prompts", str(tmp_path / "p.jsonl"),
+    assert main(["generate", "--target", str(small_ckpt), "--prompts", str(tmp_path / "p.jsonl"),
                  "--online", "--workdir", str(tmp_path / "w")]) == 2
     assert "pick one" in capsys.readouterr().err
-    assert main(["generate", "--target", str(llama_16m), "--prompt", "x", "--workdir",
+    assert main(["generate", "--target", str(small_ckpt), "--prompt", "x", "--workdir",
                  str(tmp_path / "w")]) == 2
     assert "--workdir learns across requests" in capsys.readouterr().err
     assert main(["learn", "--target", str(tmp_path / "nowhere"), "--workdir",

@@ -152,9 +152,9 @@ def test_draft_that_does_not_fit_is_refused(tmp_path, change, message):
         load_draft(tmp_path / "d", target=other)
 
 
-def test_target_checkpoint_is_not_a_draft(llama_16m):
+def test_target_checkpoint_is_not_a_draft(small_ckpt):
     with pytest.raises(CheckpointError, match="not an EAGLE-3 draft"):
-        load_draft(llama_16m)
+        load_draft(small_ckpt)
 
 
 def test_build_draft_vocab_keeps_most_frequent_tokens():

@@ -99,14 +99,14 @@ def test_token_budget_cuts_an_accepted_path(copycat):
     assert res.steps == 2  # 1 from prefill + 5 + 1 (cut from 5)
 
 
-def test_fixture_greedy_equals_target_only(llama_16m):
+def test_trained_checkpoint_greedy_equals_target_only(small_ckpt):
     from aurora_jax.data.tokenizer import Tokenizer
     from aurora_jax.models.eagle3 import DraftConfig
     from aurora_jax.models.eagle3_io import init_draft
     from aurora_jax.models.hf_io import load_target
 
-    target = load_target(llama_16m)
-    tok = Tokenizer.load(llama_16m)
+    target = load_target(small_ckpt)
+    tok = Tokenizer.load(small_ckpt)
     texts = ["def fibonacci(n):\n    ", "import os\nimport sys\n\n\nclass Config", "# sort"]
     prompts = [tok.encode(t) for t in texts]
     ref = _target_only(target, prompts, 20)

@@ -16,10 +16,10 @@ from aurora_jax.models.safetensors_io import SafetensorsFile, write_safetensors
 
 
 @pytest.fixture
-def ckpt(tmp_path, llama_16m):
+def ckpt(tmp_path, small_ckpt):
     """A writable copy of the fixture."""
     out = tmp_path / "ckpt"
-    shutil.copytree(llama_16m, out)
+    shutil.copytree(small_ckpt, out)
     for p in out.iterdir():
         p.chmod(0o644)
     return out
@@ -61,20 +61,20 @@ def test_truncated_safetensors(ckpt):
 
 def test_tensor_with_wrong_shape(ckpt):
     name = "model.layers.2.self_attn.k_proj.weight"
-    _rewrite(ckpt, lambda t: t.__setitem__(name, np.zeros((64, 384), np.float32)))
-    with pytest.raises(CheckpointError, match=r"k_proj.weight.*shape \[64, 384\].*\[128, 384\]"):
+    _rewrite(ckpt, lambda t: t.__setitem__(name, np.zeros((16, 64), np.float32)))
+    with pytest.raises(CheckpointError, match=r"k_proj.weight.*shape \[16, 64\].*\[32, 64\]"):
         load_target(ckpt)
 
 
 def test_missing_tensor(ckpt):
-    _rewrite(ckpt, lambda t: t.pop("model.layers.5.mlp.up_proj.weight"))
-    with pytest.raises(CheckpointError, match="model.layers.5.mlp.up_proj.weight.*missing"):
+    _rewrite(ckpt, lambda t: t.pop("model.layers.3.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match="model.layers.3.mlp.up_proj.weight.*missing"):
         load_target(ckpt)
 
 
-def test_prompt_longer_than_model_maximum(llama_16m):
-    gen = TargetGenerator(load_target(llama_16m))
-    with pytest.raises(PromptError, match="2100 tokens.*maximum length of 2048"):
+def test_prompt_longer_than_model_maximum(small_ckpt):
+    gen = TargetGenerator(load_target(small_ckpt))
+    with pytest.raises(PromptError, match="2100 tokens.*maximum length of 512"):
         gen.generate([[5] * 2100], 8)
     with pytest.raises(PromptError, match="empty prompt"):
         gen.generate([[]], 8)

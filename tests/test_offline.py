@@ -14,7 +14,7 @@ from aurora_jax.models.eagle3_io import load_draft
 from aurora_jax.models.hf_io import load_target
 
 
-def test_train_draft_resumes_and_writes_a_draft_the_engine_serves(llama_16m, tmp_path, capsys):
+def test_train_draft_resumes_and_writes_a_draft_the_engine_serves(small_ckpt, tmp_path, capsys):
     from aurora_jax.data.corpus import held_out_code_files
 
     corpus = tmp_path / "corpus"
@@ -22,8 +22,8 @@ def test_train_draft_resumes_and_writes_a_draft_the_engine_serves(llama_16m, tmp
     for p in held_out_code_files()[:3]:
         (corpus / p.name).write_text(p.read_text(errors="replace"))
     out = tmp_path / "run"
-    args = ["train-draft", "--target", str(llama_16m), "--data", str(corpus), "--out", str(out),
-            "--batch-size", "4", "--seq-len", "32", "--draft-vocab-size", "1024",
+    args = ["train-draft", "--target", str(small_ckpt), "--data", str(corpus), "--out", str(out),
+            "--batch-size", "4", "--seq-len", "32", "--draft-vocab-size", "256",
             "--ttt-steps", "2", "--checkpoint-every", "10", "--lr", "3e-3"]
     assert main(args + ["--steps", "20"]) == 0
     first = json.loads((out / "draft" / "training.json").read_text())
@@ -31,13 +31,13 @@ def test_train_draft_resumes_and_writes_a_draft_the_engine_serves(llama_16m, tmp
     assert main(args + ["--steps", "40"]) == 0  # resumes at step 20
     info = json.loads((out / "draft" / "training.json").read_text())
     assert info["steps"] == 40 and info["final_loss"] < first["final_loss"]
-    target = load_target(llama_16m)
+    target = load_target(small_ckpt)
     draft = load_draft(out / "draft", target=target.cfg)
-    assert draft.cfg.draft_vocab_size == 1024
-    ids = np.arange(1024) + np.asarray(draft.state["d2t"][...])
+    assert draft.cfg.draft_vocab_size == 256
+    ids = np.arange(256) + np.asarray(draft.state["d2t"][...])
     assert set(target.cfg.eos_token_ids) <= set(ids.tolist())  # stop tokens always drafted
     capsys.readouterr()
-    gen = ["generate", "--target", str(llama_16m), "--prompt", "import os\n",
+    gen = ["generate", "--target", str(small_ckpt), "--prompt", "import os\n",
            "--max-new-tokens", "12", "--json"]
     assert main(gen) == 0
     plain = json.loads(capsys.readouterr().out)

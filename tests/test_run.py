@@ -25,9 +25,9 @@ def test_default_yaml_is_the_built_in_default():
     assert RunConfig.load(ROOT / "configs" / "default.yaml") == RunConfig()
 
 
-def test_tiny_run_writes_consistent_outputs(llama_16m, tmp_path):
+def test_tiny_run_writes_consistent_outputs(small_ckpt, tmp_path):
     out = tmp_path / "run"
-    rc = main(["run", "--out", str(out), f"target={llama_16m}", "scenario.requests=6",
+    rc = main(["run", "--out", str(out), f"target={small_ckpt}", "scenario.requests=6",
                "scenario.prompt_tokens=16", "scenario.max_new_tokens=8", "window=2",
                "max_slots=2", "learner.steps_per_window=2", "learner.every_steps=2",
                "learner.batch_size=2", "learner.seq_len=16", "learner.trees_per_seq=2",
@@ -61,14 +61,14 @@ def test_tiny_run_writes_consistent_outputs(llama_16m, tmp_path):
     assert summary["speedup_vs_target_only"] > 0
 
 
-def test_bad_config_or_scenario_fails_before_anything_runs(llama_16m, tmp_path, capsys):
+def test_bad_config_or_scenario_fails_before_anything_runs(small_ckpt, tmp_path, capsys):
     out = tmp_path / "never"
     bad = tmp_path / "s.jsonl"
     bad.write_text('{"prompt": "x = 1", "domain": "code"}\n{"prompt": "no domain"}\n')
     typo = tmp_path / "c.yaml"
     typo.write_text("scenario:\n  requets: 4\n")
     cases = [
-        ([f"target={llama_16m}", f"scenario.file={bad}", "scenario.domains=[code]"],
+        ([f"target={small_ckpt}", f"scenario.file={bad}", "scenario.domains=[code]"],
          "s.jsonl:2"),
         (["scenario.order=sideways"], "scenario order must be one of"),
         (["--config", str(typo)], "unknown key 'requets' (did you mean 'requests'?)"),

@@ -79,10 +79,15 @@ def cmd_convert(args) -> int:
 
 
 def _load_pair(args, path: Path):
-    """The target, and the draft that --draft names (None for target-only)."""
+    """The target, and the draft that --draft names (None for target-only); a scratch draft
+    gets the day-0 vocabulary of --draft-vocab-size tokens."""
+    from aurora_jax.data.tokenizer import Tokenizer
+    from aurora_jax.data.vocab import scratch_draft_vocab
     from aurora_jax.models.eagle3_io import load_pair
 
-    return load_pair(path, args.draft, dtype=args.dtype, seed=args.seed)
+    vocab = (scratch_draft_vocab(args.draft_vocab_size or None, Tokenizer.load(path))
+             if args.draft == "scratch" else None)
+    return load_pair(path, args.draft, dtype=args.dtype, seed=args.seed, draft_vocab=vocab)
 
 
 def spec_from_args(args):
@@ -271,6 +276,13 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
                    help="tree mode: draft nodes verified per step")
 
 
+def _add_scratch_vocab_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft-vocab-size", type=int, default=8192,
+                   help="--draft scratch: draft head rows, the most frequent built-in corpus "
+                        "tokens plus the stop tokens (engine and learner must agree; 0: the "
+                        "whole target vocabulary)")
+
+
 def _add_sync_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sync-every", type=int, default=20,
                    help="learner steps between draft publications")
@@ -412,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", action="store_true", help="print one JSON object")
     _add_spec_args(g)
+    _add_scratch_vocab_arg(g)
     g.set_defaults(func=cmd_generate)
     t = sub.add_parser("train-draft", help="train an EAGLE-3 draft offline on a text corpus")
     _add_target_args(t)
@@ -440,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "start from the same); a workdir with published drafts resumes from "
                          "the newest")
     _add_sync_args(lp)
+    _add_scratch_vocab_arg(lp)
     lp.add_argument("--max-steps", type=int, default=None, help="default: until Ctrl-C")
     lp.add_argument("--batch-size", type=int, default=8)
     lp.add_argument("--seq-len", type=int, default=128)

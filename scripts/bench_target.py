@@ -6,7 +6,8 @@ ignored on both sides, so the work is equal). Runs alternate between the two imp
 and the median is reported, so machine noise hits both alike. Compilation (ours) and the first
 call (theirs) are excluded as warm-up. Needs the `test` extra (torch, transformers).
 
-    python scripts/bench_target.py --model ../shared/fixtures/llama-code-16m --out bench.json
+    python scripts/bench_target.py                       # the built-in target (SmolLM2-135M)
+    python scripts/bench_target.py --model /path/to/checkpoint --out bench.json
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import jax
 import torch
 import transformers
 
+from aurora_jax.builtin import resolve_target
 from aurora_jax.data.prompts import stdlib_code_prompts
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.engine.target_only import TargetGenerator
@@ -46,8 +48,8 @@ def time_theirs(model, batch: list[list[int]], new: int) -> tuple[float, list]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=str(Path(__file__).resolve().parents[2]
-                                           / "shared/fixtures/llama-code-16m"))
+    ap.add_argument("--model", default="builtin",
+                    help="builtin, builtin-scratch, or a Hugging Face checkpoint directory")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -55,7 +57,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench_results/bench_target.json")
     args = ap.parse_args()
 
-    model_dir = Path(args.model)
+    model_dir = resolve_target(args.model)
     tok = Tokenizer.load(model_dir)
     ours = TargetGenerator(load_target(model_dir), eos_ids=())  # never stop early
     theirs = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval().float()

@@ -77,12 +77,15 @@ def test_bad_prompts_file_is_refused_before_anything_runs(small_ckpt, tmp_path, 
     cases = {'{"prompt": "ok"}\n{"prompt": 3}\n': 'p.jsonl:2: expected an object',
              '{"prompt": "ok"}\nnot json\n': "p.jsonl:2: not valid JSON",
              '{"prompt": "ok", "domian": "code"}\n': "unknown field(s) ['domian']",
+             '{"prompt": "ok", "messages": []}\n': 'p.jsonl:1: expected an object',
              "": "no prompts"}
     for text, message in cases.items():
         (tmp_path / "p.jsonl").write_text(text)
         assert main(["generate", "--target", str(small_ckpt), "--prompts",
                      str(tmp_path / "p.jsonl")]) == 2
         assert message in capsys.readouterr().err
+    assert main(["generate", "--target", str(small_ckpt), "--prompt", "x", "--chat"]) == 2
+    assert "has no chat template" in capsys.readouterr().err
     assert main(["generate", "--target", str(small_ckpt), "--prompt", "x", "--online"]) == 2
     assert "--online learns across requests" in capsys.readouterr().err
     (tmp_path / "p.jsonl").write_text('{"prompt": "ok"}\n')

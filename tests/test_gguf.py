@@ -5,6 +5,8 @@ fail with one line that names the problem."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,3 +141,22 @@ def test_broken_files_fail_with_one_line(files, tmp_path, capsys):
         assert len(err) == 1 and message in err[0], err
         assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_generate_serves_a_gguf_target_with_chat_prompts(files, tmp_path, capsys):
+    path = files[("llama", False)][0]
+    tok = Tokenizer.load(path)
+    args = ["generate", "--target", str(path), "--max-new-tokens", "6", "--json"]
+    assert main(args + ["--prompt", "hello there", "--chat"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    chat = [{"role": "user", "content": "hello there"}]
+    assert out["prompt_tokens"] == len(tok.encode_chat(chat)) > len(tok.encode("hello there"))
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"messages": chat, "id": "m"}) + "\n"
+                 + json.dumps({"prompt": "def f(x):", "id": "p"}) + "\n")
+    assert main(args + ["--prompts", str(f)]) == 0
+    lines = {x["id"]: x for x in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert lines["m"]["token_ids"] == out["token_ids"]  # the same chat turn, the same greedy
+    f.write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n")
+    assert main(args + ["--prompts", str(f)]) == 2
+    assert "p.jsonl:1: chat messages must be" in capsys.readouterr().err

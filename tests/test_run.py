@@ -99,6 +99,24 @@ def test_scenario_orders_and_files(tmp_path):
         build_scenario(ScenarioConfig(domains=("math",), requests=2, file=str(f)), enc)
 
 
+def test_chat_domains_become_chat_turns_and_the_rest_stays_raw():
+    enc = lambda text: list(range(1, 1 + min(len(text), 50)))  # noqa: E731
+    turns = []
+
+    def chat_turn(text, max_tokens):
+        turns.append((text, max_tokens))
+        return [900, 901]
+
+    cfg = ScenarioConfig(requests=6, prompt_tokens=20)
+    stream = build_scenario(cfg, enc, chat_turn)
+    assert [r.prompt for r in stream if r.domain == "prose"] == [[900, 901]] * 3
+    assert all(len(r.prompt) == 20 and r.prompt[0] == 1 for r in stream if r.domain == "code")
+    assert len(turns) == 3 and all(t.startswith("Explain this passage") and n == 20
+                                   for t, n in turns)
+    # No chat template (chat_turn None): every prompt raw, as before.
+    assert [r.prompt for r in build_scenario(cfg, enc)] == [enc("x" * 20)] * 6
+
+
 def test_utility_monitor_follows_the_measured_rates():
     m = UtilityMonitor(AdaptiveConfig(probe_every=4))
     assert [m.choose(0), m.choose(1)] == ["spec", "off"]

@@ -41,7 +41,7 @@ class ScenarioConfig:
     """Domains to draw from; with order "shift", the order of the blocks."""
     order: str = "shift"
     """"mixed" (interleaved at random) or "shift" (one block per domain, in order)."""
-    requests: int = 160
+    requests: int = 64
     """Requests in the whole stream (split evenly between the domains)."""
     prompt_tokens: int = 64
     """Prompts are cut to at most this many tokens."""

@@ -43,3 +43,19 @@ def coverage(token_ids, draft_ids: np.ndarray, vocab_size: int) -> float:
     inside[draft_ids] = True
     ids = np.asarray(token_ids, np.int64).ravel()
     return float(inside[ids].mean()) if ids.size else 1.0
+
+
+def scratch_draft_vocab(draft_vocab_size: int | None, tokenizer: Tokenizer):
+    """What `load_pair(..., draft_vocab=)` takes to give a scratch draft its day-0 vocabulary:
+    a function of the target config (None where the draft keeps the whole vocabulary).
+    Deterministic, so an engine and a learner process that both start from scratch agree."""
+    if draft_vocab_size is None:
+        return None
+
+    def choose(tcfg):
+        if draft_vocab_size >= tcfg.vocab_size:
+            return None
+        stops = tuple(dict.fromkeys(tcfg.eos_token_ids + tokenizer.eos_ids))
+        return day0_draft_vocab(tokenizer, tcfg.vocab_size, draft_vocab_size, stops)
+
+    return choose

@@ -27,7 +27,7 @@ import jax
 
 from aurora_jax.data.scenarios import build_scenario
 from aurora_jax.data.tokenizer import Tokenizer
-from aurora_jax.data.vocab import day0_draft_vocab
+from aurora_jax.data.vocab import scratch_draft_vocab
 from aurora_jax.engine.engine import Engine, Request
 from aurora_jax.engine.utility import UtilityMonitor
 from aurora_jax.learn.buffer import TraceAssembler, TraceBuffer
@@ -63,21 +63,6 @@ class _Writer:
         self.f.close()
 
 
-def scratch_vocab(cfg: RunConfig, tok: Tokenizer):
-    """What load_pair needs to give a scratch draft its day-0 vocabulary (None: the whole
-    target vocabulary)."""
-    if cfg.draft_vocab_size is None:
-        return None
-
-    def choose(tcfg):
-        if cfg.draft_vocab_size >= tcfg.vocab_size:
-            return None
-        stops = tuple(dict.fromkeys(tcfg.eos_token_ids + tok.eos_ids))
-        return day0_draft_vocab(tok, tcfg.vocab_size, cfg.draft_vocab_size, stops)
-
-    return choose
-
-
 def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) -> dict:
     """Runs `cfg` on the checkpoint in `target_dir`, writing into `out`; returns the summary."""
     from tqdm import tqdm
@@ -90,7 +75,7 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
     mesh = make_mesh(tp=cfg.tp) if cfg.tp > 1 else None
     target, draft = load_pair(target_dir, None if cfg.draft == "none" else cfg.draft,
                               dtype=cfg.dtype, seed=cfg.seed, mesh=mesh,
-                              draft_vocab=scratch_vocab(cfg, tok))
+                              draft_vocab=scratch_draft_vocab(cfg.draft_vocab_size, tok))
     eos = tuple(dict.fromkeys(target.cfg.eos_token_ids + tok.eos_ids))
     max_len = max(len(r.prompt) for r in stream) + cfg.scenario.max_new_tokens
     buffer = TraceBuffer()

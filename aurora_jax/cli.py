@@ -361,7 +361,7 @@ def cmd_train_draft(args) -> int:
     from aurora_jax.models.hf_io import load_target
 
     cfg = OfflineConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                        learning_rate=args.lr, draft_vocab_size=args.draft_vocab_size,
+                        learning_rate=args.lr, draft_vocab_size=args.draft_vocab_size or None,
                         ttt_steps=args.ttt_steps, checkpoint_every=args.checkpoint_every,
                         seed=args.seed)
     texts = read_corpus(args.data)
@@ -437,8 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--seq-len", type=int, default=128)
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    t.add_argument("--draft-vocab-size", type=int, default=None,
-                   help="draft vocabulary: the most frequent corpus tokens (default: all)")
+    t.add_argument("--draft-vocab-size", type=int, default=8192,
+                   help="draft vocabulary: the most frequent corpus tokens, stop tokens "
+                        "included (0: the whole target vocabulary)")
     t.add_argument("--ttt-steps", type=int, default=5, help="training-time-test unroll")
     t.add_argument("--checkpoint-every", type=int, default=200)
     t.add_argument("--seed", type=int, default=0)

@@ -53,3 +53,17 @@ def test_bad_training_input_is_refused(tmp_path):
         read_corpus(tmp_path / "bad.jsonl")
     with pytest.raises(ConfigError, match="seq_len"):
         OfflineConfig(seq_len=1)
+
+
+def test_a_draft_vocabulary_as_large_as_the_targets_keeps_every_token(small_ckpt, tmp_path):
+    """The CLI default (8192 rows) on a smaller vocabulary means the whole vocabulary."""
+    from aurora_jax.data.tokenizer import Tokenizer
+    from aurora_jax.learn.offline import train_draft
+
+    target = load_target(small_ckpt)
+    texts = ["def f(x):\n    return x + 1\n" * 40]
+    train_draft(target, Tokenizer.load(small_ckpt), texts, tmp_path / "run",
+                OfflineConfig(steps=2, batch_size=2, seq_len=16, ttt_steps=1,
+                              draft_vocab_size=8192))
+    draft = load_draft(tmp_path / "run" / "draft", target=target.cfg)
+    assert draft.cfg.draft_vocab_size == target.cfg.vocab_size == 512

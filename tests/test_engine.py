@@ -9,7 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from spec_models import EOS, copycat_pair, greedy_path, random_pair, swap_state, tiny_cfg
+from spec_models import (
+    EOS,
+    copycat_pair,
+    greedy_path,
+    noisy_copycat_pair,
+    random_pair,
+    swap_state,
+    tiny_cfg,
+)
 
 from aurora_jax.engine.engine import Engine, Request
 from aurora_jax.engine.target_only import TargetGenerator
@@ -41,11 +49,11 @@ def randoms():
 _ENGINES: dict = {}
 
 
-def _engine(target, draft, mode, max_slots=2):
+def _engine(target, draft, mode, max_slots=2, max_len=64):
     """Engines are reusable across runs; sharing them keeps compilation out of most tests."""
-    key = (id(target), id(draft), mode, max_slots)
+    key = (id(target), id(draft), mode, max_slots, max_len)
     if key not in _ENGINES:
-        _ENGINES[key] = Engine(target, draft, _spec(mode), max_slots=max_slots, max_len=64)
+        _ENGINES[key] = Engine(target, draft, _spec(mode), max_slots=max_slots, max_len=max_len)
     return _ENGINES[key]
 
 
@@ -167,6 +175,77 @@ def test_caches_after_steps_equal_plain_decoding(pair, request):
 
 
 _jit_forward = jax.jit(forward)
+
+
+@pytest.fixture(scope="module")
+def noisy():
+    return noisy_copycat_pair(tiny_cfg())
+
+
+def _stepwise(engine, prompts, sampling, steps):
+    """Prefill into slots 0..n-1, then `steps` engine steps; returns (state, generated token
+    lists, the accepted count of every active slot-step)."""
+    state = engine.init_decode_state()
+    n = len(prompts)
+    prefix = engine.prefill(prompts, sampling)
+    state = engine.insert(prefix, state, list(range(n)), [200] * n, sampling)
+    generated = [[int(x)] for x in np.asarray(prefix.first)[:n]]
+    accepted = []
+    for _ in range(steps):
+        state, out = engine.generate(state)
+        emitted, active = np.asarray(out.emitted), np.asarray(out.active)
+        for slot in range(n):
+            generated[slot] += np.asarray(out.tokens[slot, : emitted[slot]]).tolist()
+        accepted += np.asarray(out.accepted)[active].tolist()
+    return state, generated, np.array(accepted)
+
+
+def _assert_cache_is_plain_forward(target, state, slot, seq):
+    n = len(seq) - 1  # the last token is the root: not cached yet
+    assert int(state.cache_len[slot]) == n and int(state.root[slot]) == seq[-1]
+    *_, cache = _jit_forward(target.graphdef, target.state, jnp.asarray([seq[:n]]),
+                             jnp.arange(n)[None], causal_mask(jnp.array([n]), n),
+                             KVCache.zeros(target.cfg, 1, n))
+    for got, want in zip(state.cache.k + state.cache.v, cache.k + cache.v, strict=True):
+        np.testing.assert_allclose(np.asarray(got[slot, :n]), np.asarray(want[0]),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_a_draft_right_on_most_tokens_stays_lossless(noisy, mode):
+    """Mid-path rejections and bonus tokens at every depth: the output and the KV cache still
+    equal target-only decoding, token for token and entry for entry."""
+    target, draft = noisy
+    engine = _engine(target, draft, mode, max_slots=6, max_len=128)
+    prompts = _prompts([5, 9, 13, 7, 11, 6], 40, seed=12)
+    greedy = [SamplingParams()] * len(prompts)
+    state, generated, accepted = _stepwise(engine, prompts, greedy, steps=12)
+    depth = _spec(mode).depth
+    assert 1 < 1 + accepted.mean() < depth + 1
+    assert set(accepted.tolist()) == set(range(depth + 1))  # every accepted count occurs
+    ref = _target_only(target, prompts, max(map(len, generated)))
+    for slot, (p, g) in enumerate(zip(prompts, generated, strict=True)):
+        assert g == ref[slot][: len(g)]
+        _assert_cache_is_plain_forward(target, state, slot, p + g)
+
+
+def test_a_batch_mixing_greedy_and_sampled_requests_stays_lossless(noisy):
+    """Greedy rows equal target-only whatever their sampled neighbours do; every row's cache
+    equals a plain forward over what it committed."""
+    target, draft = noisy
+    engine = _engine(target, draft, "tree", max_slots=6, max_len=128)
+    prompts = _prompts([6, 10, 8, 12, 5, 9], 40, seed=13)
+    hot = SamplingParams(temperature=20.0)  # the target is very peaked (logit margin ~64)
+    sampling = [SamplingParams(), hot, SamplingParams(), hot, hot, SamplingParams()]
+    state, generated, accepted = _stepwise(engine, prompts, sampling, steps=10)
+    assert len(set(accepted.tolist())) >= 3
+    ref = _target_only(target, prompts, max(map(len, generated)))
+    for slot, (p, g) in enumerate(zip(prompts, generated, strict=True)):
+        if sampling[slot].temperature == 0:
+            assert g == ref[slot][: len(g)]
+        _assert_cache_is_plain_forward(target, state, slot, p + g)
+    assert any(g != ref[s][: len(g)] for s, g in enumerate(generated)
+               if sampling[s].temperature > 0)  # the sampled rows really sampled
 
 
 @jax.jit

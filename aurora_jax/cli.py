@@ -136,9 +136,10 @@ def cmd_generate(args) -> int:
     if learns and args.draft is None:
         args.draft = "scratch"
     spec = spec_from_args(args)
-    if spec.mode != "off" and args.draft is None:
-        raise ConfigError(f"--spec {spec.mode} needs a draft: --draft scratch or --draft PATH")
-    if learns and spec.mode == "off":
+    if spec.needs_draft and args.draft is None:
+        raise ConfigError(f"--spec {spec.mode} needs a draft: --draft scratch or --draft PATH "
+                          "(--spec ngram needs none)")
+    if learns and not spec.needs_draft:
         raise ConfigError(f"{learns} trains the draft from speculation traces; use --spec "
                           "chain or tree")
     if args.prompts is not None:
@@ -171,7 +172,7 @@ def _generate_many(args, sampling, spec, items: list[dict]) -> int:
 
         engine, store, watcher = shared_engine(target, draft, spec, args.workdir, **kwargs)
     else:
-        engine = Engine(target, draft if spec.mode != "off" else None, spec, **kwargs)
+        engine = Engine(target, draft if spec.needs_draft else None, spec, **kwargs)
 
     def report(res) -> None:
         text = tokenizer.decode(res.token_ids)
@@ -230,7 +231,7 @@ def _generate_one(args, sampling, spec) -> int:
     eos = tuple(dict.fromkeys(target.cfg.eos_token_ids + tokenizer.eos_ids))
     prompt_ids = (tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat
                   else tokenizer.encode(args.prompt))
-    engine = Engine(target, draft if spec.mode != "off" else None, spec, max_slots=1,
+    engine = Engine(target, draft if spec.needs_draft else None, spec, max_slots=1,
                     max_len=max(64, len(prompt_ids) + args.max_new_tokens), eos_ids=eos,
                     seed=args.seed)
     run = engine.run([Request(prompt_ids, args.max_new_tokens, sampling)])
@@ -267,8 +268,9 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=None,
                    help="EAGLE-3 draft: 'scratch' (random, day 0) or a checkpoint directory "
                         "in the Hugging Face EAGLE-3 layout; default none (target only)")
-    p.add_argument("--spec", default=None, choices=["off", "chain", "tree"],
-                   help="speculation mode (default: tree with a draft, off without)")
+    p.add_argument("--spec", default=None, choices=["off", "chain", "tree", "ngram"],
+                   help="speculation mode (default: tree with a draft, off without); ngram "
+                        "proposes tokens looked up in the sequence itself, with no draft")
     p.add_argument("--depth", type=int, default=d.depth, help="draft steps per verification")
     p.add_argument("--topk", type=int, default=d.topk,
                    help="tree mode: children per node and nodes expanded per depth")

@@ -1,20 +1,25 @@
 """Speculative versus target-only decoding, measured side by side in one run.
 
-For each batch size, the same prompts (held-out standard-library files cut to the same token
-length) go through three engines that differ only in their speculation setting: off
-(target-only), chain and tree. Each is run once to compile, then --repeats times alternately,
-and the median is kept, so machine noise hits all alike. Stop tokens are ignored (every request
-generates exactly --new-tokens) so the work is equal. Reported per setting: tokens/s, its ratio
-to target-only, acceptance length (tokens committed per verification step, bonus included) and
-target forwards per generated token, milliseconds per engine step, and the break-even
-acceptance length (a speculative step's cost in target-only steps: above it, speculation
-pays). Greedy outputs are checked equal across settings.
+For each batch size (concurrent slots), the same --num-prompts prompts go through engines
+that differ only in their speculation setting: off (target-only), chain and tree with the
+draft, and n-gram (prompt lookup, no draft) at each of --ngram-depths. Prompts (--prompts):
+held-out standard-library files cut to the same token length (stdlib), the HumanEval prompts
+(code), or chat turns that ask to explain a passage of Python's documentation (prose, under
+the chat template). Each is
+run once to compile, then --repeats times alternately, and the median is kept, so machine
+noise hits all alike. Greedy decoding is lossless, so every setting generates the same tokens
+(stop tokens end a request; --ignore-eos generates exactly --new-tokens). Reported per
+setting: tokens/s, its ratio to target-only, acceptance length (tokens committed per
+verification step, bonus included), target forwards per generated token, milliseconds per
+engine step, and the break-even acceptance length (a speculative step's cost in target-only
+steps: above it, speculation pays). Greedy outputs are checked equal across settings.
 
-    python scripts/bench_spec.py --target ../shared/fixtures/llama-code-16m --draft scratch
+    python scripts/bench_spec.py                          # built-in target, scratch draft
+    python scripts/bench_spec.py --draft runs/X/draft --prompts prose --transformers
 
 A scratch (random) draft accepts almost nothing, so it measures the cost of speculating; the
-wall-clock gain needs a trained draft (`--draft PATH`) and, on CPU, a target costly enough for
-a wide verification to pay (see ../shared/tools/widen_llama.py).
+wall-clock gain needs a trained draft (`--draft PATH`) or n-gram lookups that hit.
+--transformers adds transformers' greedy `generate` on the same prompts (test extra).
 """
 
 from __future__ import annotations
@@ -28,20 +33,34 @@ from pathlib import Path
 
 import jax
 
+from aurora_jax.builtin import resolve_target
 from aurora_jax.data.prompts import stdlib_code_prompts
+from aurora_jax.data.scenarios import CHAT_REQUEST, builtin_texts
 from aurora_jax.data.tokenizer import Tokenizer
+from aurora_jax.data.vocab import scratch_draft_vocab
 from aurora_jax.engine.engine import Engine, Request
-from aurora_jax.models.eagle3 import DraftConfig
-from aurora_jax.models.eagle3_io import init_draft, load_draft, read_draft_config
-from aurora_jax.models.hf_io import load_target
+from aurora_jax.models.eagle3_io import load_pair
 from aurora_jax.spec.draft import SpecConfig
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--target", required=True, help="Hugging Face checkpoint directory")
-    ap.add_argument("--draft", default="scratch", help="'scratch' or an EAGLE-3 directory")
-    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--target", default="builtin",
+                    help="builtin, builtin-scratch, a checkpoint directory or a .gguf file")
+    ap.add_argument("--draft", default="scratch",
+                    help="'scratch' (day-0 vocabulary of --draft-vocab-size), an EAGLE-3 "
+                         "directory, or 'none' (no chain/tree rows)")
+    ap.add_argument("--draft-vocab-size", type=int, default=8192)
+    ap.add_argument("--prompts", default="stdlib", choices=["stdlib", "code", "prose"])
+    ap.add_argument("--ngram-depths", default="2,3,4",
+                    help="n-gram settings to measure (comma-separated depths; '' for none)")
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="generate exactly --new-tokens per request")
+    ap.add_argument("--transformers", action="store_true",
+                    help="also time transformers' greedy generate on the same prompts")
+    ap.add_argument("--batches", default="1,8", help="concurrent slots to measure")
+    ap.add_argument("--num-prompts", type=int, default=8,
+                    help="prompts served in each run (through the batch's slots)")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--depth", type=int, default=4)
@@ -51,28 +70,32 @@ def main() -> None:
     ap.add_argument("--out", default="bench_results/spec.json")
     args = ap.parse_args()
 
-    target_dir = Path(args.target)
-    if args.draft == "scratch":
-        target = load_target(target_dir)
-        draft = init_draft(DraftConfig.for_target(target.cfg), seed=0)
-    else:
-        aux = read_draft_config(args.draft).aux_layers
-        target = load_target(target_dir, cfg_overrides={"aux_layers": tuple(aux)} if aux
-                             else None)
-        draft = load_draft(args.draft, target=target.cfg)
+    target_dir = resolve_target(args.target)
     tok = Tokenizer.load(target_dir)
+    draft_arg = None if args.draft == "none" else args.draft
+    target, draft = load_pair(target_dir, draft_arg, draft_vocab=scratch_draft_vocab(
+        args.draft_vocab_size or None, tok) if draft_arg == "scratch" else None)
+    eos = () if args.ignore_eos else tuple(dict.fromkeys(target.cfg.eos_token_ids + tok.eos_ids))
     batches = [int(b) for b in args.batches.split(",")]
-    prompts = stdlib_code_prompts(target_dir, tok, max(batches), args.prompt_tokens)
-    specs = {"off": SpecConfig(mode="off"),
-             "chain": SpecConfig(mode="chain", depth=args.depth),
-             "tree": SpecConfig(mode="tree", depth=args.depth, topk=args.topk,
-                                num_draft_tokens=args.num_draft_tokens)}
+    prompts = bench_prompts(args.prompts, target_dir, tok, args.num_prompts, args.prompt_tokens)
+    specs = {"off": SpecConfig(mode="off")}
+    if draft is not None:
+        specs["chain"] = SpecConfig(mode="chain", depth=args.depth)
+        specs["tree"] = SpecConfig(mode="tree", depth=args.depth, topk=args.topk,
+                                   num_draft_tokens=args.num_draft_tokens)
+    for d in filter(None, args.ngram_depths.split(",")):
+        specs[f"ngram{d}"] = SpecConfig(mode="ngram", depth=int(d))
+    theirs = None
+    if args.transformers:
+        import transformers
+
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(target_dir).eval().float()
     rows = []
     for b in batches:
-        reqs = [Request(p, args.new_tokens) for p in prompts[:b]]
-        max_len = args.prompt_tokens + args.new_tokens
-        engines = {name: Engine(target, None if s.mode == "off" else draft, s, max_slots=b,
-                                max_len=max_len, eos_ids=()) for name, s in specs.items()}
+        reqs = [Request(p, args.new_tokens) for p in prompts]
+        max_len = max(map(len, prompts)) + args.new_tokens
+        engines = {name: Engine(target, draft if s.needs_draft else None, s, max_slots=b,
+                                max_len=max_len, eos_ids=eos) for name, s in specs.items()}
         runs = {name: [e.run(reqs)] for name, e in engines.items()}  # compile + warm-up
         for _ in range(args.repeats):
             for name, e in engines.items():
@@ -97,21 +120,64 @@ def main() -> None:
                 # target-only steps (each emits one token per slot).
                 "break_even_tau": round(step_s / base_step, 2),
                 "compile_s": round(rs[0].compile_s, 1)})
-    print(f"{'batch':>5} {'spec':>6} {'tok/s':>8} {'vs off':>7} {'tau':>6} {'fwd/tok':>8} "
+        if theirs is not None:
+            tps = _transformers_tokens_per_s(theirs, prompts, b, args.new_tokens, args.repeats)
+            rows.append({"batch": b, "spec": "hf", "tokens_per_s": round(tps, 1),
+                         "speedup_vs_target_only": round(tps / base, 3),
+                         "acceptance_length": 1.0, "target_forwards_per_token": 1.0,
+                         "engine_steps": None, "step_ms": None, "break_even_tau": None,
+                         "compile_s": None})
+    print(f"{'batch':>5} {'spec':>7} {'tok/s':>8} {'vs off':>7} {'tau':>6} {'fwd/tok':>8} "
           f"{'step ms':>8} {'break-even tau':>15}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['spec']:>6} {r['tokens_per_s']:>8} "
+        print(f"{r['batch']:>5} {r['spec']:>7} {r['tokens_per_s']:>8} "
               f"{r['speedup_vs_target_only']:>7} {r['acceptance_length']:>6} "
               f"{r['target_forwards_per_token']:>8} {r['step_ms']:>8} {r['break_even_tau']:>15}")
     out = Path(args.out)
+    meta = {"prompts": args.prompts, "ngram_depths": args.ngram_depths}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "target": str(target_dir), "draft": args.draft, "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens, "depth": args.depth, "topk": args.topk,
         "num_draft_tokens": args.num_draft_tokens, "repeats": args.repeats,
         "jax": jax.__version__, "machine": platform.machine(), "devices": str(jax.devices()),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows}, indent=2))
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **meta, "rows": rows}, indent=2))
     print(f"wrote {out}")
+
+
+def bench_prompts(kind: str, target_dir, tok, n: int, length: int) -> list[list[int]]:
+    """`n` prompts: stdlib files cut to `length` tokens, HumanEval prompts cut to `length`, or
+    chat turns (a passage of `length` tokens to explain, under the chat template)."""
+    if kind == "stdlib":
+        return stdlib_code_prompts(target_dir, tok, n, length)
+    if kind == "code":
+        return [tok.encode(t)[:length] for t in builtin_texts("code")[:n]]
+    passages = builtin_texts("prose")[:n]
+    if not tok.chat_template:
+        return [tok.encode(CHAT_REQUEST + t)[:length] for t in passages]
+    return [tok.chat_turn(CHAT_REQUEST + t, length) for t in passages]
+
+
+def _transformers_tokens_per_s(model, prompts, batch: int, new: int, repeats: int) -> float:
+    """Greedy generate of exactly `new` tokens per prompt, `batch` prompts at a time
+    (left-padded), median over repeats. (Stop tokens are ignored here, so its work is at least
+    ours: a bound in its favour only where our requests stop early.)"""
+    import torch
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        for i in range(0, len(prompts), batch):
+            group = prompts[i:i + batch]
+            width = max(map(len, group))
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in group])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+            with torch.no_grad():
+                model.generate(ids, attention_mask=mask, max_new_tokens=new,
+                               min_new_tokens=new, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t0
+
+    once()  # warm-up
+    return len(prompts) * new / statistics.median(once() for _ in range(repeats))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def test_tiny_run_writes_consistent_outputs(small_ckpt, tmp_path):
                "max_slots=2", "learner.steps_per_window=2", "learner.every_steps=2",
                "learner.batch_size=2", "learner.seq_len=16", "learner.trees_per_seq=2",
                "spec.depth=2", "spec.topk=2", "spec.num_draft_tokens=4",
-               "adaptive.probe_every=2", "adaptive.alternatives=[{mode: chain, depth: 2}]"])
+               "adaptive.probe_every=2", "adaptive.alternatives=[{mode: ngram, depth: 2}]"])
     assert rc == 0
     for name in ("generations.jsonl", "metrics.jsonl", "summary.json", "config.json",
                  "acceptance.png", "throughput.png", "acceptance_by_domain.png"):
@@ -57,6 +57,11 @@ def test_tiny_run_writes_consistent_outputs(small_ckpt, tmp_path):
     assert summary["final_window"]["greedy_outputs_equal"] is True
     # Training starts once 3 sequences are in (after window 1): 2 windows x 2 steps.
     assert summary["learner_steps"] == metrics[-1]["learner_steps"] == 4
+    from aurora_jax.models.eagle3_io import load_draft
+    from aurora_jax.models.hf_io import load_target
+
+    served = load_draft(out / "draft", target=load_target(small_ckpt).cfg)  # the final draft
+    assert summary["draft_dir"] == str(out / "draft") and served.cfg.vocab_size == 512
     assert summary["drafts_published"] == 2
     assert summary["speedup_vs_target_only"] > 0
 

@@ -31,10 +31,10 @@ def pair():
     return target, draft
 
 
-def exact_distribution(target, sp: SamplingParams) -> np.ndarray:
+def exact_distribution(target, sp: SamplingParams, prompt=PROMPT) -> np.ndarray:
     """p(x1, x2, x3 | prompt) under the filtered target, by enumerating every continuation."""
     conts = np.array(list(itertools.product(range(V), repeat=NEW - 1)), np.int32)
-    seqs = np.concatenate([np.tile(PROMPT, (len(conts), 1)), conts], 1)
+    seqs = np.concatenate([np.tile(prompt, (len(conts), 1)), conts], 1)
     b, t = seqs.shape
     logits, *_ = jax.jit(forward)(target.graphdef, target.state, jnp.asarray(seqs),
                                   jnp.broadcast_to(jnp.arange(t), (b, t)),
@@ -44,7 +44,7 @@ def exact_distribution(target, sp: SamplingParams) -> np.ndarray:
         jnp.full((b * t,), sp.top_p), jnp.full((b * t,), sp.top_k, jnp.int32)))).reshape(b, t, V)
     joint = np.zeros((V,) * NEW)
     for row, (x1, x2) in enumerate(conts):
-        p1, p2, p3 = p[row, len(PROMPT) - 1], p[row, len(PROMPT)], p[row, len(PROMPT) + 1]
+        p1, p2, p3 = p[row, len(prompt) - 1], p[row, len(prompt)], p[row, len(prompt) + 1]
         joint[x1, x2] = p1[x1] * p2[x2] * p3
     return joint
 
@@ -65,20 +65,28 @@ def chi_square(counts: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
 @pytest.mark.parametrize("mode,sp", [
     ("chain", SamplingParams(temperature=0.8, top_k=5)),
     ("tree", SamplingParams(temperature=1.0, top_k=6, top_p=0.95)),
+    ("ngram", SamplingParams(temperature=0.9, top_k=6)),
 ])
 def test_sampled_sequences_follow_the_target(pair, mode, sp):
     target, draft = pair
-    spec = (SpecConfig(mode="chain", depth=3) if mode == "chain"
-            else SpecConfig(mode="tree", depth=3, topk=3, num_draft_tokens=7))
-    engine = Engine(target, draft, spec, max_slots=512, max_len=16, eos_ids=(), seed=7)
-    run = engine.run([Request(PROMPT, NEW, sp) for _ in range(SAMPLES)])
+    spec = {"chain": SpecConfig(mode="chain", depth=3), "ngram": SpecConfig(mode="ngram", depth=3),
+            "tree": SpecConfig(mode="tree", depth=3, topk=3, num_draft_tokens=7)}[mode]
+    engine = Engine(target, draft if spec.needs_draft else None, spec, max_slots=512,
+                    max_len=16, eos_ids=(), seed=7)
+    prompt = PROMPT
+    if mode == "ngram":  # proposals come from repeats: the target's greedy path repeats itself
+        from aurora_jax.engine.target_only import TargetGenerator
+
+        (c,) = TargetGenerator(target, eos_ids=()).generate([PROMPT], 9).completions
+        prompt = PROMPT + c.token_ids
+    run = engine.run([Request(prompt, NEW, sp) for _ in range(SAMPLES)])
     counts = np.zeros((V,) * NEW)
     for r in run.results:
         counts[tuple(r.token_ids)] += 1
     # Draft tokens were accepted, so the speculative path produced the tokens being tested.
     assert sum(r.accepted for r in run.results) > SAMPLES // 4
-    stat, threshold = chi_square(counts, exact_distribution(target, sp))
+    stat, threshold = chi_square(counts, exact_distribution(target, sp, prompt))
     assert stat < threshold, (stat, threshold)
     # The same test tells apart a distribution that is only slightly off (temperature 1.1x).
     wrong = SamplingParams(sp.temperature * 1.1, sp.top_p, sp.top_k)
-    assert chi_square(counts, exact_distribution(target, wrong))[0] > threshold
+    assert chi_square(counts, exact_distribution(target, wrong, prompt))[0] > threshold

@@ -104,7 +104,7 @@ class Engine:
                  eos_ids: Sequence[int] | None = None,
                  trace_sink: Callable[[object], None] | None = None, seed: int = 0):
         spec = spec or SpecConfig(mode="off" if draft is None else "tree")
-        if spec.mode != "off" and draft is None:
+        if spec.needs_draft and draft is None:
             raise ConfigError(f"spec mode {spec.mode!r} needs a draft model")
         if draft is not None:
             check_fits(draft.cfg, target.cfg)

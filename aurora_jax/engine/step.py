@@ -30,6 +30,7 @@ from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.kv_cache import KVCache, commit_path
 from aurora_jax.spec.accept import accept
 from aurora_jax.spec.draft import SpecConfig, catch_up, propose
+from aurora_jax.spec.ngram import ngram_tree, write_history
 from aurora_jax.spec.sampling import sample
 from aurora_jax.spec.tree import Tree, ancestor_mask
 
@@ -44,6 +45,8 @@ class DecodeState:
     pend_tokens: jax.Array  # [B, R] int32, R = max_depth + 1
     pend_aux: jax.Array  # [B, R, A, H] target aux features of the previous positions
     pend_count: jax.Array  # [B] int32
+    history: jax.Array  # [B, S] int32 the sequence's tokens (prompt, then committed); root at
+    #                     cache_len: what n-gram drafting looks up
     generated: jax.Array  # [B] int32, tokens emitted so far (the prefill's included)
     max_new: jax.Array  # [B] int32
     active: jax.Array  # [B] bool
@@ -59,6 +62,7 @@ class Prefix:
 
     cache: KVCache  # L x [b, T, K, D]
     draft_cache: KVCache | None  # 1 x [b, T, Kd, D]
+    tokens: jax.Array  # [b, T] the right-padded prompts
     lengths: jax.Array  # [b] prompt lengths
     first: jax.Array  # [b] the first generated token
     last_aux: jax.Array  # [b, A, H] aux features at the last prompt position
@@ -92,7 +96,8 @@ def init_state(target_cfg, draft_cfg, spec: SpecConfig, batch: int, max_len: int
                      else KVCache.zeros(draft_cfg, batch, max_len, dtype, num_layers=1)),
         draft_len=zeros_i(), pend_tokens=jnp.zeros((batch, r), jnp.int32),
         pend_aux=jnp.zeros((batch, r, aux, target_cfg.hidden_size), dtype),
-        pend_count=jnp.ones((batch,), jnp.int32), generated=zeros_i(), max_new=zeros_i(),
+        pend_count=jnp.ones((batch,), jnp.int32),
+        history=jnp.zeros((batch, max_len), jnp.int32), generated=zeros_i(), max_new=zeros_i(),
         active=jnp.zeros((batch,), bool), temperature=jnp.zeros((batch,), jnp.float32),
         top_p=jnp.ones((batch,), jnp.float32), top_k=zeros_i(), key=jax.random.key(seed))
 
@@ -118,7 +123,7 @@ def prefill(tgraph, tstate, dgraph, dstate, tokens_BxT, lengths_B, key, temperat
         _, _, draft_cache = draft(model.embed[...][shifted], draft.project(aux), positions,
                                   causal_mask(lengths_B - 1, t),
                                   KVCache.zeros(draft.cfg, b, t, dtype, num_layers=1))
-    return Prefix(cache, draft_cache, lengths_B, first, last_aux,
+    return Prefix(cache, draft_cache, tokens_BxT, lengths_B, first, last_aux,
                   aux if trace else None, h if trace else None)
 
 
@@ -141,7 +146,11 @@ def insert(prefix: Prefix, state: DecodeState, slots_b, max_new_b, temperature_b
     pend_tokens = jnp.zeros((b, r), jnp.int32).at[:, 0].set(prefix.first)
     pend_aux = jnp.zeros((b, *state.pend_aux.shape[1:]), state.pend_aux.dtype)
     pend_aux = pend_aux.at[:, 0].set(prefix.last_aux.astype(pend_aux.dtype))
+    width = min(t + 1, state.history.shape[1])  # the prompt, then the first token
+    history = jnp.pad(prefix.tokens, ((0, 0), (0, 1)))[:, :width]
+    history = history.at[jnp.arange(b), prefix.lengths].set(prefix.first, mode="drop")
     return state.replace(
+        history=state.history.at[slots_b, :width].set(history, mode="drop"),
         cache=put_cache(state.cache, prefix.cache),
         draft_cache=put_cache(state.draft_cache, prefix.draft_cache),
         cache_len=put(state.cache_len, prefix.lengths), root=put(state.root, prefix.first),
@@ -173,13 +182,33 @@ def generate(tgraph, tstate, dgraph, dstate, state: DecodeState, eos_E, *, spec:
     if spec.mode == "off":
         tree = Tree(tokens=state.root[:, None], parent=jnp.full((b, 1), -1, jnp.int32),
                     depth=jnp.zeros((b, 1), jnp.int32), valid=jnp.ones((b, 1), bool))
+    elif spec.mode == "ngram":
+        tree = ngram_tree(state.history, state.cache_len + 1, state.root, spec.depth,
+                          spec.max_ngram)
     else:
         tree, draft_logp = propose(draft, embed, draft_cache, draft_len, state.root, root_lp,
                                    root_h, spec)
 
-    h, aux, cache = model.hidden(tree.tokens, state.cache_len[:, None] + tree.depth,
-                                 ancestor_mask(tree.parent), state.cache, state.cache_len)
-    path, n_acc, bonus = accept(k_accept, tree, model.logits(h), spec.max_depth,
+    def verify(tree):
+        h, aux, cache = model.hidden(tree.tokens, state.cache_len[:, None] + tree.depth,
+                                     ancestor_mask(tree.parent), state.cache, state.cache_len)
+        return model.logits(h), h, aux, cache
+
+    if spec.mode == "ngram":
+        # Lookups often find nothing (prose): then verify the root alone, a plain target step,
+        # instead of paying for a block of invalid nodes. Outputs are padded to the block.
+        def root_only():
+            one = jax.tree.map(lambda x: x[:, :1], tree)
+            outs = verify(one)
+            pad = lambda x: jnp.pad(x, [(0, 0), (0, tree.size - 1)]  # noqa: E731
+                                    + [(0, 0)] * (x.ndim - 2))
+            return (*map(pad, outs[:3]), outs[3])
+
+        has_proposal = jnp.any(tree.valid[:, 1:] & active[:, None])
+        logits, h, aux, cache = jax.lax.cond(has_proposal, verify, lambda _: root_only(), tree)
+    else:
+        logits, h, aux, cache = verify(tree)
+    path, n_acc, bonus = accept(k_accept, tree, logits, spec.max_depth,
                                 state.temperature, state.top_p, state.top_k)
 
     # Committed this step: the accepted nodes' tokens, then the bonus.
@@ -207,6 +236,7 @@ def generate(tgraph, tstate, dgraph, dstate, state: DecodeState, eos_E, *, spec:
     pend_tokens = jnp.pad(tokens, ((0, 0), (0, pad)))
     pend_aux = jnp.pad(pend_aux, ((0, 0), (0, pad), (0, 0), (0, 0)))
     new_state = state.replace(
+        history=write_history(state.history, state.cache_len + 1, tokens, active),
         cache=cache, cache_len=keep(state.cache_len + n_acc + 1, state.cache_len),
         root=keep(bonus, state.root), draft_cache=draft_cache,
         draft_len=keep(draft_len, state.draft_len),

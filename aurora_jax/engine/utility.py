@@ -42,8 +42,8 @@ class AdaptiveConfig:
         if not 0 < self.smoothing <= 1 or self.margin <= 0:
             raise ConfigError("smoothing must be in (0, 1] and margin > 0")
         if any(a.mode == "off" for a in self.alternatives):
-            raise ConfigError("adaptive.alternatives are speculation settings (chain or tree); "
-                              "target-only is always measured")
+            raise ConfigError("adaptive.alternatives are speculation settings (chain, tree or "
+                              "ngram); target-only is always measured")
 
 
 class UtilityMonitor:

@@ -83,8 +83,9 @@ class RunConfig:
     """Parameter dtype."""
     tp: int = 1
     """Tensor-parallel degree: the target is split over this many local devices."""
-    max_slots: int = 8
-    """Requests served at once."""
+    max_slots: int = 1
+    """Requests served at once (1: one at a time, the latency-bound load where speculation
+    pays on a CPU; at 8 two cores are compute-bound and the target alone is faster)."""
     window: int = 8
     """Requests per metrics window (the unit of the adaptive policy and of learning)."""
     seed: int = 0
@@ -95,7 +96,8 @@ class RunConfig:
     """The traffic."""
     learner: LearnSettings = LearnSettings()
     """Online learning."""
-    adaptive: AdaptiveConfig = AdaptiveConfig()
+    adaptive: AdaptiveConfig = AdaptiveConfig(alternatives=(
+        SpecConfig(mode="ngram", depth=3), SpecConfig(mode="chain", depth=3)))
     """When to speculate, from measured tokens/s."""
     compare: CompareSettings = CompareSettings()
     """Only for --compare."""

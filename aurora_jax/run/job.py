@@ -34,7 +34,7 @@ from aurora_jax.learn.buffer import TraceAssembler, TraceBuffer
 from aurora_jax.learn.learner import DEFAULT_OPTIMIZER, Learner
 from aurora_jax.learn.losses import LossConfig
 from aurora_jax.learn.online import EnginePublisher, OnlineConfig, OnlineLearner
-from aurora_jax.models.eagle3_io import load_pair
+from aurora_jax.models.eagle3_io import load_pair, save_draft
 from aurora_jax.models.sharding import make_mesh
 from aurora_jax.run.config import RunConfig
 from aurora_jax.spec.draft import SpecConfig
@@ -83,12 +83,14 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
     kw = dict(max_slots=cfg.max_slots, max_len=max_len, eos_ids=eos, seed=cfg.seed,
               trace_sink=sink)
     specs = spec_modes(cfg) if draft is not None else {}
-    engines = {name: Engine(target, draft, s, **kw) for name, s in specs.items()}
+    # N-gram settings propose without the draft: their engines skip its passes entirely.
+    engines = {name: Engine(target, draft if s.needs_draft else None, s, **kw)
+               for name, s in specs.items()}
     # Target-only is the target alone (no draft catch-up): the speed speculation must beat.
     # Its traces still carry the target's features at every committed token.
     engines["off"] = Engine(target, None, SpecConfig(mode="off"), **kw)
     online = _online_learner(cfg, target, draft, buffer,
-                             [engines[n] for n in specs])
+                             [engines[n] for n, s in specs.items() if s.needs_draft])
     monitor = UtilityMonitor(cfg.adaptive, modes=tuple(engines))
 
     gen_log, metric_log = _Writer(out / "generations.jsonl"), _Writer(out / "metrics.jsonl")
@@ -148,6 +150,9 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
     summary = _summary(cfg, rows, final, online, time.perf_counter() - t_start)
     summary["spec_settings"] = {n: dataclasses.asdict(s) for n, s in specs.items()}
     summary["measured_tokens_per_s"] = dict(monitor.tokens_per_s)
+    if online is not None:  # the served draft, servable with --draft (HF EAGLE-3 layout)
+        save_draft(out / "draft", dataclasses.replace(draft, state=engines["spec"].draft_state))
+        summary["draft_dir"] = str(out / "draft")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     from aurora_jax.run.report import plot_run
 

@@ -29,7 +29,7 @@ from aurora_jax.errors import ConfigError
 from aurora_jax.models.attention import causal_mask
 from aurora_jax.spec.tree import Tree
 
-MODES = ("off", "chain", "tree")
+MODES = ("off", "chain", "tree", "ngram")
 MAX_DEPTH = 16
 
 
@@ -38,13 +38,17 @@ class SpecConfig:
     """How the engine speculates."""
 
     mode: str = "tree"
-    """off: target-only decoding; chain: top-1 draft for `depth` steps; tree: EAGLE-2 tree."""
+    """off: target-only decoding; chain: top-1 draft for `depth` steps; tree: EAGLE-2 tree;
+    ngram: a chain of up to `depth` tokens looked up in the sequence itself (no draft model,
+    spec/ngram.py)."""
     depth: int = 5
     """Draft steps per verification (tree height)."""
     topk: int = 4
     """Tree mode: children per expanded node, and nodes expanded per depth."""
     num_draft_tokens: int = 16
     """Tree mode: nodes kept in the tree (excluding the root)."""
+    max_ngram: int = 3
+    """N-gram mode: the longest suffix looked up (shorter ones are tried when it fails)."""
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -53,6 +57,8 @@ class SpecConfig:
             return
         if not 1 <= self.depth <= MAX_DEPTH:
             raise ConfigError(f"depth must be in 1..{MAX_DEPTH}, got {self.depth}")
+        if not 1 <= self.max_ngram <= 8:
+            raise ConfigError(f"max_ngram must be in 1..8, got {self.max_ngram}")
         if self.mode == "tree":
             if not 1 <= self.topk <= 64:
                 raise ConfigError(f"topk must be in 1..64, got {self.topk}")
@@ -63,9 +69,14 @@ class SpecConfig:
                     f"{self.num_draft_tokens}")
 
     @property
+    def needs_draft(self) -> bool:
+        """Whether this mode proposes with a draft model (chain, tree)."""
+        return self.mode in ("chain", "tree")
+
+    @property
     def width(self) -> int:
-        """Nodes expanded per depth (1 in chain mode)."""
-        return 1 if self.mode == "chain" else self.topk
+        """Nodes expanded per depth (1 in chain and n-gram mode)."""
+        return self.topk if self.mode == "tree" else 1
 
     @property
     def max_depth(self) -> int:
@@ -81,7 +92,8 @@ class SpecConfig:
     @property
     def nodes(self) -> int:
         """N: draft nodes per tree (excluding the root)."""
-        return {"off": 0, "chain": self.depth, "tree": self.num_draft_tokens}[self.mode]
+        return {"off": 0, "chain": self.depth, "tree": self.num_draft_tokens,
+                "ngram": self.depth}[self.mode]
 
 
 def catch_up(draft, embed_VxH, cache, draft_len_B, tokens_BxR, aux_BxRxAxH, count_B):

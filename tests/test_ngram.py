@@ -1,0 +1,89 @@
+"""N-gram (prompt lookup) drafting: the lookup finds what a plain loop finds; the engine's
+greedy output stays exactly the target's (sampled: test_spec_sampling.py); a sequence that
+repeats itself is accepted in long runs."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from spec_models import copycat_pair, greedy_path, noisy_copycat_pair, tiny_cfg
+
+from aurora_jax.engine.engine import Engine, Request
+from aurora_jax.engine.target_only import TargetGenerator
+from aurora_jax.spec.draft import SpecConfig
+from aurora_jax.spec.ngram import lookup
+
+
+def lookup_reference(seq: list[int], depth: int, max_ngram: int):
+    """The loop the device code must equal: longest suffix first, most recent match."""
+    n = len(seq)
+    for g in range(max_ngram, 0, -1):
+        if n <= g:
+            continue
+        suffix = seq[n - g:]
+        for j in range(n - g - 1, -1, -1):  # j + g <= n - 1: not the suffix itself
+            if seq[j:j + g] == suffix:
+                cont = seq[j + g: j + g + depth]
+                return cont + [None] * (depth - len(cont))
+    return [None] * depth
+
+
+def test_lookup_equals_the_loop_reference():
+    rs = np.random.RandomState(0)
+    s, depth, max_ngram = 48, 4, 3
+    seqs = []
+    for _ in range(200):
+        n = rs.randint(1, s)
+        seqs.append(rs.randint(0, rs.choice([3, 5, 12]), size=n).tolist())  # small alphabets
+    hist = np.full((len(seqs), s), 7, np.int32)  # garbage past each length
+    for i, q in enumerate(seqs):
+        hist[i, : len(q)] = q
+    lengths = jnp.asarray([len(q) for q in seqs], jnp.int32)
+    tokens, valid = lookup(jnp.asarray(hist), lengths, depth, max_ngram)
+    tokens, valid = np.asarray(tokens), np.asarray(valid)
+    found = 0
+    for i, q in enumerate(seqs):
+        want = lookup_reference(q, depth, max_ngram)
+        assert valid[i].tolist() == [w is not None for w in want], (q, want)
+        assert [t for t, ok in zip(tokens[i], valid[i], strict=True) if ok] == \
+            [w for w in want if w is not None]
+        found += valid[i, 0]
+    assert 20 < found < len(seqs)  # both outcomes are exercised
+
+
+@pytest.fixture(scope="module")
+def noisy():
+    return noisy_copycat_pair(tiny_cfg())
+
+
+@pytest.fixture(scope="module")
+def ngram_engine(noisy):
+    return Engine(noisy[0], None, SpecConfig(mode="ngram", depth=4), max_slots=3, max_len=128)
+
+
+def test_greedy_output_is_the_targets(noisy, ngram_engine):
+    target = noisy[0]
+    rs = np.random.RandomState(3)
+    # Prompts that repeat a phrase (lookups hit) and random ones (lookups mostly miss).
+    phrase = rs.randint(3, 40, size=6).tolist()
+    prompts = [phrase * 3, rs.randint(3, 40, size=9).tolist(), phrase + [5, 6] + phrase,
+               rs.randint(3, 40, size=4).tolist()]
+    run = ngram_engine.run([Request(p, 40) for p in prompts])
+    ref = TargetGenerator(target).generate(prompts, 40).completions
+    assert [r.token_ids for r in run.results] == [c.token_ids for c in ref]
+    assert run.acceptance_length > 1.0
+
+
+def test_a_sequence_that_repeats_itself_is_accepted_in_long_runs():
+    target, _, f = copycat_pair(tiny_cfg(), seed=4, eos_sources=0)
+    start = 7
+    prompt = [start] + greedy_path(f, start, 40)  # the target's own path: it enters a cycle
+    engine = Engine(target, None, SpecConfig(mode="ngram", depth=5), max_slots=1, max_len=160)
+    (res,) = engine.run([Request(prompt, 60)]).results
+    assert res.token_ids == greedy_path(f, prompt[-1], 60)
+    cycle = prompt[::-1].index(prompt[-1], 1)  # the period the path settled into
+    # Every lookup proposes the next min(cycle, depth) tokens (a continuation stops at the
+    # newest token) and every one is accepted, but in the last, budget-cut step.
+    per_step = min(cycle, 5)
+    assert res.accepted >= (res.steps - 1) * per_step and res.acceptance_length > per_step

@@ -127,12 +127,6 @@ def main() -> None:
                          "acceptance_length": 1.0, "target_forwards_per_token": 1.0,
                          "engine_steps": None, "step_ms": None, "break_even_tau": None,
                          "compile_s": None})
-    print(f"{'batch':>5} {'spec':>7} {'tok/s':>8} {'vs off':>7} {'tau':>6} {'fwd/tok':>8} "
-          f"{'step ms':>8} {'break-even tau':>15}")
-    for r in rows:
-        print(f"{r['batch']:>5} {r['spec']:>7} {r['tokens_per_s']:>8} "
-              f"{r['speedup_vs_target_only']:>7} {r['acceptance_length']:>6} "
-              f"{r['target_forwards_per_token']:>8} {r['step_ms']:>8} {r['break_even_tau']:>15}")
     out = Path(args.out)
     meta = {"prompts": args.prompts, "ngram_depths": args.ngram_depths}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +136,21 @@ def main() -> None:
         "num_draft_tokens": args.num_draft_tokens, "repeats": args.repeats,
         "jax": jax.__version__, "machine": platform.machine(), "devices": str(jax.devices()),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **meta, "rows": rows}, indent=2))
+    _print_table(rows)
     print(f"wrote {out}")
+
+
+def _print_table(rows: list[dict]) -> None:
+    def cell(x):
+        return "-" if x is None else x
+
+    print(f"{'batch':>5} {'spec':>7} {'tok/s':>8} {'vs off':>7} {'tau':>6} {'fwd/tok':>8} "
+          f"{'step ms':>8} {'break-even tau':>15}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['spec']:>7} {r['tokens_per_s']:>8} "
+              f"{r['speedup_vs_target_only']:>7} {r['acceptance_length']:>6} "
+              f"{r['target_forwards_per_token']:>8} {cell(r['step_ms']):>8} "
+              f"{cell(r['break_even_tau']):>15}")
 
 
 def bench_prompts(kind: str, target_dir, tok, n: int, length: int) -> list[list[int]]:

@@ -156,8 +156,15 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     from aurora_jax.run.report import plot_run
 
-    plot_run(rows, out)
+    plot_run(rows, out, {n: setting_label(s) for n, s in specs.items()})
     return summary
+
+
+def setting_label(s: SpecConfig) -> str:
+    """A short name of a speculation setting for plots and tables."""
+    if s.mode == "tree":
+        return f"tree {s.depth}/{s.topk}/{s.num_draft_tokens}"
+    return f"{s.mode} {s.depth}"
 
 
 def spec_modes(cfg: RunConfig) -> dict[str, SpecConfig]:

@@ -6,20 +6,19 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_run(rows: list[dict], out: Path) -> list[Path]:
+def plot_run(rows: list[dict], out: Path, labels: dict[str, str] | None = None) -> list[Path]:
+    """`labels` names each speculation setting of the rows' "mode" (e.g. alt1 -> "ngram 3")."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
-    req = [r["requests"] for r in rows]
-    spec = [r["mode"] == "spec" for r in rows]
-
+    paths, labels = [], labels or {}
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([x for x, s in zip(req, spec, strict=True) if s],
-            [r["acceptance_length"] for r in rows if r["mode"] == "spec"], "o-",
-            label="served, speculative windows", zorder=2)
+    for mode in dict.fromkeys(r["mode"] for r in rows if r["mode"] != "off"):
+        pts = [(r["requests"], r["acceptance_length"]) for r in rows if r["mode"] == mode]
+        ax.plot(*zip(*pts, strict=True), "o-", label=f"served: {labels.get(mode, mode)}",
+                zorder=2)
     if r_off := [r for r in rows if r["mode"] == "off"]:
         ax.scatter([r["requests"] for r in r_off], [1.0] * len(r_off), marker="x",
                    color="C3", label="target-only windows (tau 1)", zorder=2)
@@ -54,7 +53,7 @@ def plot_run(rows: list[dict], out: Path) -> list[Path]:
     domains = sorted({d for r in rows for d in r["per_domain_acceptance"]})
     for d in domains:
         pts = [(r["requests"], r["per_domain_acceptance"][d]) for r in rows
-               if r["mode"] == "spec" and d in r["per_domain_acceptance"]]
+               if r["mode"] != "off" and d in r["per_domain_acceptance"]]
         if pts:
             ax.plot(*zip(*pts, strict=True), "o-", label=d)
     ax.set(xlabel="requests served", ylabel="acceptance length",

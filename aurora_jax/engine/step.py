@@ -9,10 +9,12 @@ Per slot b the decode state keeps: the target KV cache holding the committed tok
 and values in slots [0, cache_len); the root, the last committed token (its KV is computed by
 the next verification, where it is tree slot 0); the draft KV cache in slots [0, draft_len);
 and the "pending" draft rows (tokens and target aux features committed in the last step that
-the draft has not read yet, see spec/draft.py), with draft_len + pend_count == cache_len.
+the draft has not read yet, see spec/draft.py), with draft_len + pend_count == cache_len; and
+the sequence's tokens (prompt, then committed) in `history`, which n-gram drafting looks up.
 
 One step (SpecInfer, Miao et al. 2024; EAGLE-2/3, Li et al. 2024/2025):
-  1. the draft catches up on the pending rows and proposes a tree from the root;
+  1. the draft catches up on the pending rows and proposes a tree from the root (or, in
+     n-gram mode, a chain is looked up in the history: spec/ngram.py);
   2. the target verifies all tree nodes in one forward under the tree mask;
   3. acceptance keeps the longest valid path plus a bonus token (spec/accept.py);
   4. commit: the accepted path's target KV entries move into place, the committed tokens

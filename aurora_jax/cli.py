@@ -188,10 +188,15 @@ def _generate_many(args, sampling, spec, items: list[dict]) -> int:
         else:
             print(f"--- {res.id}: {text}", flush=True)
 
-    if online:
-        online.start()
+    on_result = report
+    if online and args.learn_per_request > 0:  # interleaved: learn between requests
+        def on_result(res):
+            report(res)
+            online.train_steps(args.learn_per_request)
+    elif online:
+        online.start()  # a background thread
     try:
-        run = engine.run(requests, on_result=report)
+        run = engine.run(requests, on_result=on_result)
     finally:
         if online:
             online.stop()
@@ -419,6 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--prompts: write traces to DIR/traces and serve each draft an "
                         "`aurora-jax learn --workdir DIR` process publishes to DIR/drafts")
     _add_sync_args(g)
+    g.add_argument("--learn-per-request", type=int, default=8,
+                   help="--online: learner steps run after each finished request (on a "
+                        "shared CPU a learner thread barely gets to run); 0: a background "
+                        "learner thread instead")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     g.add_argument("--top-p", type=float, default=1.0)

@@ -192,3 +192,25 @@ def test_failing_learner_leaves_the_engine_serving_its_last_draft(pair):
     ref = TargetGenerator(target, eos_ids=()).generate(prompts, 24)
     assert [r.token_ids for r in run.results] == [c.token_ids for c in ref.completions]
     assert all(r.draft_versions == {2} for r in run.results)
+
+
+def test_interleaved_learning_raises_acceptance_on_a_short_stream(pair):
+    """The interleaved schedule (learner steps between requests, what `generate --online` does
+    by default): on a stream of 24 requests the draft learns and is swapped in while serving,
+    so the last requests are accepted longer than the first, and every output is still the
+    target's."""
+    from aurora_jax.learn.online import OnlineConfig, online_engine
+
+    target, draft = pair
+    learner = Learner(draft, target, LossConfig(ttt_steps=4, lambda_discard=0.5, tree_depth=4))
+    engine, online = online_engine(target, draft, SPEC, learner, OnlineConfig(
+        batch_size=8, seq_len=48, min_sequences=2, every_steps=10), max_slots=2, max_len=64)
+    prompts = _prompts(24, seed=3)
+    run = engine.run([Request(p, 40) for p in prompts],
+                     on_result=lambda _: online.train_steps(12))
+    taus = [r.acceptance_length for r in run.results]
+    assert online.steps > 200 and online.published >= 20
+    print(f"tau: first 6 requests {np.mean(taus[:6]):.2f}, last 6 {np.mean(taus[-6:]):.2f}")
+    assert np.mean(taus[-6:]) > np.mean(taus[:6]) + 0.5, taus
+    ref = TargetGenerator(target).generate(prompts, 40).completions
+    assert [r.token_ids for r in run.results] == [c.token_ids for c in ref]

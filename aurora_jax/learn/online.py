@@ -145,6 +145,17 @@ class OnlineLearner:
         if self.steps % self.cfg.every_steps == 0:
             self._maybe_publish()
 
+    def train_steps(self, n: int) -> int:
+        """Up to `n` learner steps now, if the buffer is ready; returns how many ran. The
+        interleaved schedule: a serving loop calls this between requests, so on a shared CPU
+        learning gets a guaranteed share instead of racing the engine for the cores."""
+        done = 0
+        while done < n and self.ready() and (self.cfg.max_steps is None
+                                             or self.steps < self.cfg.max_steps):
+            self.train_step()
+            done += 1
+        return done
+
     def _run(self) -> None:
         try:
             while not self._stop.is_set():

@@ -19,6 +19,7 @@ What differs from a Hugging Face checkpoint, and is undone here:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 
@@ -86,6 +87,19 @@ def unpermute_rows(w_OxI: np.ndarray, num_heads: int) -> np.ndarray:
     return (w_OxI.reshape(num_heads, d // 2, 2, *rest).swapaxes(1, 2).reshape(out, *rest))
 
 
+@functools.lru_cache(maxsize=2)
+def _parse(path: str, mtime_ns: int, size: int):
+    """The parsed file (header, metadata, tensor table; the data stays memory-mapped). Parsing
+    a 49k-token vocabulary takes about 2 s, and loading a target, its tokenizer and converting
+    both open the same file, so one parse per file version serves them all."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: truncated or damaged GGUF file ({e})") from e
+
+
 class GGUFCheckpoint:
     """An open GGUF file: metadata, the target config, and tensors read one at a time.
 
@@ -94,15 +108,11 @@ class GGUFCheckpoint:
     """
 
     def __init__(self, path: str | Path):
-        import gguf
-
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"GGUF file does not exist: {self.path}")
-        try:
-            self.reader = gguf.GGUFReader(self.path)
-        except (ValueError, OSError, IndexError, KeyError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{self.path}: truncated or damaged GGUF file ({e})") from e
+        stat = self.path.stat()
+        self.reader = _parse(str(self.path.resolve()), stat.st_mtime_ns, stat.st_size)
         self.tensors = {t.name: t for t in self.reader.tensors}
         end = max((int(t.data_offset) + int(t.n_bytes) for t in self.reader.tensors), default=0)
         if end > self.path.stat().st_size:

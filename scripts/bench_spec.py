@@ -75,7 +75,7 @@ def main() -> None:
     draft_arg = None if args.draft == "none" else args.draft
     target, draft = load_pair(target_dir, draft_arg, draft_vocab=scratch_draft_vocab(
         args.draft_vocab_size or None, tok) if draft_arg == "scratch" else None)
-    eos = () if args.ignore_eos else tuple(dict.fromkeys(target.cfg.eos_token_ids + tok.eos_ids))
+    eos = () if args.ignore_eos else tok.stop_ids(target.cfg.eos_token_ids)
     batches = [int(b) for b in args.batches.split(",")]
     prompts = bench_prompts(args.prompts, target_dir, tok, args.num_prompts, args.prompt_tokens)
     specs = {"off": SpecConfig(mode="off")}

@@ -49,7 +49,7 @@ def test_greedy_64_tokens_match_transformers(smollm2, prompts):
         want.append(out[0, len(p):].tolist())
     assert want[2][-1] == 2 and len(want[2]) < 64  # the chat answer ends its turn
     target, draft = load_pair(smollm2, "scratch", draft_vocab=np.arange(0, 49152, 6))
-    eos = tuple(dict.fromkeys(target.cfg.eos_token_ids + tok.eos_ids))
+    eos = tok.stop_ids(target.cfg.eos_token_ids)
     reqs = [Request(p, 64) for p in ids]
     for engine in (Engine(target, None, SpecConfig(mode="off"), max_slots=3, max_len=256,
                           eos_ids=eos),

@@ -33,6 +33,11 @@ class Tokenizer:
         ids = list(self._b.encode(text))
         return ([self.bos_id] + ids) if self._add_bos and self.bos_id is not None else ids
 
+    def stop_ids(self, model_eos: tuple[int, ...]) -> tuple[int, ...]:
+        """The tokens that end a generation: the model config's, then the tokenizer's own end
+        tokens (an instruct model's end-of-turn), each once."""
+        return tuple(dict.fromkeys(tuple(model_eos) + self.eos_ids))
+
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Token ids of chat `messages` ([{"role", "content"}, ...]) under the model's chat
         template, ending with the assistant's turn opened (the generation prompt)."""

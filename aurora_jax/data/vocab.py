@@ -55,7 +55,7 @@ def scratch_draft_vocab(draft_vocab_size: int | None, tokenizer: Tokenizer):
     def choose(tcfg):
         if draft_vocab_size >= tcfg.vocab_size:
             return None
-        stops = tuple(dict.fromkeys(tcfg.eos_token_ids + tokenizer.eos_ids))
+        stops = tokenizer.stop_ids(tcfg.eos_token_ids)
         return day0_draft_vocab(tokenizer, tcfg.vocab_size, draft_vocab_size, stops)
 
     return choose

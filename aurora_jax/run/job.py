@@ -76,7 +76,7 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
     target, draft = load_pair(target_dir, None if cfg.draft == "none" else cfg.draft,
                               dtype=cfg.dtype, seed=cfg.seed, mesh=mesh,
                               draft_vocab=scratch_draft_vocab(cfg.draft_vocab_size, tok))
-    eos = tuple(dict.fromkeys(target.cfg.eos_token_ids + tok.eos_ids))
+    eos = tok.stop_ids(target.cfg.eos_token_ids)
     max_len = max(len(r.prompt) for r in stream) + cfg.scenario.max_new_tokens
     buffer = TraceBuffer()
     sink = TraceAssembler(buffer.add) if cfg.learner.enabled else None

@@ -78,18 +78,15 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def _load_pair(args, path: Path, tokenizer=None):
+def _load_pair(args, path: Path):
     """The target, and the draft that --draft names (None for target-only); a scratch draft
-    gets the day-0 vocabulary of --draft-vocab-size tokens (counted with `tokenizer`, loaded
-    from `path` when not given)."""
+    gets the day-0 vocabulary of --draft-vocab-size tokens."""
     from aurora_jax.data.tokenizer import Tokenizer
     from aurora_jax.data.vocab import scratch_draft_vocab
     from aurora_jax.models.eagle3_io import load_pair
 
-    vocab = None
-    if args.draft == "scratch":
-        vocab = scratch_draft_vocab(args.draft_vocab_size or None,
-                                    tokenizer or Tokenizer.load(path))
+    vocab = (scratch_draft_vocab(args.draft_vocab_size or None, Tokenizer.load(path))
+             if args.draft == "scratch" else None)
     return load_pair(path, args.draft, dtype=args.dtype, seed=args.seed, draft_vocab=vocab)
 
 
@@ -155,8 +152,8 @@ def _generate_many(args, sampling, spec, items: list[dict]) -> int:
     from aurora_jax.engine.engine import Engine, Request
 
     path = _target_dir(args)
+    target, draft = _load_pair(args, path)
     tokenizer = Tokenizer.load(path)
-    target, draft = _load_pair(args, path, tokenizer)
     eos = tokenizer.stop_ids(target.cfg.eos_token_ids)
     requests = [Request(_encode_item(tokenizer, it, args.prompts), args.max_new_tokens,
                         sampling, id=it["id"], domain=it["domain"]) for it in items]
@@ -234,8 +231,8 @@ def _generate_one(args, sampling, spec) -> int:
     from aurora_jax.engine.engine import Engine, Request
 
     path = _target_dir(args)
+    target, draft = _load_pair(args, path)
     tokenizer = Tokenizer.load(path)
-    target, draft = _load_pair(args, path, tokenizer)
     eos = tokenizer.stop_ids(target.cfg.eos_token_ids)
     prompt_ids = (tokenizer.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat
                   else tokenizer.encode(args.prompt))

@@ -118,6 +118,7 @@ class Engine:
         eos = target.cfg.eos_token_ids if eos_ids is None else tuple(eos_ids)
         self.eos = jnp.asarray(np.array(list(eos) or [-1], np.int32))
         self._eos_set = set(eos)
+        self.eos_ids = tuple(eos)
         # The serving draft and its version, swapped together in one assignment, so a step
         # started on another thread always sees a matching pair.
         self._serving = (None if draft is None else draft.state, 0)

@@ -112,11 +112,19 @@ class TraceBuffer:
         self._items: collections.deque[Sequence] = collections.deque()
         self._lock = threading.Lock()
         self._rng = np.random.default_rng(seed)
+        self._listeners: list = []
+
+    def listen(self, fn) -> None:
+        """Calls `fn(seq)` for every sequence added (before any is dropped): for counts that
+        must outlive the bounded buffer, such as the served-token frequencies."""
+        self._listeners.append(fn)
 
     def __len__(self) -> int:
         return len(self._items)
 
     def add(self, seq: Sequence) -> None:
+        for fn in self._listeners:
+            fn(seq)
         size = seq.nbytes
         with self._lock:
             self.stats.added += 1

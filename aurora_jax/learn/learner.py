@@ -15,11 +15,13 @@ import dataclasses
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from aurora_jax.learn.losses import LearnBatch, LossConfig, draft_loss
 from aurora_jax.learn.pretrain import OptimizerSettings, make_optimizer
+from aurora_jax.learn.vocab_refresh import VocabChange, remap_learner
 from aurora_jax.models.eagle3_io import Draft
 from aurora_jax.models.hf_io import Target
 
@@ -93,6 +95,13 @@ class Learner:
         self.state, metrics = self._step(self.state, self.buffers, self.embed, self.head,
                                          batch)
         return metrics
+
+    def set_vocab(self, new_ids) -> VocabChange:
+        """Moves the draft to the vocabulary `new_ids` (sorted target ids, same size): see
+        learn/vocab_refresh.py. Shapes stay, so neither the step nor the engine recompiles."""
+        self.state, self.buffers, change = remap_learner(self.state, self.buffers, self.head,
+                                                         np.asarray(new_ids, np.int64))
+        return change
 
     def publish(self) -> nnx.State:
         """A copy of the current draft state, shaped like the serving draft's (for

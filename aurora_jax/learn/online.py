@@ -31,6 +31,8 @@ from aurora_jax.errors import ConfigError
 from aurora_jax.learn.buffer import TraceAssembler, TraceBuffer
 from aurora_jax.learn.learner import Learner
 from aurora_jax.learn.losses import draft_loss
+from aurora_jax.learn.vocab_refresh import (TokenCounts, VocabRefreshConfig, choose_vocab,
+                                            draft_ids, outside_share)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,8 @@ class OnlineConfig:
     """Policy "better": the newest sequences kept out of training to compare drafts on."""
     max_steps: int | None = None
     """Stop after this many steps (None: until stopped)."""
+    vocab: VocabRefreshConfig = VocabRefreshConfig()
+    """Re-choosing the draft vocabulary from the served tokens, at publication attempts."""
 
     def __post_init__(self):
         if self.policy not in ("every", "better"):
@@ -95,12 +99,17 @@ class EnginePublisher:
 class OnlineLearner:
     """Trains on what `buffer` receives and hands drafts to `publisher` (an `EnginePublisher`
     or a `DraftPublisher`); trees of `tree_size` nodes (the engine's spec.nodes + 1) feed the
-    rejected-node term. `start()`, then serve; `stop()` when done."""
+    rejected-node term; `keep_ids` (the stop tokens) stay in every draft vocabulary it
+    chooses. `start()`, then serve; `stop()` when done."""
 
     def __init__(self, learner: Learner, buffer: TraceBuffer, publisher, tree_size: int,
-                 cfg: OnlineConfig = OnlineConfig()):
+                 cfg: OnlineConfig = OnlineConfig(), keep_ids: tuple[int, ...] = ()):
         self.learner, self.buffer, self.publisher, self.cfg = learner, buffer, publisher, cfg
         self.tree_size = tree_size
+        self.keep_ids = tuple(keep_ids)
+        self.counts = TokenCounts(learner.draft.cfg.vocab_size)
+        buffer.listen(lambda seq: self.counts.add(seq.tokens))
+        self.vocab_changes: list[dict] = []
         self.steps = 0
         self.published = 0
         self.rejected = 0
@@ -170,7 +179,31 @@ class OnlineLearner:
             log.exception("online learner stopped; the engine keeps draft version %d",
                           self.publisher.version)
 
+    def vocab_outside_share(self) -> float:
+        """Share of the served tokens counted so far that the current draft vocabulary
+        cannot propose."""
+        return outside_share(self.counts.snapshot(), draft_ids(self.learner.buffers["d2t"][...]))
+
+    def _maybe_refresh_vocab(self) -> None:
+        c = self.cfg.vocab
+        counts = self.counts.snapshot()
+        current = draft_ids(self.learner.buffers["d2t"][...])
+        if not c.enabled or counts.sum() < max(c.min_tokens, 1) or len(current) == len(counts):
+            return
+        new = choose_vocab(counts, current, self.keep_ids)
+        before, after = outside_share(counts, current), outside_share(counts, new)
+        if before - after < c.min_gain:
+            return
+        change = self.learner.set_vocab(new)
+        self.vocab_changes.append({"learner_step": self.steps, "tokens": int(counts.sum()),
+                                   "outside_before": before, "outside_after": after,
+                                   "entering": change.entering})
+        log.info("draft vocabulary re-chosen at step %d: %d tokens enter; %.2f%% -> %.2f%% of "
+                 "the served tokens outside it", self.steps, change.entering, 100 * before,
+                 100 * after)
+
     def _maybe_publish(self) -> None:
+        self._maybe_refresh_vocab()
         candidate = self.learner.publish()
         if self.cfg.policy == "better":
             held_out = self._batch(held_out=True)
@@ -193,4 +226,5 @@ def online_engine(target, draft, spec, learner: Learner, cfg: OnlineConfig = Onl
         raise ConfigError("online learning needs a draft (say a scratch one) to train")
     buffer = TraceBuffer() if buffer is None else buffer
     engine = Engine(target, draft, spec, trace_sink=TraceAssembler(buffer.add), **engine_kwargs)
-    return engine, OnlineLearner(learner, buffer, EnginePublisher(engine), spec.nodes + 1, cfg)
+    return engine, OnlineLearner(learner, buffer, EnginePublisher(engine), spec.nodes + 1, cfg,
+                                 keep_ids=engine.eos_ids)

@@ -77,7 +77,8 @@ def run_learner(target, draft: Draft, workdir: str | Path, cfg: OnlineConfig | N
         while follower.sequences == 0 and not should_stop():  # the tree size comes from them
             time.sleep(poll_s)
         online = OnlineLearner(Learner(draft, target, loss, optimizer), buffer, publisher,
-                               follower.tree_size or 1, cfg)
+                               follower.tree_size or 1, cfg,
+                               keep_ids=target.cfg.eos_token_ids)
         if should_stop():
             return online
         online.start()

@@ -11,6 +11,7 @@ from aurora_jax.config_io import apply_overrides, from_dict, read_yaml
 from aurora_jax.data.scenarios import ScenarioConfig
 from aurora_jax.engine.utility import AdaptiveConfig
 from aurora_jax.errors import ConfigError
+from aurora_jax.learn.vocab_refresh import VocabRefreshConfig
 from aurora_jax.spec.draft import SpecConfig
 
 
@@ -39,6 +40,8 @@ class LearnSettings:
     """EAGLE-3 training-time-test unroll."""
     lambda_discard: float = 0.5
     """Weight of the KL at rejected tree nodes (0: plain EAGLE-3 loss)."""
+    vocab: VocabRefreshConfig = VocabRefreshConfig()
+    """Re-choosing the draft vocabulary from the served tokens (a hot swap like any other)."""
 
     def __post_init__(self):
         if min(self.steps_per_window, self.every_steps, self.batch_size, self.seq_len,

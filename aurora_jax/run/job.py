@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from aurora_jax.data.scenarios import build_scenario
 from aurora_jax.data.tokenizer import Tokenizer
@@ -90,7 +91,7 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
     # Its traces still carry the target's features at every committed token.
     engines["off"] = Engine(target, None, SpecConfig(mode="off"), **kw)
     online = _online_learner(cfg, target, draft, buffer,
-                             [engines[n] for n, s in specs.items() if s.needs_draft])
+                             [engines[n] for n, s in specs.items() if s.needs_draft], eos)
     monitor = UtilityMonitor(cfg.adaptive, modes=tuple(engines))
 
     gen_log, metric_log = _Writer(out / "generations.jsonl"), _Writer(out / "metrics.jsonl")
@@ -118,6 +119,7 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
             if engine.traces:
                 engine.traces.flush()
             monitor.record(mode, run.generated_tokens, run.decode_s)
+            outside = _outside_vocab(engines.get("spec"), run.results)
             learn = _learn(online, cfg) if online else {}
             row = {"window": w, "requests": served, "mode": mode,
                    "domains": sorted({r.domain for r in chunk}),
@@ -129,6 +131,7 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
                    "spec_tokens_per_s": monitor.tokens_per_s[monitor.best_spec()],
                    "off_tokens_per_s": monitor.tokens_per_s["off"],
                    "mode_tokens_per_s": dict(monitor.tokens_per_s),
+                   "draft_vocab_outside": outside,
                    "elapsed_s": time.perf_counter() - t_start, **learn,
                    "per_domain_acceptance": _per_domain(run.results)}
             metric_log(row)
@@ -150,6 +153,8 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
     summary = _summary(cfg, rows, final, online, time.perf_counter() - t_start)
     summary["spec_settings"] = {n: dataclasses.asdict(s) for n, s in specs.items()}
     summary["measured_tokens_per_s"] = dict(monitor.tokens_per_s)
+    if online is not None:
+        summary["draft_vocab"] = _vocab_report(online, draft, rows)
     if online is not None:  # the served draft, servable with --draft (HF EAGLE-3 layout)
         save_draft(out / "draft", dataclasses.replace(draft, state=engines["spec"].draft_state))
         summary["draft_dir"] = str(out / "draft")
@@ -174,7 +179,17 @@ def spec_modes(cfg: RunConfig) -> dict[str, SpecConfig]:
                                  for i, a in enumerate(cfg.adaptive.alternatives)}}
 
 
-def _online_learner(cfg: RunConfig, target, draft, buffer, spec_engines):
+def _outside_vocab(engine: Engine | None, results) -> float | None:
+    """Share of the window's generated tokens that the serving draft's vocabulary lacks
+    (None without a reduced-vocabulary draft)."""
+    if engine is None:
+        return None
+    t2d = np.asarray(engine.draft_state["t2d"][...])
+    ids = np.concatenate([np.asarray(r.token_ids, np.int64) for r in results] or [[]])
+    return float(1.0 - t2d[ids.astype(np.int64)].mean()) if ids.size else None
+
+
+def _online_learner(cfg: RunConfig, target, draft, buffer, spec_engines, stop_ids):
     if not cfg.learner.enabled or not spec_engines:
         return None
     s = cfg.learner
@@ -183,9 +198,10 @@ def _online_learner(cfg: RunConfig, target, draft, buffer, spec_engines):
     opt = dataclasses.replace(DEFAULT_OPTIMIZER, learning_rate=s.learning_rate)
     online_cfg = OnlineConfig(batch_size=s.batch_size, seq_len=s.seq_len,
                               trees_per_seq=s.trees_per_seq, min_sequences=3, holdout=2,
-                              every_steps=s.every_steps, policy=s.policy)
+                              every_steps=s.every_steps, policy=s.policy, vocab=s.vocab)
     return OnlineLearner(Learner(draft, target, loss, opt), buffer,
-                         EnginePublisher(*spec_engines), cfg.spec.nodes + 1, online_cfg)
+                         EnginePublisher(*spec_engines), cfg.spec.nodes + 1, online_cfg,
+                         keep_ids=stop_ids)
 
 
 def _learn(online: OnlineLearner, cfg: RunConfig) -> dict:
@@ -198,6 +214,21 @@ def _learn(online: OnlineLearner, cfg: RunConfig) -> dict:
     return {"learner_steps": online.steps, "learn_s": time.perf_counter() - t0,
             "learner_loss": m["loss"], "learner_sim_acceptance": m["sim_acceptance_length"],
             "drafts_published": online.published}
+
+
+def _vocab_report(online: OnlineLearner, draft, rows: list[dict]) -> dict:
+    """The draft vocabulary against the served tokens: the share outside it at the start
+    (the day-0 vocabulary) and at the end, over every token served (prompts included), the
+    re-choices made, and per window the share of generated tokens outside the vocabulary
+    that served them."""
+    from aurora_jax.learn.vocab_refresh import draft_ids, outside_share
+
+    counts = online.counts.snapshot()
+    return {"size": int(draft.cfg.draft_vocab_size),
+            "outside_share_start": outside_share(counts, draft_ids(draft.state["d2t"][...])),
+            "outside_share_end": online.vocab_outside_share(),
+            "changes": online.vocab_changes,
+            "outside_share_generated_per_window": [r["draft_vocab_outside"] for r in rows]}
 
 
 def _per_domain(results) -> dict:

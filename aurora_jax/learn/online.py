@@ -31,8 +31,13 @@ from aurora_jax.errors import ConfigError
 from aurora_jax.learn.buffer import TraceAssembler, TraceBuffer
 from aurora_jax.learn.learner import Learner
 from aurora_jax.learn.losses import draft_loss
-from aurora_jax.learn.vocab_refresh import (TokenCounts, VocabRefreshConfig, choose_vocab,
-                                            draft_ids, outside_share)
+from aurora_jax.learn.vocab_refresh import (
+    TokenCounts,
+    VocabRefreshConfig,
+    choose_vocab,
+    draft_ids,
+    outside_share,
+)
 
 log = logging.getLogger(__name__)
 

@@ -124,58 +124,78 @@ def test_chat_domains_become_chat_turns_and_the_rest_stays_raw():
 
 def test_utility_monitor_follows_the_measured_rates():
     m = UtilityMonitor(AdaptiveConfig(probe_every=4))
-    assert [m.choose(0), m.choose(1)] == ["spec", "off"]
+    assert [m.choose(), m.choose()] == ["spec", "off"]
     m.record("spec", 100, 1.0)
     m.record("off", 300, 1.0)
-    assert m.speedup == pytest.approx(1 / 3) and m.choose(2) == "off"
-    assert m.choose(4) == "spec"  # a probe window
+    assert m.speedup() == pytest.approx(1 / 3) and m.choose() == "off"  # window 2
+    assert [m.choose(), m.choose()] == ["off", "spec"]  # window 4 is a probe
     for _ in range(3):  # the draft got good
         m.record("spec", 900, 1.0)
-    assert m.choose(5) == "spec" and m.choose(8) == "off"
-    assert UtilityMonitor(AdaptiveConfig(enabled=False)).choose(3) == "spec"
+    assert m.choose() == "spec"
+    assert [m.choose() for _ in range(3)] == ["spec", "spec", "off"]  # window 8 probes
+    disabled = UtilityMonitor(AdaptiveConfig(enabled=False))
+    assert [disabled.choose() for _ in range(4)][-1] == "spec"
 
 
 def test_utility_monitor_picks_the_fastest_speculation_setting():
     m = UtilityMonitor(AdaptiveConfig(probe_every=3), modes=("spec", "alt1", "alt2", "off"))
-    assert [m.choose(w) for w in range(4)] == ["spec", "alt1", "alt2", "off"]
+    assert [m.choose() for _ in range(4)] == ["spec", "alt1", "alt2", "off"]
     for mode, rate in (("spec", 200), ("alt1", 500), ("alt2", 300), ("off", 400)):
         m.record(mode, rate, 1.0)
-    assert m.best_spec() == "alt1" and m.speedup == pytest.approx(1.25)
-    assert m.choose(4) == "alt1"
-    probes = {m.choose(w) for w in (6, 9, 12)}  # every 3rd window probes the others in turn
+    assert m.best_spec() == "alt1" and m.speedup() == pytest.approx(1.25)
+    chosen = [m.choose() for _ in range(4, 13)]  # windows 4..12
+    assert chosen[0] == "alt1"
+    probes = {chosen[w - 4] for w in (6, 9, 12)}  # every 3rd window probes the others in turn
     assert probes == {"spec", "alt2", "off"}
     with pytest.raises(ConfigError):
         UtilityMonitor(modes=("spec",))
     only = UtilityMonitor(modes=("off",))  # a target-only run (no draft)
-    assert {only.choose(w) for w in range(9)} == {"off"}
+    assert {only.choose() for _ in range(9)} == {"off"}
 
 
-@pytest.mark.parametrize("pair", ["useless", "copycat"])
-def test_adaptive_policy_turns_speculation_off_and_on_from_measurements(pair):
-    """Measured on real engines: a random draft (nothing accepted) makes speculation slower
-    than the target alone, so the monitor prefers target-only; a draft that copies the
-    target's choices (tau = depth + 1) makes it faster, so it prefers speculation."""
+def test_utility_monitor_keeps_each_load_apart():
+    """Rates measured at one load decide nothing at another; each load explores on its own.
+    Loads are bucketed by powers of two."""
+    from aurora_jax.engine.utility import load_bucket
+
+    assert [load_bucket(n) for n in (0, 1, 2, 3, 4, 5, 8, 9)] == [1, 1, 2, 4, 4, 8, 8, 16]
+    m = UtilityMonitor(AdaptiveConfig(probe_every=4))
+    assert [m.choose(1), m.choose(1), m.choose(8)] == ["spec", "off", "spec"]
+    m.record("spec", 300, 1.0, load=1)
+    m.record("off", 100, 1.0, load=1)
+    m.record("spec", 100, 1.0, load=8)
+    assert m.choose(8) == "off"  # load 8 still explores: target-only not yet measured there
+    m.record("off", 300, 1.0, load=7)  # same bucket as 8
+    assert m.preferred(1) == "spec" and m.preferred(8) == "off"
+    assert m.speedup(1) == pytest.approx(3) and m.speedup(8) == pytest.approx(1 / 3)
+    assert m.rates(2) == {"spec": None, "off": None}
+
+
+def test_adaptive_policy_chooses_per_load_from_real_measurements():
+    """Measured on real engines, into one monitor. Under heavy load (8 requests at once) with
+    a random draft (nothing accepted) speculation is slower than the target alone, so the
+    monitor prefers target-only at that load; one request at a time with a draft that copies
+    the target's choices (tau = depth + 1) it is faster, so it prefers speculation there.
+    Neither measurement moves the other load's choice."""
     cfg = tiny_cfg(eos=())
-    target, draft = (random_pair(cfg, seed=1) if pair == "useless" else copycat_pair(cfg)[:2])
     rs = np.random.RandomState(0)
-    reqs = [Request(rs.randint(3, 40, size=6).tolist(), 48) for _ in range(4)]
-    engines = {"spec": Engine(target, draft, SpecConfig(mode="chain", depth=6), max_slots=4,
-                              max_len=64, eos_ids=()),
-               "off": Engine(target, None, SpecConfig(mode="off"), max_slots=4, max_len=64,
-                             eos_ids=())}
     monitor = UtilityMonitor()
-    for e in engines.values():
-        e.run(reqs)  # compile
-    for _ in range(3):
-        for mode, e in engines.items():
-            run = e.run(reqs)
-            monitor.record(mode, run.generated_tokens, run.decode_s)
-    tau = engines["spec"].run(reqs).acceptance_length
-    print(f"{pair}: tau {tau:.2f}, measured speedup {monitor.speedup:.2f}")
-    if pair == "useless":
-        assert tau < 1.2 and monitor.preferred() == "off"
-    else:
-        assert tau > 5 and monitor.preferred() == "spec"
+    for pair, load in (("useless", 8), ("copycat", 1)):
+        target, draft = (random_pair(cfg, seed=1) if pair == "useless" else copycat_pair(cfg)[:2])
+        reqs = [Request(rs.randint(3, 40, size=6).tolist(), 48) for _ in range(load)]
+        kw = dict(max_slots=load, max_len=64, eos_ids=())
+        engines = {"spec": Engine(target, draft, SpecConfig(mode="chain", depth=6), **kw),
+                   "off": Engine(target, None, SpecConfig(mode="off"), **kw)}
+        for e in engines.values():
+            e.run(reqs)  # compile
+        for _ in range(3):
+            for mode, e in engines.items():
+                run = e.run(reqs)
+                monitor.record(mode, run.generated_tokens, run.decode_s, load)
+        tau = engines["spec"].run(reqs).acceptance_length
+        print(f"{pair} at load {load}: tau {tau:.2f}, speedup {monitor.speedup(load):.2f}")
+        assert (tau < 1.2) if pair == "useless" else (tau > 5)
+    assert monitor.preferred(8) == "off" and monitor.preferred(1) == "spec"
 
 
 def test_compare_arms_differ_only_in_draft_and_learning(tmp_path):

@@ -46,49 +46,67 @@ class AdaptiveConfig:
                               "ngram); target-only is always measured")
 
 
+def load_bucket(load: int) -> int:
+    """Concurrent requests rounded up to a power of two: loads measured together."""
+    return 1 << (max(int(load), 1) - 1).bit_length()
+
+
 class UtilityMonitor:
-    """Tokens/s per serving mode and the choice of mode for each window. `modes` are names of
-    speculative settings (the first is the primary one) followed by "off" (target-only)."""
+    """Tokens/s per serving mode and the choice of mode for each window, kept per load (the
+    number of requests served at once, in power-of-two buckets): speculation that pays at one
+    request at a time may not at eight, where the target's forward is compute-bound. `modes`
+    are names of speculative settings (the first is the primary one) followed by "off"
+    (target-only)."""
 
     def __init__(self, cfg: AdaptiveConfig = AdaptiveConfig(), modes=("spec", "off")):
         if not modes or modes[-1] != "off" or len(set(modes)) != len(modes):
             raise ConfigError(f"modes must be distinct and end with 'off', got {modes}")
         self.cfg, self.modes = cfg, tuple(modes)
-        self.tokens_per_s: dict[str, float | None] = dict.fromkeys(self.modes)
+        self._rates: dict[int, dict[str, float | None]] = {}
+        self._windows: dict[int, int] = {}
 
-    def record(self, mode: str, tokens: int, seconds: float) -> None:
+    def rates(self, load: int = 1) -> dict[str, float | None]:
+        """Smoothed tokens/s per mode at this load (None where not measured yet)."""
+        return self._rates.setdefault(load_bucket(load), dict.fromkeys(self.modes))
+
+    def record(self, mode: str, tokens: int, seconds: float, load: int = 1) -> None:
         if seconds <= 0 or tokens <= 0:
             return
-        rate, old = tokens / seconds, self.tokens_per_s[mode]
+        rates = self.rates(load)
+        rate, old = tokens / seconds, rates[mode]
         a = self.cfg.smoothing
-        self.tokens_per_s[mode] = rate if old is None else a * rate + (1 - a) * old
+        rates[mode] = rate if old is None else a * rate + (1 - a) * old
 
-    def best_spec(self) -> str:
+    def best_spec(self, load: int = 1) -> str:
         """The fastest measured speculative setting (the primary one until any is measured)."""
-        measured = [m for m in self.modes[:-1] if self.tokens_per_s[m] is not None]
-        return max(measured, key=self.tokens_per_s.get) if measured else self.modes[0]
+        rates = self.rates(load)
+        measured = [m for m in self.modes[:-1] if rates[m] is not None]
+        return max(measured, key=rates.get) if measured else self.modes[0]
 
-    @property
-    def speedup(self) -> float | None:
+    def speedup(self, load: int = 1) -> float | None:
         """Measured tokens/s of the best speculative setting over target-only (None until
         both were measured)."""
-        s, o = self.tokens_per_s[self.best_spec()], self.tokens_per_s["off"]
+        rates = self.rates(load)
+        s, o = rates[self.best_spec(load)], rates["off"]
         return None if s is None or o is None else s / o
 
-    def preferred(self) -> str:
-        best = self.best_spec()
+    def preferred(self, load: int = 1) -> str:
+        best = self.best_spec(load)
         if not self.cfg.enabled:
             return best
-        sp = self.speedup
+        sp = self.speedup(load)
         return best if sp is None or sp > self.cfg.margin else "off"
 
-    def choose(self, window: int) -> str:
-        """The first windows try every mode once, in order (so each gets measured); after
-        that the preferred mode, except every probe_every-th window, which probes the others
-        in turn."""
+    def choose(self, load: int = 1) -> str:
+        """The mode of the next window at this load. The first windows at a load try every
+        mode once, in order (so each gets measured there); after that the preferred mode,
+        except every probe_every-th window, which probes the others in turn."""
+        bucket = load_bucket(load)
+        window = self._windows.get(bucket, 0)
+        self._windows[bucket] = window + 1
         if window < len(self.modes):
             return self.modes[window]
-        best = self.preferred()
+        best = self.preferred(load)
         others = [m for m in self.modes if m != best]
         if others and window % self.cfg.probe_every == 0:
             return others[(window // self.cfg.probe_every) % len(others)]

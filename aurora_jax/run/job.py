@@ -96,12 +96,13 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
 
     gen_log, metric_log = _Writer(out / "generations.jsonl"), _Writer(out / "metrics.jsonl")
     windows = [stream[i:i + cfg.window] for i in range(0, len(stream), cfg.window)]
+    load = min(cfg.max_slots, cfg.window)  # requests served at once: the policy's load
     bar = tqdm(total=len(stream), desc="serving", unit="req", disable=not progress,
                file=sys.stderr)
     rows, t_start, served = [], time.perf_counter(), 0
     try:
         for w, chunk in enumerate(windows):
-            mode = monitor.choose(w)
+            mode = monitor.choose(load)
             engine = engines[mode]
             reqs = [Request(r.prompt, cfg.scenario.max_new_tokens, id=served + i,
                             domain=r.domain) for i, r in enumerate(chunk)]
@@ -118,7 +119,7 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
             served += len(chunk)
             if engine.traces:
                 engine.traces.flush()
-            monitor.record(mode, run.generated_tokens, run.decode_s)
+            monitor.record(mode, run.generated_tokens, run.decode_s, load)
             outside = _outside_vocab(engines.get("spec"), run.results)
             learn = _learn(online, cfg) if online else {}
             row = {"window": w, "requests": served, "mode": mode,
@@ -127,10 +128,12 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
                    "compile_s": run.compile_s, "tokens_per_s": run.tokens_per_s,
                    "acceptance_length": run.acceptance_length or 1.0,
                    "draft_version": engines["spec"].draft_version if specs else None,
-                   "measured_speedup": monitor.speedup, "best_spec": monitor.best_spec(),
-                   "spec_tokens_per_s": monitor.tokens_per_s[monitor.best_spec()],
-                   "off_tokens_per_s": monitor.tokens_per_s["off"],
-                   "mode_tokens_per_s": dict(monitor.tokens_per_s),
+                   "load": load, "measured_speedup": monitor.speedup(load),
+                   "best_spec": monitor.best_spec(load),
+                   "spec_tokens_per_s": monitor.rates(load)[monitor.best_spec(load)],
+                   "off_tokens_per_s": monitor.rates(load)["off"],
+                   "mode_tokens_per_s": dict(monitor.rates(load)),
+                   "break_even_acceptance": _break_even(run, mode, monitor.rates(load)),
                    "draft_vocab_outside": outside,
                    "elapsed_s": time.perf_counter() - t_start, **learn,
                    "per_domain_acceptance": _per_domain(run.results)}
@@ -148,11 +151,12 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
         for e in engines.values():
             if e.traces:
                 e.traces.close()
-    final = _side_by_side({n: engines[n] for n in ("off", monitor.best_spec()) if n in engines},
+    final = _side_by_side({n: engines[n] for n in ("off", monitor.best_spec(load))
+                           if n in engines},
                           windows[-1], cfg, served)
     summary = _summary(cfg, rows, final, online, time.perf_counter() - t_start)
     summary["spec_settings"] = {n: dataclasses.asdict(s) for n, s in specs.items()}
-    summary["measured_tokens_per_s"] = dict(monitor.tokens_per_s)
+    summary["measured_tokens_per_s"] = dict(monitor.rates(load))
     if online is not None:
         summary["draft_vocab"] = _vocab_report(online, draft, rows)
     if online is not None:  # the served draft, servable with --draft (HF EAGLE-3 layout)
@@ -177,6 +181,15 @@ def spec_modes(cfg: RunConfig) -> dict[str, SpecConfig]:
     "alt1", "alt2", ... (adaptive.alternatives)."""
     return {"spec": cfg.spec, **{f"alt{i + 1}": a
                                  for i, a in enumerate(cfg.adaptive.alternatives)}}
+
+
+def _break_even(run, mode: str, rates: dict) -> float | None:
+    """The acceptance length at which this window's speculation would have run exactly as
+    fast as the target alone: its step time over target-only's (tau x off rate / own rate)."""
+    off = rates.get("off")
+    if mode == "off" or not off or not run.tokens_per_s:
+        return None
+    return (run.acceptance_length or 1.0) * off / run.tokens_per_s
 
 
 def _outside_vocab(engine: Engine | None, results) -> float | None:

@@ -1,5 +1,6 @@
 """Plots of a run (PNG, matplotlib's non-interactive backend): acceptance length versus
-requests served, tokens/s over time with draft swaps marked, acceptance per domain."""
+requests served (with each setting's measured break-even acceptance: the step-time ratio to
+the target alone), tokens/s over time with draft swaps marked, acceptance per domain."""
 
 from __future__ import annotations
 
@@ -15,13 +16,19 @@ def plot_run(rows: list[dict], out: Path, labels: dict[str, str] | None = None) 
 
     paths, labels = [], labels or {}
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for mode in dict.fromkeys(r["mode"] for r in rows if r["mode"] != "off"):
+    for i, mode in enumerate(dict.fromkeys(r["mode"] for r in rows if r["mode"] != "off")):
         pts = [(r["requests"], r["acceptance_length"]) for r in rows if r["mode"] == mode]
-        ax.plot(*zip(*pts, strict=True), "o-", label=f"served: {labels.get(mode, mode)}",
-                zorder=2)
+        ax.plot(*zip(*pts, strict=True), "o-", color=f"C{i}",
+                label=f"served: {labels.get(mode, mode)}", zorder=2)
+        # Above its break-even line a setting is faster than the target alone.
+        even = [(r["requests"], r["break_even_acceptance"]) for r in rows
+                if r["mode"] == mode and r.get("break_even_acceptance")]
+        if even:
+            ax.plot(*zip(*even, strict=True), ":", color=f"C{i}", lw=1.2,
+                    label=f"break-even: {labels.get(mode, mode)}", zorder=1)
     if r_off := [r for r in rows if r["mode"] == "off"]:
         ax.scatter([r["requests"] for r in r_off], [1.0] * len(r_off), marker="x",
-                   color="C3", label="target-only windows (tau 1)", zorder=2)
+                   color="k", label="target-only windows (tau 1)", zorder=2)
     sim = [(r["requests"], r["learner_sim_acceptance"]) for r in rows
            if r.get("learner_sim_acceptance")]
     if sim:

@@ -12,20 +12,23 @@ from spec_models import copycat_pair, greedy_path, noisy_copycat_pair, tiny_cfg
 from aurora_jax.engine.engine import Engine, Request
 from aurora_jax.engine.target_only import TargetGenerator
 from aurora_jax.spec.draft import SpecConfig
-from aurora_jax.spec.ngram import lookup
+from aurora_jax.spec.ngram import RECENT_MIN_NGRAM, archive, lookup, oldest_first
 
 
-def lookup_reference(seq: list[int], depth: int, max_ngram: int):
-    """The loop the device code must equal: longest suffix first, most recent match."""
+def lookup_reference(seq: list[int], depth: int, max_ngram: int, recent=()):
+    """The loop the device code must equal: longest suffix first, most recent match; at each
+    length the sequence itself first, then the recent sequences (newest first)."""
     n = len(seq)
     for g in range(max_ngram, 0, -1):
         if n <= g:
             continue
         suffix = seq[n - g:]
-        for j in range(n - g - 1, -1, -1):  # j + g <= n - 1: not the suffix itself
-            if seq[j:j + g] == suffix:
-                cont = seq[j + g: j + g + depth]
-                return cont + [None] * (depth - len(cont))
+        refs = [seq[:n]] + (list(reversed(recent)) if g >= RECENT_MIN_NGRAM else [])
+        for ref in refs:
+            for j in range(len(ref) - g - 1, -1, -1):  # j + g <= len - 1: a known next token
+                if ref[j:j + g] == suffix:
+                    cont = ref[j + g: j + g + depth]
+                    return cont + [None] * (depth - len(cont))
     return [None] * depth
 
 
@@ -50,6 +53,42 @@ def test_lookup_equals_the_loop_reference():
             [w for w in want if w is not None]
         found += valid[i, 0]
     assert 20 < found < len(seqs)  # both outcomes are exercised
+
+
+def test_lookup_in_recent_sequences_equals_the_loop_reference():
+    """Other requests' sequences, kept in a ring that `archive` fills: a suffix the sequence
+    lacks is found in them, the newest first."""
+    rs = np.random.RandomState(1)
+    s, depth, max_ngram, m = 40, 3, 3, 4
+    ring, ring_len, nxt = jnp.zeros((m, s), jnp.int32), jnp.zeros((m,), jnp.int32), 0
+    finished = []
+    for _ in range(6):  # six sequences finish, two at a time: the ring keeps the newest four
+        seqs = [rs.randint(0, 6, size=rs.randint(5, s)).tolist() for _ in range(2)]
+        hist = np.zeros((3, s), np.int32)
+        for i, q in enumerate(seqs):
+            hist[i, : len(q)] = q
+        done = jnp.array([True, True, False])  # the third slot is still running
+        ring, ring_len, nxt = archive(ring, ring_len, nxt, jnp.asarray(hist),
+                                      jnp.asarray([len(q) for q in seqs] + [9]), done)
+        finished += seqs
+    recent = finished[-m:]
+    r_tokens, r_len = oldest_first(ring, ring_len, nxt)
+    assert [np.asarray(r_tokens[i, : int(r_len[i])]).tolist() for i in range(m)] == recent
+    queries = [rs.randint(0, 6, size=rs.randint(1, s)).tolist() for _ in range(150)]
+    hist = np.full((len(queries), s), 7, np.int32)
+    for i, q in enumerate(queries):
+        hist[i, : len(q)] = q
+    tokens, valid = lookup(jnp.asarray(hist), jnp.asarray([len(q) for q in queries]), depth,
+                           max_ngram, r_tokens, r_len)
+    tokens, valid = np.asarray(tokens), np.asarray(valid)
+    from_recent = 0
+    for i, q in enumerate(queries):
+        want = lookup_reference(q, depth, max_ngram, recent)
+        assert valid[i].tolist() == [w is not None for w in want], (q, want)
+        assert [t for t, ok in zip(tokens[i], valid[i], strict=True) if ok] == \
+            [w for w in want if w is not None]
+        from_recent += want != lookup_reference(q, depth, max_ngram)
+    assert from_recent > 10  # the recent sequences decide a good share of the lookups
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +126,22 @@ def test_a_sequence_that_repeats_itself_is_accepted_in_long_runs():
     # newest token) and every one is accepted, but in the last, budget-cut step.
     per_step = min(cycle, 5)
     assert res.accepted >= (res.steps - 1) * per_step and res.acceptance_length > per_step
+
+
+def test_a_request_that_repeats_an_earlier_one_is_accepted_from_its_output(noisy):
+    """Served one after another, the second request repeats the first one's prompt: its own
+    history has nothing to offer, but the first request's finished sequence holds the whole
+    greedy continuation, so (with other requests' sequences kept) nearly every step accepts
+    the full depth; without them it does not. Output is the target's either way."""
+    target = noisy[0]
+    rs = np.random.RandomState(11)
+    prompt = rs.randint(3, 40, size=10).tolist()
+    ref = TargetGenerator(target).generate([prompt], 30).completions[0].token_ids
+    taus = {}
+    for kept in (0, 4):
+        engine = Engine(target, None, SpecConfig(mode="ngram", depth=4, recent_sequences=kept),
+                        max_slots=1, max_len=64)
+        first, second = engine.run([Request(prompt, 30), Request(prompt, 30)]).results
+        assert first.token_ids == second.token_ids == ref
+        taus[kept] = second.acceptance_length
+    assert taus[4] > 4.0 > taus[0] + 1.0, taus

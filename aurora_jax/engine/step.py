@@ -32,7 +32,7 @@ from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.kv_cache import KVCache, commit_path
 from aurora_jax.spec.accept import accept
 from aurora_jax.spec.draft import SpecConfig, catch_up, propose
-from aurora_jax.spec.ngram import ngram_tree, write_history
+from aurora_jax.spec.ngram import archive, ngram_tree, oldest_first, write_history
 from aurora_jax.spec.sampling import sample
 from aurora_jax.spec.tree import Tree, ancestor_mask
 
@@ -49,6 +49,9 @@ class DecodeState:
     pend_count: jax.Array  # [B] int32
     history: jax.Array  # [B, S] int32 the sequence's tokens (prompt, then committed); root at
     #                     cache_len: what n-gram drafting looks up
+    recent: jax.Array  # [M, S] int32 a ring of finished sequences (n-gram mode; else M = 0)
+    recent_len: jax.Array  # [M] int32 their lengths
+    recent_next: jax.Array  # [] int32 the ring's next row to write (its oldest)
     generated: jax.Array  # [B] int32, tokens emitted so far (the prefill's included)
     max_new: jax.Array  # [B] int32
     active: jax.Array  # [B] bool
@@ -87,6 +90,7 @@ def init_state(target_cfg, draft_cfg, spec: SpecConfig, batch: int, max_len: int
     """All slots empty."""
     r = spec.max_depth + 1
     aux = len(target_cfg.resolved_aux_layers)
+    m = spec.recent_sequences if spec.mode == "ngram" else 0
 
     def zeros_i():  # a fresh buffer per field: the state is donated field by field
         return jnp.zeros((batch,), jnp.int32)
@@ -99,7 +103,9 @@ def init_state(target_cfg, draft_cfg, spec: SpecConfig, batch: int, max_len: int
         draft_len=zeros_i(), pend_tokens=jnp.zeros((batch, r), jnp.int32),
         pend_aux=jnp.zeros((batch, r, aux, target_cfg.hidden_size), dtype),
         pend_count=jnp.ones((batch,), jnp.int32),
-        history=jnp.zeros((batch, max_len), jnp.int32), generated=zeros_i(), max_new=zeros_i(),
+        history=jnp.zeros((batch, max_len), jnp.int32),
+        recent=jnp.zeros((m, max_len), jnp.int32), recent_len=jnp.zeros((m,), jnp.int32),
+        recent_next=jnp.zeros((), jnp.int32), generated=zeros_i(), max_new=zeros_i(),
         active=jnp.zeros((batch,), bool), temperature=jnp.zeros((batch,), jnp.float32),
         top_p=jnp.ones((batch,), jnp.float32), top_k=zeros_i(), key=jax.random.key(seed))
 
@@ -186,7 +192,9 @@ def generate(tgraph, tstate, dgraph, dstate, state: DecodeState, eos_E, *, spec:
                     depth=jnp.zeros((b, 1), jnp.int32), valid=jnp.ones((b, 1), bool))
     elif spec.mode == "ngram":
         tree = ngram_tree(state.history, state.cache_len + 1, state.root, spec.depth,
-                          spec.max_ngram)
+                          spec.max_ngram, *(oldest_first(state.recent, state.recent_len,
+                                                         state.recent_next)
+                                            if state.recent.shape[0] else (None, None)))
     else:
         tree, draft_logp = propose(draft, embed, draft_cache, draft_len, state.root, root_lp,
                                    root_h, spec)
@@ -237,8 +245,12 @@ def generate(tgraph, tstate, dgraph, dstate, state: DecodeState, eos_E, *, spec:
     pad = state.pend_tokens.shape[1] - r
     pend_tokens = jnp.pad(tokens, ((0, 0), (0, pad)))
     pend_aux = jnp.pad(pend_aux, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    history = write_history(state.history, state.cache_len + 1, tokens, active)
+    recent = (state.recent, state.recent_len, state.recent_next)
+    if state.recent.shape[0]:  # finished sequences join the n-gram references
+        recent = archive(*recent, history, state.cache_len + 1 + emitted, done)
     new_state = state.replace(
-        history=write_history(state.history, state.cache_len + 1, tokens, active),
+        history=history, recent=recent[0], recent_len=recent[1], recent_next=recent[2],
         cache=cache, cache_len=keep(state.cache_len + n_acc + 1, state.cache_len),
         root=keep(bonus, state.root), draft_cache=draft_cache,
         draft_len=keep(draft_len, state.draft_len),

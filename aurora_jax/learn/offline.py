@@ -119,6 +119,13 @@ def _as_batch(tokens_BxT, aux, hidden) -> LearnBatch:
         tree_valid=jnp.zeros((b, 1), bool))
 
 
+def feature_batch(target: Target, tokens_BxT) -> LearnBatch:
+    """A learner batch of full windows with the target's features at every position (what
+    the engine records while serving; no trees). Traceable: jit it, or call it in a step."""
+    aux, hidden = _features(target.graphdef, target.state, tokens_BxT)
+    return _as_batch(tokens_BxT, aux, hidden)
+
+
 def train_draft(target: Target, tokenizer: Tokenizer, texts: list[str], out: str | Path,
                 cfg: OfflineConfig = OfflineConfig(), progress: bool = True) -> Draft:
     """Trains (or resumes training) a draft; writes out/checkpoints (orbax) and out/draft

@@ -49,6 +49,9 @@ class SpecConfig:
     """Tree mode: nodes kept in the tree (excluding the root)."""
     max_ngram: int = 3
     """N-gram mode: the longest suffix looked up (shorter ones are tried when it fails)."""
+    recent_sequences: int = 16
+    """N-gram mode: finished sequences (prompt and output) kept to look suffixes up in when
+    the sequence itself lacks them (0: only the sequence itself)."""
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -59,6 +62,9 @@ class SpecConfig:
             raise ConfigError(f"depth must be in 1..{MAX_DEPTH}, got {self.depth}")
         if not 1 <= self.max_ngram <= 8:
             raise ConfigError(f"max_ngram must be in 1..8, got {self.max_ngram}")
+        if not 0 <= self.recent_sequences <= 1024:
+            raise ConfigError(f"recent_sequences must be in 0..1024, got "
+                              f"{self.recent_sequences}")
         if self.mode == "tree":
             if not 1 <= self.topk <= 64:
                 raise ConfigError(f"topk must be in 1..64, got {self.topk}")

@@ -69,7 +69,8 @@ def main() -> None:
     feats = jax.jit(lambda state, tokens: feature_batch(dataclasses.replace(target, state=state),
                                                         tokens))
     t0 = time.perf_counter()
-    train_batches = [jax.device_get(feats(target.state, train[i * b:(i + 1) * b])) for i in range(args.steps)]
+    train_batches = [jax.device_get(feats(target.state, train[i * b:(i + 1) * b]))
+                     for i in range(args.steps)]
     eval_batches = [feats(target.state, held[i * b:(i + 1) * b]) for i in range(args.eval_batches)]
     print(f"target features for {args.steps} + {args.eval_batches} batches: "
           f"{time.perf_counter() - t0:.0f} s")

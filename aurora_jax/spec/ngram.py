@@ -28,7 +28,6 @@ import jax.numpy as jnp
 
 from aurora_jax.spec.tree import Tree, chain
 
-
 RECENT_MIN_NGRAM = 2
 """Shortest suffix looked up in other requests' sequences. A single token almost always occurs
 somewhere in them, and its continuation there is mostly wrong: simulated on the default run's

@@ -145,3 +145,24 @@ def test_a_request_that_repeats_an_earlier_one_is_accepted_from_its_output(noisy
         assert first.token_ids == second.token_ids == ref
         taus[kept] = second.acceptance_length
     assert taus[4] > 4.0 > taus[0] + 1.0, taus
+
+
+def test_recent_sequences_carry_over_between_runs_without_recompiling(noisy):
+    """An engine keeps its n-gram references from run to run, as a server does: a prompt
+    served again in a later run is accepted from the earlier output; `forget_recent` drops
+    them. Nothing compiles again."""
+    target = noisy[0]
+    rs = np.random.RandomState(12)
+    prompt = rs.randint(3, 40, size=10).tolist()
+    engine = Engine(target, None, SpecConfig(mode="ngram", depth=4, recent_sequences=4),
+                    max_slots=2, max_len=64)
+    first = engine.run([Request(prompt, 30)]).results[0]
+    fns = (engine._prefill, engine._insert, engine._generate)
+    sizes = [f._cache_size() for f in fns]
+    again = engine.run([Request(prompt, 30)]).results[0]
+    engine.forget_recent()
+    fresh = engine.run([Request(prompt, 30)]).results[0]
+    assert first.token_ids == again.token_ids == fresh.token_ids
+    assert again.acceptance_length > 4.0 > fresh.acceptance_length + 1.0
+    assert fresh.acceptance_length == first.acceptance_length
+    assert [f._cache_size() for f in fns] == sizes

@@ -264,6 +264,7 @@ def _side_by_side(engines, chunk, cfg: RunConfig, first_id: int) -> dict:
     runs = {name: [] for name in engines}
     for _ in range(2):
         for name, e in engines.items():
+            e.forget_recent()  # n-gram lookups must not find this window's earlier outputs
             runs[name].append(e.run(reqs))
     rate = {n: sum(r.generated_tokens for r in rs) / sum(r.decode_s for r in rs)
             for n, rs in runs.items()}

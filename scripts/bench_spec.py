@@ -97,7 +97,7 @@ def main() -> None:
         engines = {name: Engine(target, draft if s.needs_draft else None, s, max_slots=b,
                                 max_len=max_len, eos_ids=eos) for name, s in specs.items()}
 
-        def serve(e):  # every run alike: no n-gram references from the previous repeat
+        def serve(e, reqs=reqs):  # every run alike: no n-gram references from the last one
             e.forget_recent()
             return e.run(reqs)
 

@@ -86,7 +86,7 @@ def _load_pair(args, path: Path):
     from aurora_jax.models.eagle3_io import load_pair
 
     vocab = (scratch_draft_vocab(args.draft_vocab_size or None, Tokenizer.load(path))
-             if args.draft == "scratch" else None)
+             if args.draft in ("scratch", "warm") else None)
     return load_pair(path, args.draft, dtype=args.dtype, seed=args.seed, draft_vocab=vocab)
 
 
@@ -271,8 +271,9 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
 
     d = SpecConfig()
     p.add_argument("--draft", default=None,
-                   help="EAGLE-3 draft: 'scratch' (random, day 0) or a checkpoint directory "
-                        "in the Hugging Face EAGLE-3 layout; default none (target only)")
+                   help="EAGLE-3 draft: 'scratch' (random, day 0), 'warm' (day 0 from the "
+                        "target's head and top layer) or a checkpoint directory in the Hugging "
+                        "Face EAGLE-3 layout; default none (target only)")
     p.add_argument("--spec", default=None, choices=["off", "chain", "tree", "ngram"],
                    help="speculation mode (default: tree with a draft, off without); ngram "
                         "proposes tokens looked up in the sequence itself, with no draft")
@@ -461,9 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target_args(lp)
     lp.add_argument("--workdir", required=True, help="directory shared with the engine")
     lp.add_argument("--draft", default="scratch",
-                    help="starting draft: 'scratch' or an EAGLE-3 directory (the engine must "
-                         "start from the same); a workdir with published drafts resumes from "
-                         "the newest")
+                    help="starting draft: 'scratch', 'warm' or an EAGLE-3 directory (the "
+                         "engine must start from the same); a workdir with published drafts "
+                         "resumes from the newest")
     _add_sync_args(lp)
     _add_scratch_vocab_arg(lp)
     lp.add_argument("--max-steps", type=int, default=None, help="default: until Ctrl-C")

@@ -74,7 +74,7 @@ def main() -> None:
     tok = Tokenizer.load(target_dir)
     draft_arg = None if args.draft == "none" else args.draft
     target, draft = load_pair(target_dir, draft_arg, draft_vocab=scratch_draft_vocab(
-        args.draft_vocab_size or None, tok) if draft_arg == "scratch" else None)
+        args.draft_vocab_size or None, tok) if draft_arg in ("scratch", "warm") else None)
     eos = () if args.ignore_eos else tok.stop_ids(target.cfg.eos_token_ids)
     batches = [int(b) for b in args.batches.split(",")]
     prompts = bench_prompts(args.prompts, target_dir, tok, args.num_prompts, args.prompt_tokens)

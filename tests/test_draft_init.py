@@ -61,3 +61,16 @@ def test_warm_layer_is_the_targets_top_layer_fed_the_highest_aux_state():
     q = dmodel.midlayer.self_attn.q_proj(dmodel.midlayer.attn_input(e, x))
     np.testing.assert_allclose(q, top.attn.q_proj(top.input_layernorm(x)), rtol=1e-5,
                                atol=1e-5)
+
+
+def test_load_pair_warm_starts_a_day0_draft(small_ckpt):
+    from aurora_jax.models.eagle3_io import load_pair
+
+    ids = np.arange(0, 64, 2)
+    target, draft = load_pair(small_ckpt, "warm", draft_vocab=ids)
+    _, scratch = load_pair(small_ckpt, "scratch", draft_vocab=ids)
+    head = np.asarray(target.state["embed"][...]).T if target.cfg.tie_word_embeddings else \
+        np.asarray(target.state["lm_head"]["kernel"][...])
+    np.testing.assert_array_equal(np.asarray(draft.state["lm_head"]["kernel"][...]),
+                                  head[:, ids])
+    assert _layout(draft.state) == _layout(scratch.state)

@@ -78,7 +78,8 @@ class RunConfig:
     """"builtin" (SmolLM2-135M-Instruct, prepared on first use), "builtin-scratch" (a small
     model trained here), a Hugging Face checkpoint directory or a .gguf file."""
     draft: str = "scratch"
-    """"scratch" (random, day 0), an EAGLE-3 directory, or "none" (target only)."""
+    """"scratch" (random, day 0), "warm" (day 0, warm-started from the target's head and top
+    layer), an EAGLE-3 directory, or "none" (target only)."""
     draft_vocab_size: int | None = 8192
     """A scratch draft's head rows: the most frequent built-in corpus tokens under the target's
     tokenizer, stop tokens included (None: the whole target vocabulary)."""

@@ -214,3 +214,44 @@ def test_interleaved_learning_raises_acceptance_on_a_short_stream(pair):
     assert np.mean(taus[-6:]) > np.mean(taus[:6]) + 0.5, taus
     ref = TargetGenerator(target).generate(prompts, 40).completions
     assert [r.token_ids for r in run.results] == [c.token_ids for c in ref]
+
+
+def test_learner_simulates_the_acceptance_the_engine_served():
+    """Train/serve agreement: the learner's simulated chain acceptance (draft_loss, over the
+    engine's own traces) matches what the engine measured serving them with the same draft.
+    An exact draft (copycat) is right at every teacher-forced first step (tau 2 at TTT 1) and
+    nearly every unrolled one (the first rows start in the 2-token prompt, which is not the
+    target's own path); a draft that is wrong now and then (noisy copycat) is simulated
+    within a quarter token of its served tau. A position off by one in either convention
+    would put these near 1."""
+    import jax.numpy as jnp
+    from flax import nnx
+    from spec_models import copycat_pair, noisy_copycat_pair
+
+    from aurora_jax.learn.learner import target_head
+    from aurora_jax.learn.losses import draft_loss
+
+    spec = SpecConfig(mode="chain", depth=3)
+    for name, (target, draft, *_) in (
+            ("copycat", copycat_pair(tiny_cfg(eos=()), eos_sources=0)),
+            ("noisy", noisy_copycat_pair(tiny_cfg(eos=())))):
+        buffer = TraceBuffer()
+        engine = Engine(target, draft, spec, max_slots=2, max_len=96, eos_ids=(),
+                        trace_sink=TraceAssembler(buffer.add))
+        rs = np.random.RandomState(0)
+        served = engine.run([Request(rs.randint(3, 40, size=2).tolist(), 48)
+                             for _ in range(8)]).acceptance_length
+        engine.traces.flush()
+        embed, head = target_head(target)
+        model = nnx.merge(draft.graphdef, draft.state)
+        sim = {}
+        for ttt in (1, 3):
+            batch = buffer.batch(8, 40, 4, spec.nodes + 1)
+            _, m = draft_loss(model, embed, lambda h: (h @ head).astype(jnp.float32), batch,
+                              LossConfig(ttt_steps=ttt, tree_depth=3))
+            sim[ttt] = float(m["sim_acceptance_length"])
+        print(f"{name}: served tau {served:.2f}, simulated {sim}")
+        if name == "copycat":
+            assert served == 4.0 and sim[1] == 2.0 and sim[3] >= 3.9
+        else:
+            assert 1.5 < served < 3.5 and abs(sim[3] - served) <= 0.25

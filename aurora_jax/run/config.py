@@ -77,7 +77,7 @@ class RunConfig:
     target: str = "builtin"
     """"builtin" (SmolLM2-135M-Instruct, prepared on first use), "builtin-scratch" (a small
     model trained here), a Hugging Face checkpoint directory or a .gguf file."""
-    draft: str = "scratch"
+    draft: str = "warm"
     """"scratch" (random, day 0), "warm" (day 0, warm-started from the target's head and top
     layer), an EAGLE-3 directory, or "none" (target only)."""
     draft_vocab_size: int | None = 8192

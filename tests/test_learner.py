@@ -247,7 +247,7 @@ def test_learner_simulates_the_acceptance_the_engine_served():
         sim = {}
         for ttt in (1, 3):
             batch = buffer.batch(8, 40, 4, spec.nodes + 1)
-            _, m = draft_loss(model, embed, lambda h: (h @ head).astype(jnp.float32), batch,
+            _, m = draft_loss(model, embed, lambda h, w=head: (h @ w).astype(jnp.float32), batch,
                               LossConfig(ttt_steps=ttt, tree_depth=3))
             sim[ttt] = float(m["sim_acceptance_length"])
         print(f"{name}: served tau {served:.2f}, simulated {sim}")

@@ -24,8 +24,8 @@ def plot_run(rows: list[dict], out: Path, labels: dict[str, str] | None = None) 
         even = [(r["requests"], r["break_even_acceptance"]) for r in rows
                 if r["mode"] == mode and r.get("break_even_acceptance")]
         if even:
-            ax.plot(*zip(*even, strict=True), ":", color=f"C{i}", lw=1.2,
-                    label=f"break-even: {labels.get(mode, mode)}", zorder=1)
+            ax.plot(*zip(*even, strict=True), ":", color=f"C{i}", lw=1.2, marker="_",
+                    markersize=14, label=f"break-even: {labels.get(mode, mode)}", zorder=1)
     if r_off := [r for r in rows if r["mode"] == "off"]:
         ax.scatter([r["requests"] for r in r_off], [1.0] * len(r_off), marker="x",
                    color="k", label="target-only windows (tau 1)", zorder=2)
@@ -33,7 +33,7 @@ def plot_run(rows: list[dict], out: Path, labels: dict[str, str] | None = None) 
            if r.get("learner_sim_acceptance")]
     if sim:
         ax.plot(*zip(*sim, strict=True), "--", color="0.5",
-                label="learner's simulated chain tau", zorder=1)
+                label="learner's simulated chain tau (its training traffic)", zorder=1)
     ax.set(xlabel="requests served", ylabel="acceptance length (tokens/step)",
            title="Acceptance length while the draft learns")
     ax.legend(fontsize=8)

@@ -146,3 +146,23 @@ def test_staying_rows_keep_weights_and_moments(traffic):
             np.testing.assert_array_equal(m1[:, col[int(t)]], m0[:, i])
     assert np.array_equal(draft_ids(learner.buffers["d2t"][...]), new)
     assert np.flatnonzero(np.asarray(learner.buffers["t2d"][...])).tolist() == new.tolist()
+
+
+def test_a_late_listener_counts_every_held_sequence_once():
+    """A learner that starts after traces arrived (a learner process following a store)
+    still counts what the buffer holds, and nothing twice."""
+    from aurora_jax.learn.buffer import Sequence, TraceBuffer
+    from aurora_jax.learn.vocab_refresh import TokenCounts
+
+    def seq(tokens):
+        n = len(tokens)
+        return Sequence("r", None, 0, np.asarray(tokens, np.int32),
+                        np.zeros((n, 3, 4), np.float32), np.zeros((n, 4), np.float32), [])
+
+    buffer = TraceBuffer()
+    buffer.add(seq([1, 2]))
+    buffer.add(seq([2, 3]))
+    counts = TokenCounts(6)
+    buffer.listen(lambda s: counts.add(s.tokens))
+    buffer.add(seq([3, 5]))
+    assert counts.snapshot().tolist() == [0, 1, 2, 2, 0, 1]

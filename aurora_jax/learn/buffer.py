@@ -115,18 +115,22 @@ class TraceBuffer:
         self._listeners: list = []
 
     def listen(self, fn) -> None:
-        """Calls `fn(seq)` for every sequence added (before any is dropped): for counts that
-        must outlive the bounded buffer, such as the served-token frequencies."""
-        self._listeners.append(fn)
+        """Calls `fn(seq)` for every sequence added (before any is dropped), starting with
+        those the buffer holds now: for counts that must outlive the bounded buffer, such as
+        the served-token frequencies. Each sequence reaches `fn` exactly once."""
+        with self._lock:
+            self._listeners.append(fn)
+            for seq in self._items:
+                fn(seq)
 
     def __len__(self) -> int:
         return len(self._items)
 
     def add(self, seq: Sequence) -> None:
-        for fn in self._listeners:
-            fn(seq)
         size = seq.nbytes
         with self._lock:
+            for fn in self._listeners:
+                fn(seq)
             self.stats.added += 1
             if size > self.max_bytes:
                 self.stats.dropped_for_space += 1

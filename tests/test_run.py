@@ -57,6 +57,11 @@ def test_tiny_run_writes_consistent_outputs(small_ckpt, tmp_path):
     assert summary["final_window"]["greedy_outputs_equal"] is True
     # Training starts once 3 sequences are in (after window 1): 2 windows x 2 steps.
     assert summary["learner_steps"] == metrics[-1]["learner_steps"] == 4
+    # Each learning window first scores the draft on that window's new sequences (TTT 3).
+    fresh = [m.get("learner_fresh_sim_acceptance") for m in metrics]
+    assert fresh[0] is None and all(1.0 <= f <= 4.0 for f in fresh[1:])
+    assert set(summary["draft_vocab"]) >= {"outside_share_start", "outside_share_end",
+                                           "changes"}
     from aurora_jax.models.eagle3_io import load_draft
     from aurora_jax.models.hf_io import load_target
 

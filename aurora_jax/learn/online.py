@@ -184,6 +184,15 @@ class OnlineLearner:
             log.exception("online learner stopped; the engine keeps draft version %d",
                           self.publisher.version)
 
+    def fresh_acceptance(self, newest: int) -> float:
+        """Simulated acceptance of the learner's current draft on the `newest` sequences in
+        the buffer, meant to be called before any step trains on them: an out-of-sample
+        figure, unlike the training batches' own (which a small buffer inflates)."""
+        c = self.cfg
+        batch = self.buffer.batch(c.batch_size, c.seq_len, c.trees_per_seq, self.tree_size,
+                                  recent=newest, held_out=True)
+        return float(self._score(self.learner.publish(), batch))
+
     def vocab_outside_share(self) -> float:
         """Share of the served tokens counted so far that the current draft vocabulary
         cannot propose."""

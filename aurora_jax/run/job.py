@@ -99,7 +99,7 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
     load = min(cfg.max_slots, cfg.window)  # requests served at once: the policy's load
     bar = tqdm(total=len(stream), desc="serving", unit="req", disable=not progress,
                file=sys.stderr)
-    rows, t_start, served = [], time.perf_counter(), 0
+    rows, t_start, served, added = [], time.perf_counter(), 0, 0
     try:
         for w, chunk in enumerate(windows):
             mode = monitor.choose(load)
@@ -121,7 +121,8 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
                 engine.traces.flush()
             monitor.record(mode, run.generated_tokens, run.decode_s, load)
             outside = _outside_vocab(engines.get("spec"), run.results)
-            learn = _learn(online, cfg) if online else {}
+            learn = _learn(online, cfg, buffer.stats.added - added) if online else {}
+            added = buffer.stats.added
             row = {"window": w, "requests": served, "mode": mode,
                    "domains": sorted({r.domain for r in chunk}),
                    "tokens": run.generated_tokens, "decode_s": run.decode_s,
@@ -217,15 +218,19 @@ def _online_learner(cfg: RunConfig, target, draft, buffer, spec_engines, stop_id
                          keep_ids=stop_ids)
 
 
-def _learn(online: OnlineLearner, cfg: RunConfig) -> dict:
+def _learn(online: OnlineLearner, cfg: RunConfig, fresh: int) -> dict:
+    """The window's learner steps; first, the draft's simulated acceptance on the `fresh`
+    sequences just served, which it has not trained on yet."""
     if not online.ready():
         return {"learner_steps": online.steps, "learn_s": 0.0}
     t0 = time.perf_counter()
+    fresh_tau = online.fresh_acceptance(fresh) if fresh else None
     for _ in range(cfg.learner.steps_per_window):
         online.train_step()
     m = {k: float(v) for k, v in jax.device_get(online.last_metrics).items()}
     return {"learner_steps": online.steps, "learn_s": time.perf_counter() - t0,
             "learner_loss": m["loss"], "learner_sim_acceptance": m["sim_acceptance_length"],
+            "learner_fresh_sim_acceptance": fresh_tau,
             "drafts_published": online.published}
 
 

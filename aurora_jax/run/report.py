@@ -34,6 +34,12 @@ def plot_run(rows: list[dict], out: Path, labels: dict[str, str] | None = None) 
     if sim:
         ax.plot(*zip(*sim, strict=True), "--", color="0.5",
                 label="learner's simulated chain tau (its training traffic)", zorder=1)
+    # Plotted at the window it was scored on (before training on it), hence the shift.
+    fresh = [(r["requests"], r["learner_fresh_sim_acceptance"]) for r in rows
+             if r.get("learner_fresh_sim_acceptance")]
+    if fresh:
+        ax.plot(*zip(*fresh, strict=True), "-.", color="0.3",
+                label="same, on each new window before training on it", zorder=1)
     ax.set(xlabel="requests served", ylabel="acceptance length (tokens/step)",
            title="Acceptance length while the draft learns")
     ax.legend(fontsize=8)

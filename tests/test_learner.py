@@ -255,3 +255,20 @@ def test_learner_simulates_the_acceptance_the_engine_served():
             assert served == 4.0 and sim[1] == 2.0 and sim[3] >= 3.9
         else:
             assert 1.5 < served < 3.5 and abs(sim[3] - served) <= 0.25
+
+
+def test_a_batch_drawn_with_another_generator_leaves_the_training_order_alone():
+    """Scoring batches (the run's fresh acceptance) draw with their own generator, so adding
+    them does not change which batches the learner trains on."""
+    def seq(i):
+        n = 6
+        return Sequence(i, None, 0, np.arange(i, i + n, dtype=np.int32),
+                        np.zeros((n, 3, 4), np.float32), np.zeros((n, 4), np.float32), [])
+
+    a, b = TraceBuffer(seed=3), TraceBuffer(seed=3)
+    for i in range(10):
+        a.add(seq(i))
+        b.add(seq(i))
+    b.batch(4, 4, 1, 3, recent=3, held_out=True, rng=np.random.default_rng(9))
+    np.testing.assert_array_equal(np.asarray(a.batch(4, 4, 1, 3).tokens),
+                                  np.asarray(b.batch(4, 4, 1, 3).tokens))

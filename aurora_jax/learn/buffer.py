@@ -153,7 +153,8 @@ class TraceBuffer:
             self._items = collections.deque(keep)
 
     def batch(self, batch_size: int, seq_len: int, trees: int, tree_size: int,
-              recent: int = 0, held_out: bool = False) -> LearnBatch:
+              recent: int = 0, held_out: bool = False,
+              rng: np.random.Generator | None = None) -> LearnBatch:
         """B random sequences cut into windows (see `window`). With `recent` = n > 0 the newest
         n sequences are held out: a training batch (held_out=False) never draws them, a
         held-out batch (held_out=True) draws only them."""
@@ -163,8 +164,9 @@ class TraceBuffer:
         if not pool:
             raise ValueError("the trace buffer has no sequences to draw from "
                              f"({len(self)} held, newest {recent} held out)")
-        picks = [pool[i] for i in self._rng.integers(len(pool), size=batch_size)]
-        return collate([window(s, seq_len, trees, tree_size, self._rng) for s in picks])
+        rng = self._rng if rng is None else rng  # another generator: training order unchanged
+        picks = [pool[i] for i in rng.integers(len(pool), size=batch_size)]
+        return collate([window(s, seq_len, trees, tree_size, rng) for s in picks])
 
 
 def window(seq: Sequence, seq_len: int, trees: int, tree_size: int,

@@ -24,6 +24,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from aurora_jax.engine.engine import Engine
@@ -115,6 +116,7 @@ class OnlineLearner:
         self.counts = TokenCounts(learner.draft.cfg.vocab_size)
         buffer.listen(lambda seq: self.counts.add(seq.tokens))
         self.vocab_changes: list[dict] = []
+        self._score_rng = np.random.default_rng(0)  # scoring never moves the training order
         self.steps = 0
         self.published = 0
         self.rejected = 0
@@ -190,7 +192,7 @@ class OnlineLearner:
         figure, unlike the training batches' own (which a small buffer inflates)."""
         c = self.cfg
         batch = self.buffer.batch(c.batch_size, c.seq_len, c.trees_per_seq, self.tree_size,
-                                  recent=newest, held_out=True)
+                                  recent=newest, held_out=True, rng=self._score_rng)
         return float(self._score(self.learner.publish(), batch))
 
     def vocab_outside_share(self) -> float:

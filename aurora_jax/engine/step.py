@@ -192,9 +192,8 @@ def generate(tgraph, tstate, dgraph, dstate, state: DecodeState, eos_E, *, spec:
                     depth=jnp.zeros((b, 1), jnp.int32), valid=jnp.ones((b, 1), bool))
     elif spec.mode == "ngram":
         tree = ngram_tree(state.history, state.cache_len + 1, state.root, spec.depth,
-                          spec.max_ngram, *(oldest_first(state.recent, state.recent_len,
-                                                         state.recent_next)
-                                            if state.recent.shape[0] else (None, None)))
+                          spec.max_ngram,
+                          *oldest_first(state.recent, state.recent_len, state.recent_next))
     else:
         tree, draft_logp = propose(draft, embed, draft_cache, draft_len, state.root, root_lp,
                                    root_h, spec)

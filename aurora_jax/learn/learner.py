@@ -40,9 +40,7 @@ DEFAULT_OPTIMIZER = OptimizerSettings(learning_rate=1e-3, warmup_steps=20, total
 def target_head(target: Target):
     """The frozen arrays the learner needs from the target: (embedding [V, H], lm_head
     kernel [H, V])."""
-    embed = target.state["embed"][...]
-    head = embed.T if target.cfg.tie_word_embeddings else target.state["lm_head"]["kernel"][...]
-    return embed, head
+    return target.state["embed"][...], target.head_kernel()
 
 
 def make_learner_step(graphdef, tx: optax.GradientTransformation, cfg: LossConfig):

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aurora_jax.errors import ConfigError
-from aurora_jax.models.eagle3 import vocab_maps
+from aurora_jax.models.eagle3 import draft_ids, top_tokens, vocab_maps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +69,6 @@ class TokenCounts:
             return self._counts.copy()
 
 
-def draft_ids(d2t_Vd) -> np.ndarray:
-    """The target ids of a draft's vocabulary, from its d2t offsets."""
-    d2t = np.asarray(d2t_Vd, np.int64)
-    return np.arange(len(d2t)) + d2t
-
-
 def outside_share(counts_V: np.ndarray, ids: np.ndarray) -> float:
     """Share of the counted tokens that a draft with vocabulary `ids` cannot propose."""
     total = counts_V.sum()
@@ -85,13 +79,7 @@ def choose_vocab(counts_V: np.ndarray, current_ids: np.ndarray,
                  always: tuple[int, ...] = ()) -> np.ndarray:
     """Sorted target ids of the same size as `current_ids`: `always` first, then the most
     counted tokens; ties go to current members, then to lower ids."""
-    v = len(counts_V)
-    score = counts_V.astype(np.float64)
-    score[list(always)] = np.inf
-    member = np.zeros(v, bool)
-    member[current_ids] = True
-    order = np.lexsort((np.arange(v), ~member, -score))  # last key sorts first
-    return np.sort(order[: len(current_ids)])
+    return top_tokens(counts_V, len(current_ids), always, prefer=current_ids)
 
 
 def entering_rows(head_HxVd: np.ndarray, target_head_HtxV: np.ndarray, kept_ids: np.ndarray,

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aurora_jax.models.eagle3 import draft_ids
 from aurora_jax.models.eagle3_io import Draft
 from aurora_jax.models.hf_io import Target
 
@@ -41,10 +42,8 @@ def warm_start(draft: Draft, target: Target, layer: int | None = -1) -> Draft:
                          f"({draft.cfg.hidden_size} != {target.cfg.hidden_size})")
     state = jax.tree.map(jnp.copy, draft.state)
     t = target.state
-    head = (np.asarray(t["embed"][...]).T if target.cfg.tie_word_embeddings
-            else np.asarray(t["lm_head"]["kernel"][...]))
-    ids = np.arange(draft.cfg.draft_vocab_size) + np.asarray(state["d2t"][...])
-    _set(state["lm_head"]["kernel"], head[:, ids])
+    head = np.asarray(target.head_kernel())
+    _set(state["lm_head"]["kernel"], head[:, draft_ids(state["d2t"][...])])
     _set(state["norm"]["weight"], t["norm"]["weight"][...])
     if layer is not None:
         src = t["layers"][layer % target.cfg.num_layers]

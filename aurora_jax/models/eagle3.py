@@ -202,12 +202,31 @@ def vocab_maps(draft_to_target: np.ndarray, vocab_size: int) -> tuple[np.ndarray
     return ids - np.arange(len(ids)), t2d
 
 
+def draft_ids(d2t_Vd) -> np.ndarray:
+    """The target ids of a draft's vocabulary, from its d2t offsets (vocab_maps' inverse)."""
+    d2t = np.asarray(d2t_Vd, np.int64)
+    return np.arange(len(d2t)) + d2t
+
+
+def top_tokens(counts_V: np.ndarray, size: int, always: tuple[int, ...] = (),
+               prefer: np.ndarray | None = None) -> np.ndarray:
+    """Sorted ids of the `size` most counted tokens: `always` first; ties go to the ids in
+    `prefer` (if given), then to lower ids."""
+    v = len(counts_V)
+    score = np.asarray(counts_V, np.float64).copy()
+    score[list(always)] = np.inf
+    keys = (np.arange(v), -score)
+    if prefer is not None:
+        preferred = np.zeros(v, bool)
+        preferred[prefer] = True
+        keys = (np.arange(v), ~preferred, -score)
+    order = np.lexsort(keys)  # the last key sorts first
+    return np.sort(order[:size])
+
+
 def build_draft_vocab(token_ids: np.ndarray, vocab_size: int, draft_vocab_size: int,
                       always: tuple[int, ...] = ()) -> np.ndarray:
     """The `draft_vocab_size` most frequent target ids in a token stream (ties by id), plus
     `always` (for example the stop tokens), as sorted target ids."""
     counts = np.bincount(np.asarray(token_ids, np.int64).ravel(), minlength=vocab_size)
-    counts = counts.astype(np.float64)
-    counts[list(always)] = np.inf
-    order = np.lexsort((np.arange(vocab_size), -counts))  # most frequent first, then lower id
-    return np.sort(order[:draft_vocab_size])
+    return top_tokens(counts, draft_vocab_size, always)

@@ -19,7 +19,7 @@ from flax import nnx
 
 from aurora_jax.errors import CheckpointError
 from aurora_jax.models.config import TargetConfig, read_config_json
-from aurora_jax.models.eagle3 import DraftConfig, Eagle3Draft, check_draft_ids
+from aurora_jax.models.eagle3 import DraftConfig, Eagle3Draft, check_draft_ids, draft_ids
 from aurora_jax.models.hf_io import DTYPES, TensorReader, weight_files, write_tensors
 from aurora_jax.models.layers import rope_inv_freq
 from aurora_jax.models.sharding import make_mesh, state_path
@@ -161,7 +161,7 @@ def load_draft(path: str | Path, *, target: TargetConfig | None = None, dtype: s
         return reader.read(name, sds.shape, transpose, leaf_dtype, replicated)
 
     state = jax.tree_util.tree_map_with_path(load_leaf, abstract_state)
-    ids = np.arange(cfg.draft_vocab_size) + np.asarray(state["d2t"][...])
+    ids = draft_ids(state["d2t"][...])
     try:
         check_draft_ids(ids, cfg.vocab_size)
     except ValueError as e:

@@ -44,6 +44,12 @@ class Target:
     mesh: jax.sharding.Mesh
     dtype: str
 
+    def head_kernel(self) -> jax.Array:
+        """The lm_head as [H, V] (the embedding, transposed, when the two are tied)."""
+        if self.cfg.tie_word_embeddings:
+            return self.state["embed"][...].T
+        return self.state["lm_head"]["kernel"][...]
+
 
 def hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
     """Our state path -> (Hugging Face tensor name, whether the matrix is transposed)."""

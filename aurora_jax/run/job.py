@@ -158,9 +158,8 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
     summary = _summary(cfg, rows, final, online, time.perf_counter() - t_start)
     summary["spec_settings"] = {n: dataclasses.asdict(s) for n, s in specs.items()}
     summary["measured_tokens_per_s"] = dict(monitor.rates(load))
-    if online is not None:
-        summary["draft_vocab"] = _vocab_report(online, draft, rows)
     if online is not None:  # the served draft, servable with --draft (HF EAGLE-3 layout)
+        summary["draft_vocab"] = _vocab_report(online, draft, rows)
         save_draft(out / "draft", dataclasses.replace(draft, state=engines["spec"].draft_state))
         summary["draft_dir"] = str(out / "draft")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -117,7 +117,10 @@ def archive(recent_MxS, recent_len_M, next_row, history_BxS, length_B, done_B):
 
 
 def oldest_first(recent_MxS, recent_len_M, next_row):
-    """The ring's rows from the oldest to the newest (the row `next_row` is the oldest)."""
+    """The ring's rows from the oldest to the newest (the row `next_row` is the oldest);
+    (None, None) for an empty ring, which `lookup` then skips."""
+    if recent_MxS.shape[0] == 0:
+        return None, None
     return jnp.roll(recent_MxS, -next_row, axis=0), jnp.roll(recent_len_M, -next_row, axis=0)
 
 

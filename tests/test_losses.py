@@ -13,7 +13,8 @@ from flax import nnx
 from spec_models import tiny_cfg
 from test_tree_accept import random_tree
 
-from aurora_jax.learn.losses import LearnBatch, LossConfig, draft_loss
+from aurora_jax.errors import ConfigError
+from aurora_jax.learn.losses import LearnBatch, LossConfig, draft_loss, ttt_loss
 from aurora_jax.models.eagle3 import DraftConfig
 from aurora_jax.models.eagle3_io import init_draft
 from aurora_jax.models.kv_cache import KVCache
@@ -38,16 +39,28 @@ def setup():
         j = rs.randint(N + 1)
         while j >= 0:
             accepted[i, j], j = True, parent[i, j]
+    tokens = rs.randint(3, CFG.vocab_size, (B, T)).astype(np.int32)
+    root_pos = np.array([[3, 6], [1, 4]], np.int32)
+    # As in served traces, the root and the accepted path are the committed tokens at their
+    # positions (where those lie inside the window).
+    tree_tokens = np.asarray(tree.tokens).reshape(B, S, N + 1).copy()
+    depth = np.asarray(tree.depth).reshape(B, S, N + 1)
+    acc = accepted.reshape(B, S, N + 1)
+    for b in range(B):
+        for s in range(S):
+            for i in range(N + 1):
+                if acc[b, s, i] and root_pos[b, s] + depth[b, s, i] < T:
+                    tree_tokens[b, s, i] = tokens[b, root_pos[b, s] + depth[b, s, i]]
     batch = LearnBatch(
-        tokens=jnp.asarray(rs.randint(3, CFG.vocab_size, (B, T)), jnp.int32),
+        tokens=jnp.asarray(tokens),
         aux=jnp.asarray(rs.randn(B, T, 3, CFG.hidden_size), jnp.float32),
         target_hidden=jnp.asarray(rs.randn(B, T, CFG.hidden_size) * 3, jnp.float32),
         length=jnp.array(LENGTHS, jnp.int32),
-        tree_tokens=tree.tokens.reshape(B, S, N + 1),
+        tree_tokens=jnp.asarray(tree_tokens),
         tree_parent=tree.parent.reshape(B, S, N + 1),
         tree_hidden=jnp.asarray(rs.randn(B, S, N + 1, CFG.hidden_size) * 3, jnp.float32),
-        tree_accepted=jnp.asarray(accepted.reshape(B, S, N + 1)),
-        tree_root_pos=jnp.array([[3, 6], [1, 4]], jnp.int32),
+        tree_accepted=jnp.asarray(acc),
+        tree_root_pos=jnp.asarray(root_pos),
         tree_valid=jnp.array([[True, True], [True, False]]))
     return target, draft, batch
 
@@ -78,6 +91,9 @@ def _kl_term(target, d, logits_q, target_h):
 
 
 def _reference(target, draft, batch, cfg: LossConfig):
+    """(TTT term, one record per rejected node: depth, whether it is a frontier node, the
+    draft's logits at the node and at its parent, its token, the target hidden at the node
+    and at its parent), all run row by row against a KV cache as the engine drafts."""
     d = nnx.merge(draft.graphdef, draft.state)
     embed = target.embed[...]
     tok, aux, th = (np.asarray(x) for x in (batch.tokens, batch.aux, batch.target_hidden))
@@ -88,9 +104,9 @@ def _reference(target, draft, batch, cfg: LossConfig):
         cache = KVCache.zeros(d.cfg, 1, 32, jnp.float32, num_layers=1)
         outs = []
         for j in range(rows):
-            _, h, cache = _row(draft.graphdef, draft.state, embed[tok[b, j + 1]],
-                               jnp.asarray(feats[b, j]), jnp.int32(j), cache, jnp.int32(j))
-            outs.append(h)
+            logits, h, cache = _row(draft.graphdef, draft.state, embed[tok[b, j + 1]],
+                                    jnp.asarray(feats[b, j]), jnp.int32(j), cache, jnp.int32(j))
+            outs.append((logits, h))
         return cache, outs
 
     per_step = [[] for _ in range(cfg.ttt_steps)]
@@ -110,7 +126,7 @@ def _reference(target, draft, batch, cfg: LossConfig):
                     per_step[k - 1].append(term)
     ttt = sum(cfg.step_weight ** k * np.mean(v) for k, v in enumerate(per_step) if v)
 
-    discard = []
+    nodes = []
     tt, tp = np.asarray(batch.tree_tokens), np.asarray(batch.tree_parent)
     acc, th_tree = np.asarray(batch.tree_accepted), np.asarray(batch.tree_hidden)
     for b in range(B):
@@ -119,34 +135,191 @@ def _reference(target, draft, batch, cfg: LossConfig):
                 continue
             c = int(batch.tree_root_pos[b, s])
             cache, outs = prefix_cache(b, c)  # rows 0..c-1; row c-1 is the root's
-            for i in range(1, N + 1):
+            for i in range(1, tt.shape[2]):
                 if acc[b, s, i]:
                     continue
                 path, j = [], i
                 while j > 0:
                     path.append(j)
                     j = tp[b, s, j]
-                hidden, cc, clen = outs[c - 1], cache, c
+                (logits, hidden), cc, clen = outs[c - 1], cache, c
                 for depth, node in enumerate(path[::-1], start=1):
+                    parent_logits = logits
                     logits, hidden, cc = _row(draft.graphdef, draft.state, embed[tt[b, s, node]],
                                               hidden, jnp.int32(c - 1 + depth), cc,
                                               jnp.int32(clen))
                     clen += 1
-                term = _kl_term(target, d, logits, jnp.asarray(th_tree[b, s, i]))
-                if term is not None:
-                    discard.append(term)
-    return ttt, float(np.mean(discard))
+                p = tp[b, s, i]
+                nodes.append(dict(
+                    depth=len(path), token=int(tt[b, s, i]),
+                    frontier=bool(acc[b, s, p]) and c + len(path) - 1 < LENGTHS[b],
+                    logits=logits, parent_logits=parent_logits,
+                    hidden=jnp.asarray(th_tree[b, s, i]),
+                    parent_hidden=jnp.asarray(th_tree[b, s, p])))
+    return ttt, nodes
 
 
-def test_losses_match_loop_reference(setup):
+def _node_loss(target, d, node, objective):
+    ids = np.arange(d.cfg.draft_vocab_size) + np.asarray(d.d2t[...])
+    if objective == "kl":
+        return _kl_term(target, d, node["logits"], node["hidden"]) or 0.0
+    if objective == "tv":
+        p = np.asarray(jax.nn.softmax(target.logits(node["hidden"])))
+        return 1.0 - float(np.sum(np.minimum(p[ids], np.asarray(jax.nn.softmax(node["logits"])))))
+    q = np.asarray(jax.nn.softmax(node["parent_logits"]))
+    p = np.asarray(jax.nn.softmax(target.logits(node["parent_hidden"])))
+    where = np.flatnonzero(ids == node["token"])
+    if not where.size or q[where[0]] <= p[node["token"]]:
+        return 0.0
+    return -float(np.log(1.0 - q[where[0]]))
+
+
+def _reference_discard(target, draft, nodes, cfg: LossConfig):
+    """The rejected-node term from the loop records, for any objective / nodes / weight."""
+    d = nnx.merge(draft.graphdef, draft.state)
+    ids = list(np.arange(d.cfg.draft_vocab_size) + np.asarray(d.d2t[...]))
+    if cfg.discard_nodes == "frontier":
+        nodes = [x for x in nodes if x["frontier"] and x["depth"] <= cfg.ttt_steps]
+    else:
+        nodes = [x for x in nodes if x["depth"] <= cfg.tree_depth]
+    losses = np.array([_node_loss(target, d, x, cfg.discard) for x in nodes])
+    if cfg.discard_weight == "depth":
+        w = np.array([cfg.step_weight ** (x["depth"] - 1) for x in nodes])
+    elif cfg.discard_weight == "draft_prob":
+        w = np.array([float(jax.nn.softmax(x["parent_logits"])[ids.index(x["token"])])
+                      if x["token"] in ids else 0.0 for x in nodes])
+    else:
+        w = np.ones(len(nodes))
+    return float(np.sum(w / w.mean() * losses) / len(nodes))
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    target, draft, batch = setup
+    return _reference(target, draft, batch, LossConfig(ttt_steps=3))
+
+
+def test_losses_match_loop_reference(setup, reference):
     target, draft, batch = setup
     cfg = LossConfig(ttt_steps=3, lambda_discard=0.7, tree_depth=N)
     loss, metrics = jax.jit(lambda b: _loss(target, draft, b, cfg))(batch)
-    ttt, discard = _reference(target, draft, batch, cfg)
+    ttt, nodes = reference
+    discard = _reference_discard(target, draft, nodes, cfg)
     np.testing.assert_allclose(float(metrics["ttt_loss"]), ttt, rtol=1e-4)
     np.testing.assert_allclose(float(metrics["discard_loss"]), discard, rtol=1e-4)
     np.testing.assert_allclose(float(loss), ttt + 0.7 * discard, rtol=1e-4)
     assert 0 < float(metrics["out_of_vocab"]) < 1  # the reduced vocabulary was exercised
+    assert float(metrics["rejected_nodes"]) == len(nodes)
+
+
+@pytest.mark.parametrize("objective,nodes,weight", [
+    ("kl", "frontier", "uniform"), ("tv", "all", "uniform"), ("tv", "frontier", "depth"),
+    ("unlikelihood", "all", "uniform"), ("unlikelihood", "frontier", "uniform"),
+    ("kl", "all", "depth"), ("kl", "all", "draft_prob"), ("unlikelihood", "all", "draft_prob")])
+def test_discard_variants_match_loop_reference(setup, reference, objective, nodes, weight):
+    """Each objective, node set and weighting equals the loop reference (frontier nodes come
+    from the TTT unroll's work in the library, from a separate branch run in the loop)."""
+    target, draft, batch = setup
+    cfg = LossConfig(ttt_steps=3, lambda_discard=1.0, tree_depth=N, discard=objective,
+                     discard_nodes=nodes, discard_weight=weight)
+    _, metrics = jax.jit(lambda b: _loss(target, draft, b, cfg))(batch)
+    want = _reference_discard(target, draft, reference[1], cfg)
+    assert want > 0
+    np.testing.assert_allclose(float(metrics["discard_loss"]), want, rtol=1e-4)
+
+
+def test_frontier_nodes_are_exercised(reference):
+    """The fixture has frontier nodes at several depths and non-frontier rejected nodes."""
+    depths = {x["depth"] for x in reference[1] if x["frontier"]}
+    assert len(depths) >= 2 and any(not x["frontier"] for x in reference[1])
+
+
+def test_tv_of_one_token_chain_is_one_minus_acceptance_probability(setup):
+    """One drafted token, rejected: the TV term equals 1 - P(speculative sampling accepts),
+    with P = sum_x q(x) min(1, p(x) / q(x)) enumerated over the draft's tokens."""
+    target, draft, batch = setup
+    one = batch.replace(
+        tree_tokens=batch.tree_tokens[:, :, :2], tree_parent=batch.tree_parent[:, :, :2],
+        tree_hidden=batch.tree_hidden[:, :, :2],
+        tree_accepted=jnp.zeros((B, S, 2), bool).at[:, :, 0].set(True),
+        tree_valid=jnp.array([[True, False], [False, False]]))
+    cfg = LossConfig(ttt_steps=1, lambda_discard=1.0, tree_depth=1, discard="tv")
+    _, metrics = jax.jit(lambda b: _loss(target, draft, b, cfg))(one)
+    # The brute force: the draft's distribution after the drafted token, the target's there.
+    _, nodes = _reference(target, draft, one, cfg)
+    d = nnx.merge(draft.graphdef, draft.state)
+    q = np.asarray(jax.nn.softmax(nodes[0]["logits"]), np.float64)
+    p = np.asarray(jax.nn.softmax(target.logits(nodes[0]["hidden"])), np.float64)
+    ids = np.arange(d.cfg.draft_vocab_size) + np.asarray(d.d2t[...])
+    accept = sum(q[i] * min(1.0, p[ids[i]] / q[i]) for i in range(len(ids)))
+    assert len(nodes) == 1
+    np.testing.assert_allclose(float(metrics["discard_loss"]), 1.0 - accept, rtol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["kl", "tv", "unlikelihood"])
+def test_negative_term_is_zero_at_accepted_nodes_and_the_root(setup, objective):
+    """Per-node losses and their gradients vanish at accepted nodes and at the root; a batch
+    whose every node was accepted gives a zero term and a zero gradient."""
+    from aurora_jax.learn.discard import node_losses, tree_geometry
+
+    target, draft, batch = setup
+    cfg = LossConfig(ttt_steps=3, lambda_discard=1.0, tree_depth=N, discard=objective)
+    accepted = np.asarray(batch.tree_accepted) | (np.arange(N + 1) == 0)
+
+    graphdef, params, rest = nnx.split(nnx.merge(draft.graphdef, draft.state), nnx.Param, ...)
+
+    def per_node(params, b):
+        d = nnx.merge(graphdef, params, rest)
+        _, _, work = ttt_loss(d, target.embed[...], target.logits, b, cfg)
+        trees = tree_geometry(b, T - 1, cfg)
+        return node_losses(d, target.embed[...], target.logits, trees, work, cfg)[0]
+
+    on_accepted = lambda p: jnp.sum(jnp.where(accepted, per_node(p, batch), 0.0))  # noqa: E731
+    value, grads = jax.jit(jax.value_and_grad(on_accepted))(params)
+    assert float(value) == 0.0
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+    assert float(jnp.abs(per_node(params, batch)).sum()) > 0
+
+    all_accepted = batch.replace(tree_accepted=jnp.ones_like(batch.tree_accepted))
+    term = lambda p: draft_loss(nnx.merge(graphdef, p, rest), target.embed[...],  # noqa: E731
+                                target.logits, all_accepted, cfg)[1]["discard_loss"]
+    value, grads = jax.jit(jax.value_and_grad(term))(params)
+    assert float(value) == 0.0
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("weight", ["uniform", "depth"])
+def test_subsampled_discard_term_is_unbiased(setup, weight):
+    """With one tree per sequence drawn at random and inverse-probability weights, the mean
+    over many draws equals the full term (within 4 standard errors of the draws' mean)."""
+    target, draft, batch = setup
+    full_cfg = LossConfig(ttt_steps=2, lambda_discard=1.0, tree_depth=N, discard_weight=weight)
+    sub_cfg = dataclasses.replace(full_cfg, discard_trees=1)
+    d = nnx.merge(draft.graphdef, draft.state)
+    full = float(draft_loss(d, target.embed[...], target.logits, batch, full_cfg)[1][
+        "discard_loss"])
+    sub = jax.jit(jax.vmap(lambda step: draft_loss(
+        nnx.merge(draft.graphdef, draft.state), target.embed[...], target.logits, batch,
+        sub_cfg, step)[1]["discard_loss"]))(jnp.arange(400))
+    sub = np.asarray(sub)
+    assert sub.std() > 0  # the draws differ: the estimate is really sampled
+    assert abs(sub.mean() - full) < 4 * sub.std() / np.sqrt(len(sub))
+
+
+def test_discard_warmup_ramps_lambda(setup):
+    target, draft, batch = setup
+    cfg = LossConfig(ttt_steps=2, lambda_discard=0.8, discard_warmup=4, tree_depth=N)
+    d = nnx.merge(draft.graphdef, draft.state)
+    lam = [float(draft_loss(d, target.embed[...], target.logits, batch, cfg, step)[1][
+        "discard_lambda"]) for step in (0, 1, 3, 10)]
+    np.testing.assert_allclose(lam, [0.2, 0.4, 0.8, 0.8], rtol=1e-6)
+
+
+def test_loss_config_refuses_unknown_variants():
+    with pytest.raises(ConfigError, match="discard must be one of"):
+        LossConfig(discard="hinge")
+    with pytest.raises(ConfigError, match="discard_nodes"):
+        LossConfig(discard_nodes="some")
 
 
 def test_lambda_zero_is_the_plain_eagle3_loss(setup):

@@ -51,13 +51,14 @@ def make_learner_step(graphdef, tx: optax.GradientTransformation, cfg: LossConfi
 def learner_step_fn(graphdef, tx: optax.GradientTransformation, cfg: LossConfig):
     """The un-jitted learner step, for composing into bigger jitted steps."""
 
-    def loss_fn(params, buffers, embed, head, batch):
+    def loss_fn(params, buffers, embed, head, batch, step):
         draft = nnx.merge(graphdef, params, buffers)
-        return draft_loss(draft, embed, lambda h: (h @ head).astype(jnp.float32), batch, cfg)
+        return draft_loss(draft, embed, lambda h: (h @ head).astype(jnp.float32), batch, cfg,
+                          step)
 
     def step(state: LearnerState, buffers, embed, head, batch: LearnBatch):
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, buffers, embed, head, batch)
+            state.params, buffers, embed, head, batch, state.step)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         metrics["grad_norm"] = optax.tree.norm(grads)
         return LearnerState(state.step + 1, optax.apply_updates(state.params, updates),

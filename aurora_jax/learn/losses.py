@@ -15,12 +15,12 @@ target's entropy). Positions whose target argmax lies outside the draft vocabula
 out of the KL (the draft can never propose that token; they are counted in metrics).
 
 Second term: Aurora (arXiv 2602.06932) adds supervision at tree nodes the target rejected:
-verification already computed the target's distribution there. All branches of all trees go
-through the draft together, one pass per depth, each node attending to the committed rows
-before its root and to its ancestors (the tree mask), as during drafting.
+verification already computed the target's distribution there. Its variants (KL, total
+variation, unlikelihood; all nodes or the frontier; weightings; a warm-up; tree subsampling)
+live in learn/discard.py.
 
-Total variation between p and q is one minus the acceptance probability of speculative
-sampling (Leviathan et al. 2023), so it is offered as an optional extra term.
+An optional extra total-variation term on the committed positions (`tv_weight`) is one minus
+the acceptance probability of speculative sampling (Leviathan et al. 2023).
 """
 
 from __future__ import annotations
@@ -32,7 +32,12 @@ import jax.numpy as jnp
 from flax import struct
 
 from aurora_jax.errors import ConfigError
-from aurora_jax.spec.tree import ancestor_mask
+from aurora_jax.learn.discard import TTTWork, discard_term
+from aurora_jax.learn.divergence import draft_vocab_target, kl, total_variation
+
+DISCARD_OBJECTIVES = ("kl", "tv", "unlikelihood")
+DISCARD_NODES = ("all", "frontier")
+DISCARD_WEIGHTS = ("uniform", "depth", "draft_prob")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +49,26 @@ class LossConfig:
     step_weight: float = 0.8
     """w: step k of the unroll weighs w^(k-1)."""
     lambda_discard: float = 0.5
-    """Weight of the KL at rejected tree nodes (0 gives the plain EAGLE-3 loss)."""
+    """Weight of the rejected-node term (0 gives the plain EAGLE-3 loss)."""
+    discard: str = "kl"
+    """The rejected-node objective: kl (target vs draft at the node), tv (total variation
+    there: the rejection probability of speculative sampling) or unlikelihood (lower the
+    rejected token's draft probability at its parent where it exceeds the target's)."""
+    discard_nodes: str = "all"
+    """all rejected nodes (a draft pass per depth) or frontier (rejected children of accepted
+    nodes, computed from the TTT unroll's work)."""
+    discard_weight: str = "uniform"
+    """Node weights, normalised to mean 1: uniform, depth (step_weight^(depth-1)) or
+    draft_prob (the draft's probability of the rejected token)."""
+    discard_warmup: int = 0
+    """Learner steps over which lambda_discard ramps up linearly from 0."""
+    discard_trees: int = 0
+    """> 0: the term uses this many random trees per sequence, inverse-probability weighted
+    (unbiased, cheaper); 0: all trees."""
     tv_weight: float = 0.0
-    """Weight of an extra total-variation term (1 - acceptance probability)."""
+    """Weight of an extra total-variation term on the committed positions."""
     tree_depth: int = 8
-    """Deepest tree node the discard term reaches (one draft pass per depth)."""
+    """Deepest tree node the all-nodes term reaches (one draft pass per depth)."""
 
     def __post_init__(self):
         if self.ttt_steps < 1:
@@ -59,6 +79,13 @@ class LossConfig:
             raise ConfigError("lambda_discard and tv_weight must be >= 0")
         if self.tree_depth < 1:
             raise ConfigError(f"tree_depth must be >= 1, got {self.tree_depth}")
+        if self.discard_warmup < 0 or self.discard_trees < 0:
+            raise ConfigError("discard_warmup and discard_trees must be >= 0")
+        for name, allowed in (("discard", DISCARD_OBJECTIVES), ("discard_nodes", DISCARD_NODES),
+                              ("discard_weight", DISCARD_WEIGHTS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got "
+                                  f"{getattr(self, name)!r}")
 
 
 @struct.dataclass
@@ -75,27 +102,6 @@ class LearnBatch:
     tree_accepted: jax.Array  # [B, S, N+1] bool, on the accepted path (root included)
     tree_root_pos: jax.Array  # [B, S] position of the root token in the sequence
     tree_valid: jax.Array  # [B, S] bool
-
-
-def draft_vocab_target(logits_xV, d2t_Vd, t2d_V):
-    """(target distribution over the draft vocabulary, renormalised [..., Vd]; full target
-    distribution [..., V]; whether the target's argmax is in the draft vocabulary [...])."""
-    p = jax.nn.softmax(logits_xV.astype(jnp.float32), -1)
-    ids = jnp.arange(d2t_Vd.shape[0]) + d2t_Vd
-    p_d = p[..., ids]
-    p_d = p_d / jnp.maximum(p_d.sum(-1, keepdims=True), 1e-30)
-    return p_d, p, t2d_V[jnp.argmax(logits_xV, -1)]
-
-
-def kl(p_xVd, logq_xVd):
-    """Forward KL(p || q) per position (0 log 0 = 0)."""
-    return jnp.sum(jax.scipy.special.xlogy(p_xVd, p_xVd) - p_xVd * logq_xVd, -1)
-
-
-def total_variation(p_xV, q_xVd, d2t_Vd):
-    """TV between the full target distribution and the draft's (zero outside its vocab)."""
-    ids = jnp.arange(d2t_Vd.shape[0]) + d2t_Vd
-    return 1.0 - jnp.sum(jnp.minimum(p_xV[..., ids], q_xVd), -1)
 
 
 def _masked_mean(x, mask):
@@ -123,8 +129,8 @@ def _term(logits_q, targets, mask, draft, cfg: LossConfig):
 
 
 def ttt_loss(draft, embed_VxH, target_logits_fn, batch: LearnBatch, cfg: LossConfig):
-    """The committed-sequence term. Returns (loss, metrics, step-1 (k, v, hidden) for the
-    discard term)."""
+    """The committed-sequence term. Returns (loss, metrics, every step's keys, values, hidden
+    states and logits for the discard term)."""
     b, t = batch.tokens.shape
     r = t - 1  # rows: row j reads x[j+1]
     pos = jnp.arange(r)
@@ -133,7 +139,7 @@ def ttt_loss(draft, embed_VxH, target_logits_fn, batch: LearnBatch, cfg: LossCon
     pad = lambda x, k: jnp.pad(x[:, k:], ((0, 0), (0, k - 1)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
 
     hidden = draft.project(batch.aux[:, :r])
-    ks, vs, metrics, correct_all, step1 = [], [], {}, [], None
+    ks, vs, hs, ls, metrics, correct_all = [], [], [], [], {}, []
     eye = jnp.eye(r, dtype=bool)[None]
     causal = (pos[None, :] <= pos[:, None])[None] & row_ok[:, None, :]
     total = 0.0
@@ -151,10 +157,10 @@ def ttt_loss(draft, embed_VxH, target_logits_fn, batch: LearnBatch, cfg: LossCon
         logits, h, kk, vv = draft.masked_step(
             embed_VxH[tokens_k], hidden, jnp.broadcast_to(pos + k - 1, (b, r)), ctx_k, ctx_v,
             ctx_mask, self_mask)
-        if k == 1:
-            step1 = (kk, vv, h)
         ks.append(kk)
         vs.append(vv)
+        hs.append(h)
+        ls.append(logits)
         hidden = h
         mask = row_ok & (pos[None] + k < batch.length[:, None])  # target at position j+k known
         loss, acc, correct, oov = _term(logits, tuple(pad(x, k) for x in targets), mask,
@@ -169,51 +175,28 @@ def ttt_loss(draft, embed_VxH, target_logits_fn, batch: LearnBatch, cfg: LossCon
     run = jnp.cumprod(jnp.stack(correct_all, -1).astype(jnp.int32), -1).sum(-1)
     metrics["sim_acceptance_length"] = 1.0 + _masked_mean(run, row_ok)
     metrics["ttt_loss"] = total
-    return total, metrics, step1
+    return total, metrics, TTTWork(ks, vs, hs, ls)
 
 
-def discard_loss(draft, embed_VxH, target_logits_fn, batch: LearnBatch, step1, cfg: LossConfig):
-    """The rejected-node term. Returns (loss, metrics)."""
-    k1, v1, h1 = step1  # committed rows' step-1 keys/values [B, R, K, D] and outputs [B, R, H]
-    b, s, n1 = batch.tree_tokens.shape
-    r = k1.shape[1]
-    q_rows = s * n1
-    anc = ancestor_mask(batch.tree_parent.reshape(b * s, n1)).reshape(b, s, n1, n1)
-    depth = anc.sum(-1) - 1  # [B, S, N1]
-    same_tree = jnp.eye(s, dtype=bool)[None, :, None, :, None]
-    self_mask = (same_tree & anc[:, :, :, None, :]).reshape(b, q_rows, q_rows)
-    # The root's row is a committed row (in the context), so tree slot 0 is never a key.
-    self_mask = self_mask & (jnp.arange(q_rows) % n1 != 0)[None, None]
-    root_row = jnp.clip(batch.tree_root_pos - 1, 0, r - 1)  # [B, S] draft row of each root
-    ctx_mask = (jnp.arange(r)[None, None] <= root_row.reshape(b, s, 1))  # [B, S, R]
-    ctx_mask = jnp.repeat(ctx_mask, n1, axis=1)  # [B, Q, R]
-    root_h = jnp.take_along_axis(h1, root_row[..., None], 1)  # [B, S, H]
-    parent = jnp.maximum(batch.tree_parent, 0)
-    tokens = batch.tree_tokens.reshape(b, q_rows)
-    positions = (root_row[..., None] + depth).reshape(b, q_rows)
-    embeds = embed_VxH[tokens]
-    out_h = jnp.broadcast_to(root_h[:, :, None], (b, s, n1, h1.shape[-1]))
-    logits = None
-    for _ in range(cfg.tree_depth):
-        parent_h = jnp.take_along_axis(out_h, parent[..., None], 2)
-        hidden_in = jnp.where((batch.tree_parent <= 0)[..., None], root_h[:, :, None], parent_h)
-        logits, h, _, _ = draft.masked_step(embeds, hidden_in.reshape(b, q_rows, -1), positions,
-                                            k1, v1, ctx_mask, self_mask)
-        out_h = h.reshape(b, s, n1, -1)
-    rejected = (batch.tree_valid[..., None] & ~batch.tree_accepted & (depth >= 1)
-                & (depth <= cfg.tree_depth)).reshape(b, q_rows)
-    targets = _targets(target_logits_fn(batch.tree_hidden.reshape(b, q_rows, -1)), draft)
-    loss, acc, _, _ = _term(logits, targets, rejected, draft, cfg)
-    return loss, {"discard_loss": loss, "discard_acc": acc,
-                  "rejected_nodes": jnp.sum(rejected).astype(jnp.float32)}
+def discard_scale(cfg: LossConfig, step):
+    """lambda_discard at learner step `step` (the warm-up ramps it from 0)."""
+    if not cfg.discard_warmup:
+        return jnp.float32(cfg.lambda_discard)
+    ramp = jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / cfg.discard_warmup)
+    return cfg.lambda_discard * ramp
 
 
-def draft_loss(draft, embed_VxH, target_logits_fn, batch: LearnBatch, cfg: LossConfig):
-    """The whole objective: (loss, metrics)."""
-    loss, metrics, step1 = ttt_loss(draft, embed_VxH, target_logits_fn, batch, cfg)
+def draft_loss(draft, embed_VxH, target_logits_fn, batch: LearnBatch, cfg: LossConfig,
+               step=0):
+    """The whole objective at learner step `step` (for the warm-up and the tree subsample's
+    draw): (loss, metrics)."""
+    loss, metrics, work = ttt_loss(draft, embed_VxH, target_logits_fn, batch, cfg)
     if cfg.lambda_discard:
-        d_loss, d_metrics = discard_loss(draft, embed_VxH, target_logits_fn, batch, step1, cfg)
-        loss = loss + cfg.lambda_discard * d_loss
-        metrics.update(d_metrics)
+        key = jax.random.fold_in(jax.random.key(0), step)
+        d_loss, d_metrics = discard_term(draft, embed_VxH, target_logits_fn, batch, work, cfg,
+                                         key)
+        scale = discard_scale(cfg, step)
+        loss = loss + scale * d_loss
+        metrics.update(d_metrics, discard_lambda=scale)
     metrics["loss"] = loss
     return loss, metrics

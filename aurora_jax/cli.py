@@ -312,7 +312,8 @@ def cmd_learn(args) -> int:
     cfg = OnlineConfig(batch_size=args.batch_size, seq_len=args.seq_len,
                        every_steps=args.sync_every, policy=args.sync_policy,
                        max_steps=args.max_steps)
-    loss = LossConfig(ttt_steps=args.ttt_steps, lambda_discard=args.lambda_discard)
+    loss = LossConfig(ttt_steps=args.ttt_steps, lambda_discard=args.lambda_discard,
+                      discard=args.discard, discard_nodes=args.discard_nodes)
     optimizer = dataclasses.replace(DEFAULT_OPTIMIZER, learning_rate=args.lr)
     target, draft = _load_pair(args, _target_dir(args))
     bar = tqdm(total=args.max_steps, desc="learning", unit="step", file=sys.stderr)
@@ -472,8 +473,16 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--seq-len", type=int, default=128)
     lp.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     lp.add_argument("--ttt-steps", type=int, default=5, help="training-time-test unroll")
-    lp.add_argument("--lambda-discard", type=float, default=0.5,
+    from aurora_jax.learn.losses import DISCARD_NODES, DISCARD_OBJECTIVES, LossConfig
+
+    loss = LossConfig()
+    lp.add_argument("--lambda-discard", type=float, default=loss.lambda_discard,
                     help="weight of the rejected-node term (0: plain EAGLE-3)")
+    lp.add_argument("--discard", choices=DISCARD_OBJECTIVES, default=loss.discard,
+                    help="the rejected-node objective (learn/discard.py)")
+    lp.add_argument("--discard-nodes", choices=DISCARD_NODES, default=loss.discard_nodes,
+                    help="all rejected nodes, or the frontier (rejected children of accepted "
+                         "nodes; cheaper)")
     lp.add_argument("--seed", type=int, default=0, help="scratch draft initialisation")
     lp.set_defaults(func=cmd_learn)
 

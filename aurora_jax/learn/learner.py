@@ -11,6 +11,7 @@ buffers the engine may still hold).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.struct
 import jax
@@ -48,6 +49,15 @@ def make_learner_step(graphdef, tx: optax.GradientTransformation, cfg: LossConfi
     return jax.jit(learner_step_fn(graphdef, tx, cfg), donate_argnums=0)
 
 
+@functools.lru_cache(maxsize=16)
+def _shared_step(graphdef, optimizer: OptimizerSettings, cfg: LossConfig):
+    """(optimizer, jitted step) shared by every Learner of one draft structure, optimizer and
+    objective: a second learner (another seed, another start draft) reuses the compiled
+    program instead of compiling its own."""
+    tx = make_optimizer(optimizer)
+    return tx, make_learner_step(graphdef, tx, cfg)
+
+
 def learner_step_fn(graphdef, tx: optax.GradientTransformation, cfg: LossConfig):
     """The un-jitted learner step, for composing into bigger jitted steps."""
 
@@ -81,13 +91,12 @@ class Learner:
         # graphdef, buffers (d2t, t2d, RoPE) and the target's frozen embed/head are public:
         # the offline trainer and the online learner build their own jitted calls on them.
         self.graphdef, params, self.buffers = nnx.split(model, nnx.Param, ...)
-        tx = make_optimizer(self.optimizer)
+        tx, self._step = _shared_step(self.graphdef, self.optimizer, self.loss)
         # Built by a jitted function: fresh buffers (never aliasing the serving draft's, which
         # the step will donate) typed and placed exactly like the states the step returns,
         # so the second step does not compile again.
         self.state = jax.jit(lambda p: LearnerState(jnp.zeros((), jnp.int32),
                                                     jax.tree.map(jnp.copy, p), tx.init(p)))(params)
-        self._step = make_learner_step(self.graphdef, tx, self.loss)
         self.embed, self.head = target_head(self.target)
 
     def step(self, batch: LearnBatch) -> dict:

@@ -42,7 +42,7 @@ def static_draft(cfg: RunConfig, target_dir: Path, out: Path) -> str:
                 OfflineConfig(steps=cfg.compare.static_steps, seq_len=cfg.compare.static_seq_len,
                               learning_rate=cfg.learner.learning_rate,
                               draft_vocab_size=cfg.draft_vocab_size,
-                              ttt_steps=cfg.learner.ttt_steps, seed=cfg.seed))
+                              ttt_steps=cfg.learner.loss.ttt_steps, seed=cfg.seed))
     return str(out / "static" / "draft")
 
 

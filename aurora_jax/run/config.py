@@ -11,6 +11,7 @@ from aurora_jax.config_io import apply_overrides, from_dict, read_yaml
 from aurora_jax.data.scenarios import ScenarioConfig
 from aurora_jax.engine.utility import AdaptiveConfig
 from aurora_jax.errors import ConfigError
+from aurora_jax.learn.losses import LossConfig
 from aurora_jax.learn.vocab_refresh import VocabRefreshConfig
 from aurora_jax.spec.draft import SpecConfig
 
@@ -36,19 +37,18 @@ class LearnSettings:
     """Verified trees per window (the rejected-node term's data)."""
     learning_rate: float = 3e-3
     """Peak AdamW learning rate."""
-    ttt_steps: int = 3
-    """EAGLE-3 training-time-test unroll."""
-    lambda_discard: float = 0.5
-    """Weight of the KL at rejected tree nodes (0: plain EAGLE-3 loss)."""
+    loss: LossConfig = LossConfig(ttt_steps=3)
+    """The draft objective: the TTT unroll and the rejected-node term (learn/losses.py,
+    learn/discard.py); its tree_depth follows spec.depth."""
     vocab: VocabRefreshConfig = VocabRefreshConfig()
     """Re-choosing the draft vocabulary from the served tokens (a hot swap like any other)."""
 
     def __post_init__(self):
         if min(self.steps_per_window, self.every_steps, self.batch_size, self.seq_len,
-               self.trees_per_seq, self.ttt_steps) < 1:
+               self.trees_per_seq) < 1:
             raise ConfigError("learner step counts and sizes must be >= 1")
-        if self.learning_rate <= 0 or self.lambda_discard < 0:
-            raise ConfigError("learning_rate must be > 0 and lambda_discard >= 0")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.policy not in ("every", "better"):
             raise ConfigError(f"policy must be 'every' or 'better', got {self.policy!r}")
 

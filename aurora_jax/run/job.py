@@ -33,7 +33,6 @@ from aurora_jax.engine.engine import Engine, Request
 from aurora_jax.engine.utility import UtilityMonitor
 from aurora_jax.learn.buffer import TraceAssembler, TraceBuffer
 from aurora_jax.learn.learner import DEFAULT_OPTIMIZER, Learner
-from aurora_jax.learn.losses import LossConfig
 from aurora_jax.learn.online import EnginePublisher, OnlineConfig, OnlineLearner
 from aurora_jax.models.eagle3_io import load_pair, save_draft
 from aurora_jax.models.sharding import make_mesh
@@ -206,8 +205,7 @@ def _online_learner(cfg: RunConfig, target, draft, buffer, spec_engines, stop_id
     if not cfg.learner.enabled or not spec_engines:
         return None
     s = cfg.learner
-    loss = LossConfig(ttt_steps=s.ttt_steps, lambda_discard=s.lambda_discard,
-                      tree_depth=max(cfg.spec.max_depth, 1))
+    loss = dataclasses.replace(s.loss, tree_depth=max(cfg.spec.max_depth, 1))
     opt = dataclasses.replace(DEFAULT_OPTIMIZER, learning_rate=s.learning_rate)
     online_cfg = OnlineConfig(batch_size=s.batch_size, seq_len=s.seq_len,
                               trees_per_seq=s.trees_per_seq, min_sequences=3, holdout=2,

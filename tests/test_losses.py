@@ -201,7 +201,8 @@ def reference(setup):
 
 def test_losses_match_loop_reference(setup, reference):
     target, draft, batch = setup
-    cfg = LossConfig(ttt_steps=3, lambda_discard=0.7, tree_depth=N)
+    cfg = LossConfig(ttt_steps=3, lambda_discard=0.7, tree_depth=N, discard="kl",
+                     discard_nodes="all")
     loss, metrics = jax.jit(lambda b: _loss(target, draft, b, cfg))(batch)
     ttt, nodes = reference
     discard = _reference_discard(target, draft, nodes, cfg)
@@ -263,7 +264,8 @@ def test_negative_term_is_zero_at_accepted_nodes_and_the_root(setup, objective):
     from aurora_jax.learn.discard import node_losses, tree_geometry
 
     target, draft, batch = setup
-    cfg = LossConfig(ttt_steps=3, lambda_discard=1.0, tree_depth=N, discard=objective)
+    cfg = LossConfig(ttt_steps=3, lambda_discard=1.0, tree_depth=N, discard=objective,
+                     discard_nodes="all")
     accepted = np.asarray(batch.tree_accepted) | (np.arange(N + 1) == 0)
 
     graphdef, params, rest = nnx.split(nnx.merge(draft.graphdef, draft.state), nnx.Param, ...)
@@ -293,7 +295,8 @@ def test_subsampled_discard_term_is_unbiased(setup, weight):
     """With one tree per sequence drawn at random and inverse-probability weights, the mean
     over many draws equals the full term (within 4 standard errors of the draws' mean)."""
     target, draft, batch = setup
-    full_cfg = LossConfig(ttt_steps=2, lambda_discard=1.0, tree_depth=N, discard_weight=weight)
+    full_cfg = LossConfig(ttt_steps=2, lambda_discard=1.0, tree_depth=N, discard="kl",
+                          discard_nodes="all", discard_weight=weight)
     sub_cfg = dataclasses.replace(full_cfg, discard_trees=1)
     d = nnx.merge(draft.graphdef, draft.state)
     full = float(draft_loss(d, target.embed[...], target.logits, batch, full_cfg)[1][
@@ -308,7 +311,8 @@ def test_subsampled_discard_term_is_unbiased(setup, weight):
 
 def test_discard_warmup_ramps_lambda(setup):
     target, draft, batch = setup
-    cfg = LossConfig(ttt_steps=2, lambda_discard=0.8, discard_warmup=4, tree_depth=N)
+    cfg = LossConfig(ttt_steps=2, lambda_discard=0.8, discard_warmup=4, tree_depth=N,
+                     discard="kl", discard_nodes="all")
     d = nnx.merge(draft.graphdef, draft.state)
     lam = [float(draft_loss(d, target.embed[...], target.logits, batch, cfg, step)[1][
         "discard_lambda"]) for step in (0, 1, 3, 10)]
@@ -324,7 +328,7 @@ def test_loss_config_refuses_unknown_variants():
 
 def test_lambda_zero_is_the_plain_eagle3_loss(setup):
     target, draft, batch = setup
-    cfg = LossConfig(ttt_steps=3, lambda_discard=0.0)
+    cfg = LossConfig(ttt_steps=3, lambda_discard=0.0, discard="kl", discard_nodes="all")
     loss, metrics = jax.jit(lambda b: _loss(target, draft, b, cfg))(batch)
     assert "discard_loss" not in metrics
     with_discard = dataclasses.replace(cfg, lambda_discard=1.0)
@@ -336,7 +340,8 @@ def test_lambda_zero_is_the_plain_eagle3_loss(setup):
 def test_discard_gradient_comes_only_from_rejected_nodes(setup):
     """The discard term depends on the target's distribution at rejected nodes only."""
     target, draft, batch = setup
-    cfg = LossConfig(ttt_steps=2, lambda_discard=1.0, tree_depth=N)
+    cfg = LossConfig(ttt_steps=2, lambda_discard=1.0, tree_depth=N, discard="kl",
+                     discard_nodes="all")
 
     def discard(tree_hidden):
         return _loss(target, draft, batch.replace(tree_hidden=tree_hidden), cfg)[1][

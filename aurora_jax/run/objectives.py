@@ -79,11 +79,11 @@ class Scenario:
 
 DEFAULT_ARMS = (
     Arm("ttt"),
-    Arm("kl", LossConfig(lambda_discard=0.5)),
-    Arm("kl-frontier", LossConfig(lambda_discard=0.5, discard_nodes="frontier")),
+    Arm("kl", LossConfig(lambda_discard=0.5, discard="kl", discard_nodes="all")),
+    Arm("kl-frontier", LossConfig(lambda_discard=0.5, discard="kl", discard_nodes="frontier")),
     Arm("unlikelihood", LossConfig(lambda_discard=0.5, discard="unlikelihood",
                                    discard_nodes="frontier")),
-    Arm("tv", LossConfig(lambda_discard=0.5, discard="tv")),
+    Arm("tv", LossConfig(lambda_discard=0.5, discard="tv", discard_nodes="all")),
 )
 
 
@@ -130,7 +130,8 @@ class ObjectivesConfig:
     shift_steps: int = 200
     """Steps of TTT training on the other domain that make a shift scenario's start draft."""
     seeds: tuple[int, ...] = (0, 1, 2)
-    """Seeds: each gives its own day-0 draft layers and its own batch order."""
+    """Seeds: each gives its own batch order (and its own random draft weights, where the
+    day-0 draft has any: the warm start copies the target's, so it has few)."""
     arms: tuple[Arm, ...] = DEFAULT_ARMS
     """The objectives compared."""
     scenarios: tuple[Scenario, ...] = (Scenario("code", "code"), Scenario("prose", "prose"),
@@ -358,11 +359,7 @@ def run_objectives(cfg: ObjectivesConfig, target_dir: Path, out: Path, say=None)
                     f"{last['held_out_sim_acceptance']:.3f}, served tau "
                     f"{r['served_acceptance']:.3f}, {r['step_s']:.2f} s/step")
         results["scenarios"][sc.name] = {"domain": sc.domain, "start": sc.start, "runs": runs}
-    results["summary"] = summarize(results)
-    results["same_batches"] = same_batches(results)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(markdown_table(results["summary"]))
-    plot_objectives(results, out / "objectives.png")
+    write_report(results, out)
     return results
 
 
@@ -382,40 +379,68 @@ def same_batches(results: dict) -> bool:
 def summarize(results: dict) -> dict:
     """Per scenario and arm: mean and std over seeds of the held-out simulated acceptance at
     equal steps (the last) and at equal learner seconds (the cheapest arm's mean budget), the
-    served acceptance, and the seconds per step."""
+    served acceptance and the seconds per step; and each arm's paired difference from the
+    scenario's first arm (same seed, so the same batches: the seed's own luck cancels)."""
     out = {}
     for name, sc in results["scenarios"].items():
         budget = min(np.mean([r["curve"][-1]["learn_s"] for r in runs])
                      for runs in sc["runs"].values())
+        per_arm = {arm: {
+            "start": [r["curve"][0]["held_out_sim_acceptance"] for r in runs],
+            "equal_steps": [r["curve"][-1]["held_out_sim_acceptance"] for r in runs],
+            "equal_seconds": [interpolate(r["curve"], budget) for r in runs],
+            "served": [r["served_acceptance"] for r in runs],
+            "step_s": [r["step_s"] for r in runs],
+            "seed": [r["seed"] for r in runs],
+        } for arm, runs in sc["runs"].items()}
+        ref_name = next(iter(per_arm))
+        ref = per_arm[ref_name]
         rows = {}
-        for arm, runs in sc["runs"].items():
-            def stat(xs):
-                return {"mean": float(np.mean(xs)), "std": float(np.std(xs))}
-
-            rows[arm] = {
-                "start": stat([r["curve"][0]["held_out_sim_acceptance"] for r in runs]),
-                "equal_steps": stat([r["curve"][-1]["held_out_sim_acceptance"] for r in runs]),
-                "equal_seconds": stat([interpolate(r["curve"], budget) for r in runs]),
-                "served": stat([r["served_acceptance"] for r in runs]),
-                "step_s": stat([r["step_s"] for r in runs]),
-                "seeds": len(runs),
-            }
-        out[name] = {"budget_s": float(budget), "arms": rows}
+        for arm, v in per_arm.items():
+            row = {k: _stat(v[k]) for k in ("start", "equal_steps", "equal_seconds", "served",
+                                            "step_s")}
+            row["seeds"] = len(v["seed"])
+            for k in ("equal_steps", "equal_seconds", "served"):
+                by_seed = dict(zip(ref["seed"], ref[k], strict=True))
+                row[f"{k}_vs_{ref_name}"] = _stat([x - by_seed[s] for x, s in
+                                                   zip(v[k], v["seed"], strict=True)])
+            rows[arm] = row
+        out[name] = {"budget_s": float(budget), "reference": ref_name, "arms": rows}
     return out
 
 
+def _stat(xs) -> dict:
+    return {"mean": float(np.mean(xs)), "std": float(np.std(xs))}
+
+
 def markdown_table(summary: dict) -> str:
+    f = lambda s, sign="": f"{s['mean']:{sign}.3f} ± {s['std']:.3f}"  # noqa: E731
     lines = []
     for name, sc in summary.items():
-        lines += [f"**{name}** (equal seconds: {sc['budget_s']:.0f} s of learning)", "",
-                  "| objective | held-out sim tau, equal steps | equal seconds | served tau "
-                  "| s/step |", "|---|---|---|---|---|"]
+        ref = sc["reference"]
+        lines += [f"**{name}** (equal seconds: {sc['budget_s']:.0f} s of learning; "
+                  f"differences are paired by seed against {ref})", "",
+                  "| objective | s/step | held-out sim tau, equal steps | vs " + ref +
+                  " | equal seconds | vs " + ref + " | served tau | vs " + ref + " |",
+                  "|---|---:|---|---|---|---|---|---|"]
         for arm, r in sc["arms"].items():
-            f = lambda s: f"{s['mean']:.3f} ± {s['std']:.3f}"  # noqa: E731
-            lines.append(f"| {arm} | {f(r['equal_steps'])} | {f(r['equal_seconds'])} | "
-                         f"{f(r['served'])} | {r['step_s']['mean']:.2f} |")
+            lines.append(
+                f"| {arm} | {r['step_s']['mean']:.2f} | {f(r['equal_steps'])} | "
+                f"{f(r['equal_steps_vs_' + ref], '+')} | {f(r['equal_seconds'])} | "
+                f"{f(r['equal_seconds_vs_' + ref], '+')} | {f(r['served'])} | "
+                f"{f(r['served_vs_' + ref], '+')} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def write_report(results: dict, out: Path) -> None:
+    """results.json, results.md and objectives.png in `out` (again from results.json with
+    `scripts/exp_objectives.py --report`)."""
+    results["summary"] = summarize(results)
+    results["same_batches"] = same_batches(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(markdown_table(results["summary"]))
+    plot_objectives(results, out / "objectives.png")
 
 
 def plot_objectives(results: dict, path: Path) -> Path:
@@ -427,21 +452,25 @@ def plot_objectives(results: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     scenarios = results["scenarios"]
-    fig, axes = plt.subplots(1, len(scenarios), figsize=(4.2 * len(scenarios), 3.4),
+    names = list(dict.fromkeys(a for sc in scenarios.values() for a in sc["runs"]))
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(4.2 * len(scenarios), 3.6),
                              squeeze=False)
+    handles = {}
     for ax, (name, sc) in zip(axes[0], scenarios.items(), strict=True):
-        for i, (arm, runs) in enumerate(sc["runs"].items()):
+        for arm, runs in sc["runs"].items():
+            color = f"C{names.index(arm) % 10}"  # one color per arm in every panel
             xs = np.mean([[p["learn_s"] for p in r["curve"]] for r in runs], 0)
             ys = np.array([[p["held_out_sim_acceptance"] for p in r["curve"]] for r in runs])
             m, s = ys.mean(0), ys.std(0)
-            ax.plot(xs, m, "-o", ms=3, color=f"C{i}", label=arm)
-            ax.fill_between(xs, m - s, m + s, color=f"C{i}", alpha=0.15)
+            (handles[arm],) = ax.plot(xs, m, "-o", ms=3, color=color, label=arm)
+            ax.fill_between(xs, m - s, m + s, color=color, alpha=0.15)
         ax.set_title(name)
         ax.set_xlabel("learner seconds")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out simulated tau")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend([handles[a] for a in names], names, loc="lower center", ncol=min(len(names), 9),
+               fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -42,6 +42,12 @@ def _coerce(tp, value, where: str):
         return _coerce(inner, value, where)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
+    if origin is typing.Literal:
+        if value not in args:
+            near = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"{where} must be one of {list(args)}, got {value!r}{hint}")
+        return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")

@@ -80,7 +80,11 @@ def test_bad_config_or_scenario_fails_before_anything_runs(small_ckpt, tmp_path,
     cases = [
         ([f"target={small_ckpt}", f"scenario.file={bad}", "scenario.domains=[code]"],
          "s.jsonl:2"),
-        (["scenario.order=sideways"], "scenario order must be one of"),
+        (["scenario.order=sideways"], "scenario.order must be one of ['mixed', 'shift']"),
+        (["spec.mode=tre"], "spec.mode must be one of ['off', 'chain', 'tree', 'ngram'], got "
+                            "'tre' (did you mean 'tree'?)"),
+        (["learner.loss.discard=kll"], "learner.loss.discard must be one of"),
+        (["dtype=fp16"], "dtype must be one of ['float32', 'bfloat16', 'float16', 'auto']"),
         (["--config", str(typo)], "unknown key 'requets' (did you mean 'requests'?)"),
         (["scenario.domains=[code, poetry]"], "unknown domain(s) ['poetry']"),
         (["learner.lr=0.1"], "unknown key 'lr'"),

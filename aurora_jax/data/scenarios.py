@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import typing
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -30,7 +32,8 @@ from aurora_jax.data.prompts import read_jsonl
 from aurora_jax.errors import ConfigError
 
 BUILTIN_DOMAINS = ("code", "prose")
-ORDERS = ("mixed", "shift")
+Order = Literal["mixed", "shift"]
+ORDERS = typing.get_args(Order)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +42,7 @@ class ScenarioConfig:
 
     domains: tuple[str, ...] = ("code", "prose")
     """Domains to draw from; with order "shift", the order of the blocks."""
-    order: str = "shift"
+    order: Order = "shift"
     """"mixed" (interleaved at random) or "shift" (one block per domain, in order)."""
     requests: int = 64
     """Requests in the whole stream (split evenly between the domains)."""

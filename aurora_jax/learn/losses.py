@@ -29,6 +29,8 @@ the acceptance probability of speculative sampling (Leviathan et al. 2023).
 from __future__ import annotations
 
 import dataclasses
+import typing
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +40,12 @@ from aurora_jax.errors import ConfigError
 from aurora_jax.learn.discard import TTTWork, discard_term
 from aurora_jax.learn.divergence import draft_vocab_target, kl, total_variation
 
-DISCARD_OBJECTIVES = ("kl", "tv", "unlikelihood")
-DISCARD_NODES = ("all", "frontier")
-DISCARD_WEIGHTS = ("uniform", "depth", "draft_prob")
+DiscardObjective = Literal["kl", "tv", "unlikelihood"]
+DiscardNodes = Literal["all", "frontier"]
+DiscardWeight = Literal["uniform", "depth", "draft_prob"]
+DISCARD_OBJECTIVES = typing.get_args(DiscardObjective)
+DISCARD_NODES = typing.get_args(DiscardNodes)
+DISCARD_WEIGHTS = typing.get_args(DiscardWeight)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,15 +59,15 @@ class LossConfig:
     lambda_discard: float = 0.0
     """Weight of the rejected-node term (0, the default: the plain EAGLE-3 loss, which learned
     fastest per learner-second in every scenario measured on SmolLM2; see the README)."""
-    discard: str = "unlikelihood"
+    discard: DiscardObjective = "unlikelihood"
     """The rejected-node objective: kl (target vs draft at the node; the paper's), tv (total
     variation there: the rejection probability of speculative sampling) or unlikelihood
     (lower the rejected token's draft probability at its parent where it exceeds the
     target's; the best-measured variant, hence the default once lambda_discard > 0)."""
-    discard_nodes: str = "frontier"
+    discard_nodes: DiscardNodes = "frontier"
     """all rejected nodes (a draft pass per depth) or frontier (rejected children of accepted
     nodes, computed from the TTT unroll's work)."""
-    discard_weight: str = "uniform"
+    discard_weight: DiscardWeight = "uniform"
     """Node weights, normalised to mean 1: uniform, depth (step_weight^(depth-1)) or
     draft_prob (the draft's probability of the rejected token)."""
     discard_warmup: int = 0

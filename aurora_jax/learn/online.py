@@ -21,6 +21,8 @@ import dataclasses
 import logging
 import threading
 import time
+import typing
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +45,10 @@ from aurora_jax.learn.vocab_refresh import (
 log = logging.getLogger(__name__)
 
 
+Policy = Literal["every", "better"]
+POLICIES = typing.get_args(Policy)
+
+
 @dataclasses.dataclass(frozen=True)
 class OnlineConfig:
     """How the online learner samples and when it publishes."""
@@ -57,7 +63,7 @@ class OnlineConfig:
     """Finished requests in the buffer before the first step."""
     every_steps: int = 20
     """Learner steps between publication attempts."""
-    policy: str = "every"
+    policy: Policy = "every"
     """"every": publish each attempt; "better": only if the candidate's simulated acceptance on
     recent traffic is at least the serving draft's."""
     holdout: int = 2
@@ -68,7 +74,7 @@ class OnlineConfig:
     """Re-choosing the draft vocabulary from the served tokens, at publication attempts."""
 
     def __post_init__(self):
-        if self.policy not in ("every", "better"):
+        if self.policy not in POLICIES:
             raise ConfigError(f"sync policy must be 'every' or 'better', got {self.policy!r}")
         if min(self.batch_size, self.seq_len, self.trees_per_seq, self.every_steps) < 1:
             raise ConfigError("batch_size, seq_len, trees_per_seq and every_steps must be >= 1")

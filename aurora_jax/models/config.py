@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from aurora_jax.errors import CheckpointError
 from pallas_kernels.dispatch import check_impl
@@ -20,6 +20,10 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen3ForCausalLM": "qwen3",
 }
+
+
+DtypeName = Literal["float32", "bfloat16", "float16", "auto"]
+"""Parameter dtypes a model loads in ("auto": the checkpoint's own)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,9 @@ from aurora_jax.data.scenarios import ScenarioConfig
 from aurora_jax.engine.utility import AdaptiveConfig
 from aurora_jax.errors import ConfigError
 from aurora_jax.learn.losses import LossConfig
+from aurora_jax.learn.online import POLICIES, Policy
 from aurora_jax.learn.vocab_refresh import VocabRefreshConfig
+from aurora_jax.models.config import DtypeName
 from aurora_jax.spec.draft import SpecConfig
 
 
@@ -27,7 +29,7 @@ class LearnSettings:
     """Learner steps after each window."""
     every_steps: int = 10
     """Learner steps between publication attempts."""
-    policy: str = "every"
+    policy: Policy = "every"
     """"every" or "better" (publish only if at least as good on the newest traffic)."""
     batch_size: int = 8
     """Sequences per learner batch."""
@@ -49,7 +51,7 @@ class LearnSettings:
             raise ConfigError("learner step counts and sizes must be >= 1")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.policy not in ("every", "better"):
+        if self.policy not in POLICIES:
             raise ConfigError(f"policy must be 'every' or 'better', got {self.policy!r}")
 
 
@@ -83,7 +85,7 @@ class RunConfig:
     draft_vocab_size: int | None = 8192
     """A scratch draft's head rows: the most frequent built-in corpus tokens under the target's
     tokenizer, stop tokens included (None: the whole target vocabulary)."""
-    dtype: str = "float32"
+    dtype: DtypeName = "float32"
     """Parameter dtype."""
     tp: int = 1
     """Tensor-parallel degree: the target is split over this many local devices."""

@@ -21,6 +21,8 @@ buffer for the duration of one proposal, so the cache only ever holds committed 
 from __future__ import annotations
 
 import dataclasses
+import typing
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +31,8 @@ from aurora_jax.errors import ConfigError
 from aurora_jax.models.attention import causal_mask
 from aurora_jax.spec.tree import Tree
 
-MODES = ("off", "chain", "tree", "ngram")
+Mode = Literal["off", "chain", "tree", "ngram"]
+MODES = typing.get_args(Mode)
 MAX_DEPTH = 16
 
 
@@ -37,7 +40,7 @@ MAX_DEPTH = 16
 class SpecConfig:
     """How the engine speculates."""
 
-    mode: str = "tree"
+    mode: Mode = "tree"
     """off: target-only decoding; chain: top-1 draft for `depth` steps; tree: EAGLE-2 tree;
     ngram: a chain of up to `depth` tokens looked up in the sequence itself (no draft model,
     spec/ngram.py)."""

@@ -91,7 +91,7 @@ def _load_pair(args, path: Path):
 
 
 def spec_from_args(args):
-    from aurora_jax.spec.draft import SpecConfig
+    from aurora_jax.speculative.draft import SpecConfig
 
     mode = args.spec or ("off" if args.draft is None else "tree")
     return SpecConfig(mode=mode, depth=args.depth, topk=args.topk,
@@ -123,7 +123,7 @@ def read_prompts_file(path: str) -> list[dict]:
 
 def cmd_generate(args) -> int:
     from aurora_jax.errors import ConfigError
-    from aurora_jax.spec.sampling import SamplingParams
+    from aurora_jax.speculative.sampling import SamplingParams
 
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k)
     if (args.prompt is None) == (args.prompts is None):
@@ -267,7 +267,7 @@ def _generate_one(args, sampling, spec) -> int:
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
-    from aurora_jax.spec.draft import SpecConfig
+    from aurora_jax.speculative.draft import SpecConfig
 
     d = SpecConfig()
     p.add_argument("--draft", default=None,

@@ -24,14 +24,14 @@ from aurora_jax.engine.target_only import TargetGenerator
 from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.kv_cache import KVCache
 from aurora_jax.models.transformer import forward
-from aurora_jax.spec.sampling import SamplingParams
+from aurora_jax.speculative.sampling import SamplingParams
 
 SPECS = {"chain": dict(mode="chain", depth=4),
          "tree": dict(mode="tree", depth=4, topk=3, num_draft_tokens=9)}
 
 
 def _spec(name):
-    from aurora_jax.spec.draft import SpecConfig
+    from aurora_jax.speculative.draft import SpecConfig
 
     return SpecConfig(**SPECS[name])
 
@@ -311,7 +311,7 @@ def test_traces_hold_what_the_target_computed(randoms):
 
 
 def test_target_only_mode_equals_reference(randoms):
-    from aurora_jax.spec.draft import SpecConfig
+    from aurora_jax.speculative.draft import SpecConfig
 
     target, _ = randoms
     prompts = _prompts([5, 9, 3], 40, seed=9)
@@ -347,7 +347,7 @@ def test_bad_input_is_refused_with_a_clear_error(randoms):
                        (dict(mode="tree", depth=17), "depth"),
                        (dict(mode="tree", depth=2, topk=2, num_draft_tokens=7), "num_draft"),
                        (dict(mode="tree", topk=0), "topk")]:
-        from aurora_jax.spec.draft import SpecConfig
+        from aurora_jax.speculative.draft import SpecConfig
 
         with pytest.raises(ConfigError, match=match):
             SpecConfig(**bad)

@@ -11,8 +11,8 @@ from spec_models import copycat_pair, greedy_path, noisy_copycat_pair, tiny_cfg
 
 from aurora_jax.engine.engine import Engine, Request
 from aurora_jax.engine.target_only import TargetGenerator
-from aurora_jax.spec.draft import SpecConfig
-from aurora_jax.spec.ngram import RECENT_MIN_NGRAM, archive, lookup, oldest_first
+from aurora_jax.speculative.draft import SpecConfig
+from aurora_jax.speculative.ngram import RECENT_MIN_NGRAM, archive, lookup, oldest_first
 
 
 def lookup_reference(seq: list[int], depth: int, max_ngram: int, recent=()):

@@ -12,11 +12,11 @@ from spec_models import copycat_pair, random_pair, tiny_cfg
 
 from aurora_jax.cli import main
 from aurora_jax.data.scenarios import ScenarioConfig, build_scenario
+from aurora_jax.engine.adaptive import AdaptiveConfig, UtilityMonitor
 from aurora_jax.engine.engine import Engine, Request
-from aurora_jax.engine.utility import AdaptiveConfig, UtilityMonitor
 from aurora_jax.errors import ConfigError
 from aurora_jax.run.config import RunConfig
-from aurora_jax.spec.draft import SpecConfig
+from aurora_jax.speculative.draft import SpecConfig
 
 ROOT = Path(__file__).parents[1]
 
@@ -165,7 +165,7 @@ def test_utility_monitor_picks_the_fastest_speculation_setting():
 def test_utility_monitor_keeps_each_load_apart():
     """Rates measured at one load decide nothing at another; each load explores on its own.
     Loads are bucketed by powers of two."""
-    from aurora_jax.engine.utility import load_bucket
+    from aurora_jax.engine.adaptive import load_bucket
 
     assert [load_bucket(n) for n in (0, 1, 2, 3, 4, 5, 8, 9)] == [1, 1, 2, 4, 4, 8, 8, 16]
     m = UtilityMonitor(AdaptiveConfig(probe_every=4))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from aurora_jax.errors import ConfigError
-from aurora_jax.spec.sampling import SamplingParams, filtered_logprobs, sample
+from aurora_jax.speculative.sampling import SamplingParams, filtered_logprobs, sample
 
 
 def _reference(logits, t, p, k):

@@ -14,8 +14,8 @@ from spec_models import random_pair, tiny_cfg
 from aurora_jax.engine.engine import Engine, Request
 from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.transformer import forward
-from aurora_jax.spec.draft import SpecConfig
-from aurora_jax.spec.sampling import SamplingParams, filtered_logprobs
+from aurora_jax.speculative.draft import SpecConfig
+from aurora_jax.speculative.sampling import SamplingParams, filtered_logprobs
 
 V, NEW, SAMPLES = 8, 3, 4096
 PROMPT = [3, 5, 4, 6]

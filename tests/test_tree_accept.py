@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aurora_jax.spec.accept import greedy_accept, sample_accept
-from aurora_jax.spec.tree import Tree, ancestor_mask, chain
+from aurora_jax.speculative.accept import greedy_accept, sample_accept
+from aurora_jax.speculative.tree import Tree, ancestor_mask, chain
 
 
 def random_tree(rs, b, n, vocab, topk=3):

@@ -13,8 +13,8 @@ from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.config import TargetConfig
 from aurora_jax.models.kv_cache import KVCache, commit_path
 from aurora_jax.models.transformer import forward, init_random
-from aurora_jax.spec.accept import greedy_accept
-from aurora_jax.spec.tree import ancestor_mask
+from aurora_jax.speculative.accept import greedy_accept
+from aurora_jax.speculative.tree import ancestor_mask
 
 CFG = TargetConfig(vocab_size=6, hidden_size=32, intermediate_size=64, num_layers=3,
                    num_heads=4, num_kv_heads=2, head_dim=8)

@@ -9,14 +9,14 @@ Per slot b the decode state keeps: the target KV cache holding the committed tok
 and values in slots [0, cache_len); the root, the last committed token (its KV is computed by
 the next verification, where it is tree slot 0); the draft KV cache in slots [0, draft_len);
 and the "pending" draft rows (tokens and target aux features committed in the last step that
-the draft has not read yet, see spec/draft.py), with draft_len + pend_count == cache_len; and
+the draft has not read yet, see speculative/draft.py), with draft_len + pend_count == cache_len; and
 the sequence's tokens (prompt, then committed) in `history`, which n-gram drafting looks up.
 
 One step (SpecInfer, Miao et al. 2024; EAGLE-2/3, Li et al. 2024/2025):
   1. the draft catches up on the pending rows and proposes a tree from the root (or, in
-     n-gram mode, a chain is looked up in the history: spec/ngram.py);
+     n-gram mode, a chain is looked up in the history: speculative/ngram.py);
   2. the target verifies all tree nodes in one forward under the tree mask;
-  3. acceptance keeps the longest valid path plus a bonus token (spec/accept.py);
+  3. acceptance keeps the longest valid path plus a bonus token (speculative/accept.py);
   4. commit: the accepted path's target KV entries move into place, the committed tokens
      and their target features become the next pending draft rows, stop tokens and
      per-slot token budgets end slots.
@@ -30,11 +30,11 @@ from flax import nnx, struct
 
 from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.kv_cache import KVCache, commit_path
-from aurora_jax.spec.accept import accept
-from aurora_jax.spec.draft import SpecConfig, catch_up, propose
-from aurora_jax.spec.ngram import archive, ngram_tree, oldest_first, write_history
-from aurora_jax.spec.sampling import sample
-from aurora_jax.spec.tree import Tree, ancestor_mask
+from aurora_jax.speculative.accept import accept
+from aurora_jax.speculative.draft import SpecConfig, catch_up, propose
+from aurora_jax.speculative.ngram import archive, ngram_tree, oldest_first, write_history
+from aurora_jax.speculative.sampling import sample
+from aurora_jax.speculative.tree import Tree, ancestor_mask
 
 
 @struct.dataclass

@@ -23,7 +23,7 @@ from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.hf_io import Target
 from aurora_jax.models.kv_cache import KVCache
 from aurora_jax.models.sharding import cache_sharding
-from aurora_jax.spec.sampling import SamplingParams, sample, stack_params
+from aurora_jax.speculative.sampling import SamplingParams, sample, stack_params
 
 
 @dataclasses.dataclass

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from aurora_jax.learn.divergence import draft_vocab_target, kl, total_variation
-from aurora_jax.spec.tree import ancestor_mask
+from aurora_jax.speculative.tree import ancestor_mask
 
 
 @struct.dataclass

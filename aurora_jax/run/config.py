@@ -9,13 +9,13 @@ from pathlib import Path
 
 from aurora_jax.config_io import apply_overrides, from_dict, read_yaml
 from aurora_jax.data.scenarios import ScenarioConfig
-from aurora_jax.engine.utility import AdaptiveConfig
+from aurora_jax.engine.adaptive import AdaptiveConfig
 from aurora_jax.errors import ConfigError
 from aurora_jax.learn.losses import LossConfig
 from aurora_jax.learn.online import POLICIES, Policy
 from aurora_jax.learn.vocab_refresh import VocabRefreshConfig
 from aurora_jax.models.config import DtypeName
-from aurora_jax.spec.draft import SpecConfig
+from aurora_jax.speculative.draft import SpecConfig
 
 
 @dataclasses.dataclass(frozen=True)

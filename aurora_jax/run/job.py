@@ -29,15 +29,15 @@ import numpy as np
 from aurora_jax.data.scenarios import build_scenario
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.data.vocab import scratch_draft_vocab
+from aurora_jax.engine.adaptive import UtilityMonitor
 from aurora_jax.engine.engine import Engine, Request
-from aurora_jax.engine.utility import UtilityMonitor
 from aurora_jax.learn.buffer import TraceAssembler, TraceBuffer
 from aurora_jax.learn.learner import DEFAULT_OPTIMIZER, Learner
 from aurora_jax.learn.online import EnginePublisher, OnlineConfig, OnlineLearner
 from aurora_jax.models.eagle3_io import load_pair, save_draft
 from aurora_jax.models.sharding import make_mesh
 from aurora_jax.run.config import RunConfig
-from aurora_jax.spec.draft import SpecConfig
+from aurora_jax.speculative.draft import SpecConfig
 
 
 def new_run_dir(root: str | Path = "runs") -> Path:

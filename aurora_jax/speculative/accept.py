@@ -18,8 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from aurora_jax.spec.sampling import filtered_logprobs
-from aurora_jax.spec.tree import Tree
+from aurora_jax.speculative.sampling import filtered_logprobs
+from aurora_jax.speculative.tree import Tree
 
 
 def greedy_accept(tree: Tree, target_argmax_BxT: jax.Array, max_depth: int):

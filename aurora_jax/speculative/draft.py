@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from aurora_jax.errors import ConfigError
 from aurora_jax.models.attention import causal_mask
-from aurora_jax.spec.tree import Tree
+from aurora_jax.speculative.tree import Tree
 
 Mode = Literal["off", "chain", "tree", "ngram"]
 MODES = typing.get_args(Mode)
@@ -43,7 +43,7 @@ class SpecConfig:
     mode: Mode = "tree"
     """off: target-only decoding; chain: top-1 draft for `depth` steps; tree: EAGLE-2 tree;
     ngram: a chain of up to `depth` tokens looked up in the sequence itself (no draft model,
-    spec/ngram.py)."""
+    speculative/ngram.py)."""
     depth: int = 5
     """Draft steps per verification (tree height)."""
     topk: int = 4

@@ -14,9 +14,9 @@ itself lacks is looked up there as well (the idea of LLMA's retrieved references
 references are the server's own recent outputs).
 
 Proposals are point masses, so the same acceptance rules keep the output exactly the target's
-(spec/accept.py): greedy follows the target's argmax; sampling accepts a proposed token x with
-probability p(x). Nodes with nothing to propose (no match, or the match's continuation runs
-into the end of the sequence) are marked invalid and never accepted.
+(speculative/accept.py): greedy follows the target's argmax; sampling accepts a proposed token
+x with probability p(x). Nodes with nothing to propose (no match, or the match's continuation
+runs into the end of the sequence) are marked invalid and never accepted.
 
 Everything runs on device inside the engine step over a fixed-shape token history [B, S].
 """
@@ -26,7 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from aurora_jax.spec.tree import Tree, chain
+from aurora_jax.speculative.tree import Tree, chain
 
 RECENT_MIN_NGRAM = 2
 """Shortest suffix looked up in other requests' sequences. A single token almost always occurs

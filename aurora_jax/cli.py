@@ -91,7 +91,7 @@ def _load_pair(args, path: Path):
 
 
 def spec_from_args(args):
-    from aurora_jax.speculative.draft import SpecConfig
+    from aurora_jax.speculative.config import SpecConfig
 
     mode = args.spec or ("off" if args.draft is None else "tree")
     return SpecConfig(mode=mode, depth=args.depth, topk=args.topk,
@@ -267,7 +267,7 @@ def _generate_one(args, sampling, spec) -> int:
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
-    from aurora_jax.speculative.draft import SpecConfig
+    from aurora_jax.speculative.config import SpecConfig
 
     d = SpecConfig()
     p.add_argument("--draft", default=None,

@@ -41,7 +41,7 @@ from aurora_jax.learn.losses import LossConfig
 from aurora_jax.models.eagle3 import DraftConfig
 from aurora_jax.models.eagle3_io import init_draft, load_draft, read_draft_config, save_draft
 from aurora_jax.models.hf_io import load_target
-from aurora_jax.speculative.draft import SpecConfig
+from aurora_jax.speculative.config import SpecConfig
 
 
 def evaluate(target, drafts: dict, spec, prompts, traffic, new_tokens, repeats, slots):

@@ -40,7 +40,7 @@ from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.data.vocab import scratch_draft_vocab
 from aurora_jax.engine.engine import Engine, Request
 from aurora_jax.models.eagle3_io import load_pair
-from aurora_jax.speculative.draft import SpecConfig
+from aurora_jax.speculative.config import SpecConfig
 
 
 def main() -> None:

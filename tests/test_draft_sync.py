@@ -26,7 +26,7 @@ from aurora_jax.learn.remote import shared_engine
 from aurora_jax.models.eagle3 import DraftConfig
 from aurora_jax.models.eagle3_io import init_draft, load_draft, save_draft
 from aurora_jax.models.hf_io import load_target, save_target
-from aurora_jax.speculative.draft import SpecConfig
+from aurora_jax.speculative.config import SpecConfig
 
 SPEC = SpecConfig(mode="tree", depth=3, topk=2, num_draft_tokens=5)
 

@@ -11,7 +11,8 @@ from spec_models import random_pair, tiny_cfg
 
 from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.kv_cache import KVCache
-from aurora_jax.speculative.draft import SpecConfig, catch_up, propose
+from aurora_jax.speculative.config import SpecConfig
+from aurora_jax.speculative.draft import catch_up, propose
 
 
 def _setup(draft_scale=1.0, seed=0):

@@ -31,7 +31,7 @@ SPECS = {"chain": dict(mode="chain", depth=4),
 
 
 def _spec(name):
-    from aurora_jax.speculative.draft import SpecConfig
+    from aurora_jax.speculative.config import SpecConfig
 
     return SpecConfig(**SPECS[name])
 
@@ -311,7 +311,7 @@ def test_traces_hold_what_the_target_computed(randoms):
 
 
 def test_target_only_mode_equals_reference(randoms):
-    from aurora_jax.speculative.draft import SpecConfig
+    from aurora_jax.speculative.config import SpecConfig
 
     target, _ = randoms
     prompts = _prompts([5, 9, 3], 40, seed=9)
@@ -347,7 +347,7 @@ def test_bad_input_is_refused_with_a_clear_error(randoms):
                        (dict(mode="tree", depth=17), "depth"),
                        (dict(mode="tree", depth=2, topk=2, num_draft_tokens=7), "num_draft"),
                        (dict(mode="tree", topk=0), "topk")]:
-        from aurora_jax.speculative.draft import SpecConfig
+        from aurora_jax.speculative.config import SpecConfig
 
         with pytest.raises(ConfigError, match=match):
             SpecConfig(**bad)

@@ -14,7 +14,7 @@ from aurora_jax.engine.target_only import TargetGenerator
 from aurora_jax.learn.buffer import Sequence, TraceAssembler, TraceBuffer
 from aurora_jax.learn.learner import Learner
 from aurora_jax.learn.losses import LossConfig
-from aurora_jax.speculative.draft import SpecConfig
+from aurora_jax.speculative.config import SpecConfig
 
 SPEC = SpecConfig(mode="tree", depth=4, topk=3, num_draft_tokens=8)
 

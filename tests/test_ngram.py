@@ -11,7 +11,7 @@ from spec_models import copycat_pair, greedy_path, noisy_copycat_pair, tiny_cfg
 
 from aurora_jax.engine.engine import Engine, Request
 from aurora_jax.engine.target_only import TargetGenerator
-from aurora_jax.speculative.draft import SpecConfig
+from aurora_jax.speculative.config import SpecConfig
 from aurora_jax.speculative.ngram import RECENT_MIN_NGRAM, archive, lookup, oldest_first
 
 

@@ -16,7 +16,7 @@ from aurora_jax.engine.adaptive import AdaptiveConfig, UtilityMonitor
 from aurora_jax.engine.engine import Engine, Request
 from aurora_jax.errors import ConfigError
 from aurora_jax.run.config import RunConfig
-from aurora_jax.speculative.draft import SpecConfig
+from aurora_jax.speculative.config import SpecConfig
 
 ROOT = Path(__file__).parents[1]
 

@@ -14,7 +14,7 @@ from spec_models import random_pair, tiny_cfg
 from aurora_jax.engine.engine import Engine, Request
 from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.transformer import forward
-from aurora_jax.speculative.draft import SpecConfig
+from aurora_jax.speculative.config import SpecConfig
 from aurora_jax.speculative.sampling import SamplingParams, filtered_logprobs
 
 V, NEW, SAMPLES = 8, 3, 4096

@@ -48,7 +48,7 @@ CHILD = textwrap.dedent("""
             from aurora_jax.engine.engine import Engine, Request
             from aurora_jax.models.eagle3 import DraftConfig
             from aurora_jax.models.eagle3_io import init_draft
-            from aurora_jax.speculative.draft import SpecConfig
+            from aurora_jax.speculative.config import SpecConfig
             draft = init_draft(DraftConfig.for_target(cfg), seed=0, mesh=mesh)
             engine = Engine(sharded, draft, SpecConfig(mode="tree", depth=3, topk=2,
                             num_draft_tokens=5), max_slots=2, max_len=32)

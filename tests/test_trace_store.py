@@ -19,7 +19,7 @@ from aurora_jax.learn.trace_store import (
     list_shards,
     replay_dataset,
 )
-from aurora_jax.speculative.draft import SpecConfig
+from aurora_jax.speculative.config import SpecConfig
 
 SPEC = SpecConfig(mode="tree", depth=3, topk=2, num_draft_tokens=5)
 

@@ -14,7 +14,7 @@ from jax.experimental import pallas as pl
 from spec_models import EOS, copycat_pair, random_pair, tiny_cfg
 
 from aurora_jax.engine.engine import Engine, Request
-from aurora_jax.speculative.draft import SpecConfig
+from aurora_jax.speculative.config import SpecConfig
 from aurora_jax.speculative.tree import ancestor_mask
 from pallas_kernels.dispatch import attention, resolve
 from pallas_kernels.tree_attention import tree_attention, tree_attention_reference

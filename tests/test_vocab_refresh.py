@@ -25,7 +25,7 @@ from aurora_jax.learn.vocab_refresh import (
 )
 from aurora_jax.models.eagle3 import DraftConfig
 from aurora_jax.models.eagle3_io import init_draft
-from aurora_jax.speculative.draft import SpecConfig
+from aurora_jax.speculative.config import SpecConfig
 
 SPEC = SpecConfig(mode="tree", depth=4, topk=3, num_draft_tokens=8)
 VOCAB, DRAFT_VOCAB = 40, 12

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 
 from aurora_jax.errors import ConfigError
-from aurora_jax.speculative.draft import SpecConfig
+from aurora_jax.speculative.config import SpecConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ from aurora_jax.errors import ConfigError, PromptError
 from aurora_jax.models.eagle3_io import Draft, check_fits, same_layout
 from aurora_jax.models.hf_io import Target
 from aurora_jax.models.sharding import cache_sharding
-from aurora_jax.speculative.draft import SpecConfig
+from aurora_jax.speculative.config import SpecConfig
 from aurora_jax.speculative.sampling import SamplingParams, stack_params
 
 

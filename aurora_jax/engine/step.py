@@ -31,7 +31,8 @@ from flax import nnx, struct
 from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.kv_cache import KVCache, commit_path
 from aurora_jax.speculative.accept import accept
-from aurora_jax.speculative.draft import SpecConfig, catch_up, propose
+from aurora_jax.speculative.config import SpecConfig
+from aurora_jax.speculative.draft import catch_up, propose
 from aurora_jax.speculative.ngram import archive, ngram_tree, oldest_first, write_history
 from aurora_jax.speculative.sampling import sample
 from aurora_jax.speculative.tree import Tree, ancestor_mask

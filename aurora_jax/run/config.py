@@ -15,7 +15,7 @@ from aurora_jax.learn.losses import LossConfig
 from aurora_jax.learn.online import POLICIES, Policy
 from aurora_jax.learn.vocab_refresh import VocabRefreshConfig
 from aurora_jax.models.config import DtypeName
-from aurora_jax.speculative.draft import SpecConfig
+from aurora_jax.speculative.config import SpecConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,7 @@ from aurora_jax.learn.online import EnginePublisher, OnlineConfig, OnlineLearner
 from aurora_jax.models.eagle3_io import load_pair, save_draft
 from aurora_jax.models.sharding import make_mesh
 from aurora_jax.run.config import RunConfig
-from aurora_jax.speculative.draft import SpecConfig
+from aurora_jax.speculative.config import SpecConfig
 
 
 def new_run_dir(root: str | Path = "runs") -> Path:

@@ -41,7 +41,7 @@ from flax import nnx
 from aurora_jax.config_io import apply_overrides, from_dict, read_yaml
 from aurora_jax.errors import ConfigError
 from aurora_jax.learn.losses import LossConfig
-from aurora_jax.speculative.draft import SpecConfig
+from aurora_jax.speculative.config import SpecConfig
 
 SHARED_LOSS_FIELDS = ("ttt_steps", "step_weight", "tree_depth", "tv_weight")
 

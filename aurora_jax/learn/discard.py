@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from aurora_jax.learn.divergence import draft_vocab_target, kl, total_variation
+from aurora_jax.learn.divergence import draft_vocab_target, kl, masked_mean, total_variation
 from aurora_jax.speculative.tree import ancestor_mask
 
 
@@ -168,6 +168,11 @@ def _frontier_pass(draft, embed_VxH, trees: Trees, ttt: TTTWork):
     return logits.reshape(b, s, n1, -1)
 
 
+def _depth_weight(cfg, depth):
+    """step_weight^(depth-1), as the TTT steps weigh (the root counted as depth 1)."""
+    return cfg.step_weight ** (jnp.maximum(depth, 1) - 1).astype(jnp.float32)
+
+
 def node_losses(draft, embed_VxH, target_logits_fn, trees: Trees, ttt: TTTWork, cfg):
     """(per-node loss l [B, S, N1], per-node weight w [B, S, N1] before the inverse inclusion
     probability, metrics). Both are zero outside `trees.supervised`."""
@@ -205,16 +210,16 @@ def node_losses(draft, embed_VxH, target_logits_fn, trees: Trees, ttt: TTTWork, 
                                   .reshape(b, s, n1), 2)  # the target's p(y) at the parent
         disagree = in_draft & (q_y > p_y)
         loss = jnp.where(disagree, -jnp.log(jnp.maximum(1.0 - q_y, 1e-6)), 0.0)
-        metrics["discard_disagree"] = jnp.sum(disagree & sup) / jnp.maximum(jnp.sum(sup), 1)
+        metrics["discard_disagree"] = masked_mean(disagree, sup)
     if cfg.discard_weight == "depth":
-        w = cfg.step_weight ** (jnp.maximum(trees.depth, 1) - 1).astype(jnp.float32)
+        w = _depth_weight(cfg, trees.depth)
     elif cfg.discard_weight == "draft_prob":
         w = jax.lax.stop_gradient(q_y)
     else:
         w = jnp.ones_like(loss)
     if need_pass:  # the draft's own prediction at the node agrees with the target's
         correct = draft.to_target_ids(jnp.argmax(at_node, -1)) == jnp.argmax(p, -1)
-        metrics["discard_acc"] = jnp.sum(correct & sup) / jnp.maximum(jnp.sum(sup), 1)
+        metrics["discard_acc"] = masked_mean(correct, sup)
     return jnp.where(sup, loss, 0.0), jnp.where(sup, w, 0.0), metrics
 
 
@@ -224,8 +229,7 @@ def discard_term(draft, embed_VxH, target_logits_fn, batch, ttt: TTTWork, cfg, k
     n_sup = jnp.sum(trees.supervised)
     w_norm = None
     if cfg.discard_weight == "depth":  # mean-1 normalisation from the full batch's masks
-        wd = cfg.step_weight ** (jnp.maximum(trees.depth, 1) - 1).astype(jnp.float32)
-        w_norm = jnp.sum(jnp.where(trees.supervised, wd, 0.0)) / jnp.maximum(n_sup, 1)
+        w_norm = masked_mean(_depth_weight(cfg, trees.depth), trees.supervised)
     if cfg.discard_trees and cfg.discard_trees < batch.tree_tokens.shape[1]:
         trees = subsample(trees, batch.tree_valid, cfg.discard_trees, key)
     loss_i, w_i, metrics = node_losses(draft, embed_VxH, target_logits_fn, trees, ttt, cfg)

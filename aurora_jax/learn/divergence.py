@@ -1,4 +1,5 @@
-"""Divergences between the target's distribution and the draft's reduced-vocabulary one."""
+"""Divergences between the target's distribution and the draft's reduced-vocabulary one, and
+the masked mean every term of the objective averages them with."""
 
 from __future__ import annotations
 
@@ -25,3 +26,8 @@ def total_variation(p_xV, q_xVd, d2t_Vd):
     """TV between the full target distribution and the draft's (zero outside its vocab)."""
     ids = jnp.arange(d2t_Vd.shape[0]) + d2t_Vd
     return 1.0 - jnp.sum(jnp.minimum(p_xV[..., ids], q_xVd), -1)
+
+
+def masked_mean(x, mask):
+    """Mean of x over mask's true entries (0 when there are none)."""
+    return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)

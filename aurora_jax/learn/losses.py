@@ -38,7 +38,7 @@ from flax import struct
 
 from aurora_jax.errors import ConfigError
 from aurora_jax.learn.discard import TTTWork, discard_term
-from aurora_jax.learn.divergence import draft_vocab_target, kl, total_variation
+from aurora_jax.learn.divergence import draft_vocab_target, kl, masked_mean, total_variation
 
 DiscardObjective = Literal["kl", "tv", "unlikelihood"]
 DiscardNodes = Literal["all", "frontier"]
@@ -114,10 +114,6 @@ class LearnBatch:
     tree_valid: jax.Array  # [B, S] bool
 
 
-def _masked_mean(x, mask):
-    return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
-
-
 def _targets(target_logits, draft):
     """What every term needs from the target logits, computed once: (p over the draft vocab,
     p, argmax in draft vocab, argmax)."""
@@ -130,12 +126,12 @@ def _term(logits_q, targets, mask, draft, cfg: LossConfig):
     d2t = draft.d2t[...]
     p_d, p, in_vocab, argmax = targets
     logq = jax.nn.log_softmax(logits_q, -1)
-    loss = _masked_mean(kl(p_d, logq), mask & in_vocab)
+    loss = masked_mean(kl(p_d, logq), mask & in_vocab)
     if cfg.tv_weight:
-        loss = loss + cfg.tv_weight * _masked_mean(
+        loss = loss + cfg.tv_weight * masked_mean(
             total_variation(p, jnp.exp(logq), d2t), mask)
     correct = draft.to_target_ids(jnp.argmax(logits_q, -1)) == argmax
-    return loss, _masked_mean(correct, mask), correct, _masked_mean(~in_vocab, mask)
+    return loss, masked_mean(correct, mask), correct, masked_mean(~in_vocab, mask)
 
 
 def ttt_loss(draft, embed_VxH, target_logits_fn, batch: LearnBatch, cfg: LossConfig):
@@ -183,7 +179,7 @@ def ttt_loss(draft, embed_VxH, target_logits_fn, batch: LearnBatch, cfg: LossCon
             metrics["out_of_vocab"] = oov
     # Simulated greedy chain acceptance: 1 + the run of correct steps from each root row.
     run = jnp.cumprod(jnp.stack(correct_all, -1).astype(jnp.int32), -1).sum(-1)
-    metrics["sim_acceptance_length"] = 1.0 + _masked_mean(run, row_ok)
+    metrics["sim_acceptance_length"] = 1.0 + masked_mean(run, row_ok)
     metrics["ttt_loss"] = total
     return total, metrics, TTTWork(ks, vs, hs, ls)
 

@@ -123,7 +123,7 @@ def read_prompts_file(path: str) -> list[dict]:
 
 def cmd_generate(args) -> int:
     from aurora_jax.errors import ConfigError
-    from aurora_jax.speculative.sampling import SamplingParams
+    from aurora_jax.sampling import SamplingParams
 
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k)
     if (args.prompt is None) == (args.prompts is None):

@@ -24,7 +24,7 @@ from aurora_jax.engine.target_only import TargetGenerator
 from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.kv_cache import KVCache
 from aurora_jax.models.transformer import forward
-from aurora_jax.speculative.sampling import SamplingParams
+from aurora_jax.sampling import SamplingParams
 
 SPECS = {"chain": dict(mode="chain", depth=4),
          "tree": dict(mode="tree", depth=4, topk=3, num_draft_tokens=9)}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from aurora_jax.errors import ConfigError
-from aurora_jax.speculative.sampling import SamplingParams, filtered_logprobs, sample
+from aurora_jax.sampling import SamplingParams, SamplingRows, filtered_logprobs, sample
 
 
 def _reference(logits, t, p, k):
@@ -35,7 +35,7 @@ def _reference(logits, t, p, k):
 def test_filtered_distribution_matches_reference(t, p, k):
     logits = np.random.RandomState(0).randn(3, 40).astype(np.float32) * 2
     got = np.exp(np.asarray(filtered_logprobs(
-        jnp.asarray(logits), jnp.full((3,), t), jnp.full((3,), p), jnp.full((3,), k, jnp.int32))))
+        jnp.asarray(logits), SamplingRows.stack([SamplingParams(t, p, k)] * 3))))
     for row in range(3):
         np.testing.assert_allclose(got[row], _reference(logits[row], t, p, k), atol=1e-5)
 
@@ -45,8 +45,8 @@ def test_samples_converge_to_filtered_distribution():
     t, p, k = 0.8, 0.9, 8
     n = 40000
     keys = jax.random.split(jax.random.key(0), n)
-    draw = jax.jit(jax.vmap(lambda key: sample(key, jnp.asarray(logits), jnp.array([t]),
-                                               jnp.array([p]), jnp.array([k]))[0]))
+    draw = jax.jit(jax.vmap(lambda key: sample(key, jnp.asarray(logits),
+                                               SamplingRows.stack([SamplingParams(t, p, k)]))[0]))
     counts = np.bincount(np.asarray(draw(keys)), minlength=12) / n
     expected = _reference(logits[0], t, p, k)
     assert counts[expected == 0].sum() == 0  # filtered tokens never appear
@@ -57,8 +57,8 @@ def test_samples_converge_to_filtered_distribution():
 
 def test_mixed_greedy_and_sampled_rows():
     logits = jnp.asarray(np.random.RandomState(2).randn(2, 30).astype(np.float32))
-    out = sample(jax.random.key(3), logits, jnp.array([0.0, 1.0]), jnp.array([1.0, 1.0]),
-                 jnp.array([0, 1]))
+    out = sample(jax.random.key(3), logits,
+                 SamplingRows.stack([SamplingParams(0.0), SamplingParams(1.0, top_k=1)]))
     argmax = np.asarray(jnp.argmax(logits, -1))
     assert out[0] == argmax[0]  # greedy row
     assert out[1] == argmax[1]  # top-1 sampling is argmax too

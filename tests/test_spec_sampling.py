@@ -14,8 +14,8 @@ from spec_models import random_pair, tiny_cfg
 from aurora_jax.engine.engine import Engine, Request
 from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.transformer import forward
+from aurora_jax.sampling import SamplingParams, SamplingRows, filtered_logprobs
 from aurora_jax.speculative.config import SpecConfig
-from aurora_jax.speculative.sampling import SamplingParams, filtered_logprobs
 
 V, NEW, SAMPLES = 8, 3, 4096
 PROMPT = [3, 5, 4, 6]
@@ -40,8 +40,7 @@ def exact_distribution(target, sp: SamplingParams, prompt=PROMPT) -> np.ndarray:
                                   jnp.broadcast_to(jnp.arange(t), (b, t)),
                                   causal_mask(jnp.full((b,), t), t))
     p = np.exp(np.asarray(filtered_logprobs(
-        logits.reshape(b * t, V), jnp.full((b * t,), sp.temperature),
-        jnp.full((b * t,), sp.top_p), jnp.full((b * t,), sp.top_k, jnp.int32)))).reshape(b, t, V)
+        logits.reshape(b * t, V), SamplingRows.stack([sp] * (b * t))))).reshape(b, t, V)
     joint = np.zeros((V,) * NEW)
     for row, (x1, x2) in enumerate(conts):
         p1, p2, p3 = p[row, len(prompt) - 1], p[row, len(prompt)], p[row, len(prompt) + 1]

@@ -27,8 +27,8 @@ from aurora_jax.errors import ConfigError, PromptError
 from aurora_jax.models.eagle3_io import Draft, check_fits, same_layout
 from aurora_jax.models.hf_io import Target
 from aurora_jax.models.sharding import cache_sharding
+from aurora_jax.sampling import SamplingParams, SamplingRows
 from aurora_jax.speculative.config import SpecConfig
-from aurora_jax.speculative.sampling import SamplingParams, stack_params
 
 
 @dataclasses.dataclass
@@ -154,24 +154,22 @@ class Engine:
         lengths = np.ones((b,), np.int32)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)], lengths[i] = p, len(p)
-        sp = stack_params(sampling + [SamplingParams()] * (b - len(prompts)))
         key = jax.random.fold_in(jax.random.key(self.seed + 1), self._prefills)
         self._prefills += 1
         tgraph, dgraph = self.target.graphdef, self.draft and self.draft.graphdef
         return self._timed(self._prefill, tgraph, self.target.state, dgraph, self._serving[0],
-                           jnp.asarray(tokens), jnp.asarray(lengths), key, sp["temperature"],
-                           sp["top_p"], sp["top_k"])
+                           jnp.asarray(tokens), jnp.asarray(lengths), key,
+                           SamplingRows.stack(sampling, b))
 
     def insert(self, prefix: step.Prefix, state: step.DecodeState, slots: list[int],
                max_new: list[int], sampling: list[SamplingParams]) -> step.DecodeState:
         """Puts prefilled rows into `slots` (the first len(slots) rows of the prefix)."""
         b = prefix.lengths.shape[0]
         pad = b - len(slots)
-        sp = stack_params(sampling + [SamplingParams()] * pad)
         slot_arr = np.array(list(slots) + [self.max_slots] * pad, np.int32)  # >= B: dropped
         return self._timed(self._insert, prefix, state, jnp.asarray(slot_arr),
                            jnp.asarray(np.array(list(max_new) + [1] * pad, np.int32)),
-                           sp["temperature"], sp["top_p"], sp["top_k"], self.eos)
+                           SamplingRows.stack(sampling, b), self.eos)
 
     def generate(self, state: step.DecodeState) -> tuple[step.DecodeState, step.StepOutput]:
         """One speculative step for every slot; `state` is consumed."""

@@ -30,11 +30,11 @@ from flax import nnx, struct
 
 from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.kv_cache import KVCache, commit_path
+from aurora_jax.sampling import SamplingRows, sample
 from aurora_jax.speculative.accept import accept
 from aurora_jax.speculative.config import SpecConfig
 from aurora_jax.speculative.draft import catch_up, propose
 from aurora_jax.speculative.ngram import archive, ngram_tree, oldest_first, write_history
-from aurora_jax.speculative.sampling import sample
 from aurora_jax.speculative.tree import Tree, ancestor_mask
 
 
@@ -56,9 +56,7 @@ class DecodeState:
     generated: jax.Array  # [B] int32, tokens emitted so far (the prefill's included)
     max_new: jax.Array  # [B] int32
     active: jax.Array  # [B] bool
-    temperature: jax.Array  # [B] float32
-    top_p: jax.Array  # [B] float32
-    top_k: jax.Array  # [B] int32
+    sampling: SamplingRows  # [B] per-slot settings
     key: jax.Array  # PRNG key
 
 
@@ -107,12 +105,14 @@ def init_state(target_cfg, draft_cfg, spec: SpecConfig, batch: int, max_len: int
         history=jnp.zeros((batch, max_len), jnp.int32),
         recent=jnp.zeros((m, max_len), jnp.int32), recent_len=jnp.zeros((m,), jnp.int32),
         recent_next=jnp.zeros((), jnp.int32), generated=zeros_i(), max_new=zeros_i(),
-        active=jnp.zeros((batch,), bool), temperature=jnp.zeros((batch,), jnp.float32),
-        top_p=jnp.ones((batch,), jnp.float32), top_k=zeros_i(), key=jax.random.key(seed))
+        active=jnp.zeros((batch,), bool),
+        sampling=SamplingRows(temperature=jnp.zeros((batch,), jnp.float32),
+                              top_p=jnp.ones((batch,), jnp.float32), top_k=zeros_i()),
+        key=jax.random.key(seed))
 
 
-def prefill(tgraph, tstate, dgraph, dstate, tokens_BxT, lengths_B, key, temperature_B,
-            top_p_B, top_k_B, *, trace: bool) -> Prefix:
+def prefill(tgraph, tstate, dgraph, dstate, tokens_BxT, lengths_B, key, sampling: SamplingRows,
+            *, trace: bool) -> Prefix:
     """Target forward over right-padded prompts, first token sampled; the draft reads the
     prompt's rows except the last, which stays pending (it becomes the first root row)."""
     model = nnx.merge(tgraph, tstate)
@@ -122,8 +122,7 @@ def prefill(tgraph, tstate, dgraph, dstate, tokens_BxT, lengths_B, key, temperat
     h, aux, cache = model.hidden(tokens_BxT, positions, causal_mask(lengths_B, t),
                                  KVCache.zeros(model.cfg, b, t, dtype))
     last = (lengths_B - 1)[:, None, None]
-    first = sample(key, model.logits(jnp.take_along_axis(h, last, 1)[:, 0]), temperature_B,
-                   top_p_B, top_k_B)
+    first = sample(key, model.logits(jnp.take_along_axis(h, last, 1)[:, 0]), sampling)
     last_aux = jnp.take_along_axis(aux, last[..., None], 1)[:, 0]
     draft_cache = None
     if dgraph is not None:
@@ -136,8 +135,8 @@ def prefill(tgraph, tstate, dgraph, dstate, tokens_BxT, lengths_B, key, temperat
                   aux if trace else None, h if trace else None)
 
 
-def insert(prefix: Prefix, state: DecodeState, slots_b, max_new_b, temperature_b, top_p_b,
-           top_k_b, eos_E) -> DecodeState:
+def insert(prefix: Prefix, state: DecodeState, slots_b, max_new_b, sampling: SamplingRows,
+           eos_E) -> DecodeState:
     """Writes prefilled requests into slots (a slot index >= B drops that row)."""
     t = prefix.cache.k[0].shape[1]
 
@@ -169,8 +168,7 @@ def insert(prefix: Prefix, state: DecodeState, slots_b, max_new_b, temperature_b
         generated=put(state.generated, jnp.ones((b,), jnp.int32)),
         max_new=put(state.max_new, max_new_b),
         active=put(state.active, ~jnp.isin(prefix.first, eos_E) & (max_new_b > 1)),
-        temperature=put(state.temperature, temperature_b), top_p=put(state.top_p, top_p_b),
-        top_k=put(state.top_k, top_k_b))
+        sampling=jax.tree.map(put, state.sampling, sampling))
 
 
 def generate(tgraph, tstate, dgraph, dstate, state: DecodeState, eos_E, *, spec: SpecConfig,
@@ -218,8 +216,7 @@ def generate(tgraph, tstate, dgraph, dstate, state: DecodeState, eos_E, *, spec:
         logits, h, aux, cache = jax.lax.cond(has_proposal, verify, lambda _: root_only(), tree)
     else:
         logits, h, aux, cache = verify(tree)
-    path, n_acc, bonus = accept(k_accept, tree, logits, spec.max_depth,
-                                state.temperature, state.top_p, state.top_k)
+    path, n_acc, bonus = accept(k_accept, tree, logits, spec.max_depth, state.sampling)
 
     # Committed this step: the accepted nodes' tokens, then the bonus.
     r = spec.max_depth + 1

@@ -23,7 +23,7 @@ from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.hf_io import Target
 from aurora_jax.models.kv_cache import KVCache
 from aurora_jax.models.sharding import cache_sharding
-from aurora_jax.speculative.sampling import SamplingParams, sample, stack_params
+from aurora_jax.sampling import SamplingParams, SamplingRows, sample
 
 
 @dataclasses.dataclass
@@ -57,7 +57,7 @@ def _bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (n - 1).bit_length())
 
 
-def _decode(graphdef, state, tokens_BxT, lengths_B, key, temperature_B, top_p_B, top_k_B, eos_E,
+def _decode(graphdef, state, tokens_BxT, lengths_B, key, sampling: SamplingRows, eos_E,
             *, max_new_tokens: int, cache_len: int, cache_sharding):
     """Prefill then decode; returns generated ids [B, max_new] and counts [B]."""
     model = nnx.merge(graphdef, state)
@@ -68,7 +68,7 @@ def _decode(graphdef, state, tokens_BxT, lengths_B, key, temperature_B, top_p_B,
     hidden, _, cache = model.hidden(tokens_BxT, positions, causal_mask(lengths_B, t), cache)
     last_BxH = jnp.take_along_axis(hidden, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     key, sub = jax.random.split(key)
-    first_B = sample(sub, model.logits(last_BxH), temperature_B, top_p_B, top_k_B)
+    first_B = sample(sub, model.logits(last_BxH), sampling)
     out_BxN = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first_B)
     done_B = jnp.isin(first_B, eos_E)
     carry = (1, first_B, lengths_B, done_B, jnp.ones((b,), jnp.int32), out_BxN, cache, key)
@@ -83,7 +83,7 @@ def _decode(graphdef, state, tokens_BxT, lengths_B, key, temperature_B, top_p_B,
         h, _, cache = model.hidden(last_B[:, None], cache_len_B[:, None], mask, cache,
                                    cache_len_B)
         key, sub = jax.random.split(key)
-        nxt_B = sample(sub, model.logits(h[:, 0]), temperature_B, top_p_B, top_k_B)
+        nxt_B = sample(sub, model.logits(h[:, 0]), sampling)
         out_BxN = out_BxN.at[:, step].set(jnp.where(done_B, 0, nxt_B))
         count_B = count_B + (~done_B).astype(jnp.int32)
         done_B = done_B | jnp.isin(nxt_B, eos_E)
@@ -131,10 +131,8 @@ class TargetGenerator:
             tokens[i, : len(p)] = p
         cfg, mesh = self.target.cfg, self.target.mesh
         sharding = cache_sharding(mesh, (b, s, cfg.num_kv_heads, cfg.head_dim))
-        sp = stack_params(params)
         args = (self.target.graphdef, self.target.state, jnp.asarray(tokens),
-                jnp.asarray(lengths), jax.random.key(seed), sp["temperature"], sp["top_p"],
-                sp["top_k"], self.eos)
+                jnp.asarray(lengths), jax.random.key(seed), SamplingRows.stack(params), self.eos)
         sig = (b, t, s, max_new_tokens)
         compile_s = 0.0
         if sig not in self._compiled:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from aurora_jax.speculative.sampling import filtered_logprobs
+from aurora_jax.sampling import SamplingRows, filtered_logprobs
 from aurora_jax.speculative.tree import Tree
 
 
@@ -84,8 +84,7 @@ def sample_accept(key, tree: Tree, target_probs_BxTxV: jax.Array, max_depth: int
     return path, n_B, bonus_B.astype(jnp.int32)
 
 
-def accept(key, tree: Tree, logits_BxTxV: jax.Array, max_depth: int, temperature_B, top_p_B,
-           top_k_B):
+def accept(key, tree: Tree, logits_BxTxV: jax.Array, max_depth: int, rows: SamplingRows):
     """Accepts per row under its own sampling settings: greedy rows follow the argmax, sampled
     rows speculative sampling over the filtered target distribution. An all-greedy batch skips
     the vocabulary sort. Returns (path, num_accepted, bonus) as `greedy_accept`."""
@@ -93,14 +92,13 @@ def accept(key, tree: Tree, logits_BxTxV: jax.Array, max_depth: int, temperature
     argmax_BxT = jnp.argmax(logits_BxTxV, axis=-1).astype(jnp.int32)
 
     def sampled():
-        rep = lambda x: jnp.repeat(x, t)  # noqa: E731  per-row settings for every slot
-        logp = filtered_logprobs(logits_BxTxV.reshape(b * t, v), rep(temperature_B),
-                                 rep(top_p_B), rep(top_k_B)).reshape(b, t, v)
+        logp = filtered_logprobs(logits_BxTxV.reshape(b * t, v),
+                                 rows.repeat(t)).reshape(b, t, v)  # every slot of a row
         # A greedy row's distribution is a point mass on its argmax: the walk then accepts
         # exactly the argmax children and the bonus is the argmax, as in greedy_accept.
-        probs = jnp.where((temperature_B > 0)[:, None, None], jnp.exp(logp),
+        probs = jnp.where(rows.sampled[:, None, None], jnp.exp(logp),
                           jax.nn.one_hot(argmax_BxT, v, dtype=jnp.float32))
         return sample_accept(key, tree, probs, max_depth)
 
-    return jax.lax.cond(jnp.any(temperature_B > 0), sampled,
+    return jax.lax.cond(jnp.any(rows.sampled), sampled,
                         lambda: greedy_accept(tree, argmax_BxT, max_depth))

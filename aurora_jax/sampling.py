@@ -1,9 +1,11 @@
 """Token sampling: temperature, top-k and top-p (nucleus, Holtzman et al. 2020) per row.
 
-Settings are arrays with one entry per sequence, so one compiled step serves a batch whose
-requests sample differently. Temperature 0 means greedy. The same filtered distribution is
-what speculative sampling compares draft and target under (Leviathan et al. 2023), so the
-filtering lives in one function, `filtered_logprobs`.
+A request's settings are a `SamplingParams`; on the device a batch's settings travel as one
+`SamplingRows` (one entry per row), so one compiled step serves a batch whose requests sample
+differently. Temperature 0 means greedy. Target-only decoding samples with `sample`;
+speculative sampling (speculative/accept.py, Leviathan et al. 2023) compares draft and target
+under the same filtered distribution, so the filtering lives in one function,
+`filtered_logprobs`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from aurora_jax.errors import ConfigError
 
@@ -39,19 +42,37 @@ class SamplingParams:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
 
 
-def stack_params(params: list[SamplingParams]) -> dict[str, np.ndarray]:
-    """Per-row arrays {'temperature': [B], 'top_p': [B], 'top_k': [B]}."""
-    return {
-        "temperature": np.array([p.temperature for p in params], np.float32),
-        "top_p": np.array([p.top_p for p in params], np.float32),
-        "top_k": np.array([p.top_k for p in params], np.int32),
-    }
+@struct.dataclass
+class SamplingRows:
+    """Per-row sampling settings of a batch, as device arrays (a pytree)."""
+
+    temperature: jax.Array  # [B] float32, 0 = greedy
+    top_p: jax.Array  # [B] float32
+    top_k: jax.Array  # [B] int32, 0 = no top-k
+
+    @classmethod
+    def stack(cls, params: list[SamplingParams], rows: int | None = None) -> SamplingRows:
+        """One row per setting, padded with greedy rows up to `rows`."""
+        params = list(params) + [SamplingParams()] * ((rows or len(params)) - len(params))
+        return cls(temperature=np.array([p.temperature for p in params], np.float32),
+                   top_p=np.array([p.top_p for p in params], np.float32),
+                   top_k=np.array([p.top_k for p in params], np.int32))
+
+    @property
+    def sampled(self) -> jax.Array:
+        """[B] bool: the rows that sample (temperature > 0)."""
+        return self.temperature > 0
+
+    def repeat(self, n: int) -> SamplingRows:
+        """Each row's settings n times in a row ([B] -> [B * n]), for n positions per row."""
+        return jax.tree.map(lambda x: jnp.repeat(x, n), self)
 
 
-def filtered_logprobs(logits_BxV, temperature_B, top_p_B, top_k_B):
+def filtered_logprobs(logits_BxV, rows: SamplingRows):
     """Log-probabilities [B, V] after temperature, top-k then top-p (the order transformers
     uses); filtered-out tokens get a very negative value. Greedy rows (temperature 0) are
     returned at temperature 1 and are meant for argmax."""
+    temperature_B, top_p_B, top_k_B = rows.temperature, rows.top_p, rows.top_k
     v = logits_BxV.shape[-1]
     t = jnp.where(temperature_B > 0, temperature_B, 1.0)[:, None]
     x = logits_BxV.astype(jnp.float32) / t
@@ -70,15 +91,15 @@ def filtered_logprobs(logits_BxV, temperature_B, top_p_B, top_k_B):
     return jax.nn.log_softmax(x, axis=-1)
 
 
-def sample(key, logits_BxV, temperature_B, top_p_B, top_k_B):
+def sample(key, logits_BxV, rows: SamplingRows):
     """Next token per row [B] int32: argmax where temperature is 0, else a filtered sample."""
     greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
 
     def draw():
-        logp = filtered_logprobs(logits_BxV, temperature_B, top_p_B, top_k_B)
+        logp = filtered_logprobs(logits_BxV, rows)
         drawn = jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
-        return jnp.where(temperature_B > 0, drawn, greedy_B)
+        return jnp.where(rows.sampled, drawn, greedy_B)
 
     # The vocabulary sort costs more than a small model's decode step; skip it when all
     # rows are greedy.
-    return jax.lax.cond(jnp.any(temperature_B > 0), draw, lambda: greedy_B)
+    return jax.lax.cond(jnp.any(rows.sampled), draw, lambda: greedy_B)

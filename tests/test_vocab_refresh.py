@@ -101,8 +101,7 @@ def test_vocabulary_swap_from_traffic_is_lossless_and_compiles_nothing(traffic):
     engine.traces.flush()
     assert [r.token_ids for r in first.results] == ref
     online.train_steps(5)  # the first publication attempt re-chooses, then publishes
-    fns = (engine._prefill, engine._insert, engine._generate, learner._step)
-    sizes = [f._cache_size() for f in fns]
+    compiled, learner_compiled = engine.compilations, learner._step._cache_size()
 
     (change,) = online.vocab_changes
     served = online.counts.snapshot()
@@ -119,7 +118,7 @@ def test_vocabulary_swap_from_traffic_is_lossless_and_compiles_nothing(traffic):
     online.train_steps(20)
     again = engine.run(greedy)
     assert [r.token_ids for r in again.results] == ref
-    assert [f._cache_size() for f in fns] == sizes
+    assert (engine.compilations, learner._step._cache_size()) == (compiled, learner_compiled)
     print(f"acceptance: day-0 vocabulary {first.acceptance_length:.2f}, re-chosen and 25 "
           f"steps {again.acceptance_length:.2f}")
     assert again.acceptance_length > first.acceptance_length

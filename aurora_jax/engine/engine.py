@@ -1,17 +1,17 @@
 """The serving engine: fixed slots, continuous batching, speculative decoding, hot swap.
 
 The API follows JetStream's Engine (`init_decode_state`, `prefill`, `insert`, `generate`);
-each is a jitted pure function from engine/step.py, compiled once per shape. `run` is the
-host loop over it: admit queued requests into free slots (prefill a padded group, insert),
-step all slots, read each step's results one step late so the device never waits for the
-host, and hand a finished slot to the next request. `set_draft` replaces the draft params
-between steps (same structure, so nothing recompiles). With `SpecConfig(mode="off")` the same
-engine decodes with the target alone.
+each is a pure function from engine/step.py, compiled ahead of time once per shape bucket
+(`lower().compile()`; `compilations` counts them, so a test or a server can check that
+nothing recompiles after warm-up). `run` serves a list of requests with a `Batcher`
+(engine/batcher.py), the host loop: admit queued requests into free slots, step all slots,
+read each step's results one step late so the device never waits for the host. `set_draft`
+replaces the draft params between steps (same structure, so nothing recompiles). With
+`SpecConfig(mode="off")` the same engine decodes with the target alone.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import time
@@ -22,51 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from aurora_jax.engine import step
-from aurora_jax.engine.trace import PrefillTrace, TraceEmitter, VerifyTrace
+from aurora_jax.engine.batcher import Batcher, Request, RequestResult
+from aurora_jax.engine.trace import TraceEmitter
 from aurora_jax.errors import ConfigError, PromptError
 from aurora_jax.models.eagle3_io import Draft, check_fits, same_layout
 from aurora_jax.models.hf_io import Target
 from aurora_jax.models.sharding import cache_sharding
 from aurora_jax.sampling import SamplingParams, SamplingRows
 from aurora_jax.speculative.config import SpecConfig
-
-
-@dataclasses.dataclass
-class Request:
-    prompt: list[int]
-    """Prompt token ids."""
-    max_new_tokens: int = 64
-    """Generation budget, the stop token included."""
-    sampling: SamplingParams = SamplingParams()
-    """Greedy by default."""
-    id: object = None
-    """Caller's id (default: the request's index in `run`)."""
-    domain: str | None = None
-    """Traffic domain tag, carried into traces and results."""
-
-
-@dataclasses.dataclass
-class RequestResult:
-    id: object
-    domain: str | None
-    prompt_tokens: int
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    finish_reason: str = ""
-    """"stop" (a stop token ended it) or "length" (max_new_tokens reached)."""
-    steps: int = 0
-    """Verification steps (target forwards after the prefill)."""
-    accepted: int = 0
-    """Draft tokens accepted over all steps."""
-    draft_versions: set = dataclasses.field(default_factory=set)
-
-    @property
-    def acceptance_length(self) -> float | None:
-        """Tokens committed per verification step, bonus included (tau >= 1)."""
-        return (self.accepted + self.steps) / self.steps if self.steps else None
-
-    @property
-    def target_forwards(self) -> int:
-        return self.steps + 1
 
 
 @dataclasses.dataclass
@@ -117,7 +80,7 @@ class Engine:
         self.cache_size = -(-(self.max_len + spec.nodes + spec.max_depth + 2) // 64) * 64
         eos = target.cfg.eos_token_ids if eos_ids is None else tuple(eos_ids)
         self.eos = jnp.asarray(np.array(list(eos) or [-1], np.int32))
-        self._eos_set = set(eos)
+        self.eos_set = frozenset(eos)
         self.eos_ids = tuple(eos)
         # The serving draft and its version, swapped together in one assignment, so a step
         # started on another thread always sees a matching pair.
@@ -134,6 +97,7 @@ class Engine:
         self._insert = jax.jit(step.insert, donate_argnums=(1,))
         self._generate = jax.jit(functools.partial(step.generate, spec=spec, trace=tracing),
                                  donate_argnums=(4,))
+        self._programs: dict[tuple, jax.stages.Compiled] = {}  # (name, shape bucket) -> program
 
     # ---- JetStream-style API -------------------------------------------------------------
 
@@ -144,7 +108,7 @@ class Engine:
         # Built by a jitted function so that its arrays are typed and placed exactly like the
         # states that steps return: the first step then reuses the steady-state program.
         return self._init(cfg, None if self.draft is None else self.draft.cfg, self.spec,
-                    self.max_slots, self.cache_size, self.target.dtype, self.seed, sharding)
+                          self.max_slots, self.cache_size, self.target.dtype, self.seed, sharding)
 
     def prefill(self, prompts: list[list[int]], sampling: list[SamplingParams]) -> step.Prefix:
         """Prefills a group of prompts (padded to a bucketed batch and length)."""
@@ -157,9 +121,10 @@ class Engine:
         key = jax.random.fold_in(jax.random.key(self.seed + 1), self._prefills)
         self._prefills += 1
         tgraph, dgraph = self.target.graphdef, self.draft and self.draft.graphdef
-        return self._timed(self._prefill, tgraph, self.target.state, dgraph, self._serving[0],
-                           jnp.asarray(tokens), jnp.asarray(lengths), key,
-                           SamplingRows.stack(sampling, b))
+        return self._call(("prefill", b, t), self._prefill, tgraph, self.target.state, dgraph,
+                          self._serving[0],
+                          jnp.asarray(tokens), jnp.asarray(lengths), key,
+                          SamplingRows.stack(sampling, b))
 
     def insert(self, prefix: step.Prefix, state: step.DecodeState, slots: list[int],
                max_new: list[int], sampling: list[SamplingParams]) -> step.DecodeState:
@@ -167,16 +132,17 @@ class Engine:
         b = prefix.lengths.shape[0]
         pad = b - len(slots)
         slot_arr = np.array(list(slots) + [self.max_slots] * pad, np.int32)  # >= B: dropped
-        return self._timed(self._insert, prefix, state, jnp.asarray(slot_arr),
-                           jnp.asarray(np.array(list(max_new) + [1] * pad, np.int32)),
-                           SamplingRows.stack(sampling, b), self.eos)
+        return self._call(("insert", *prefix.tokens.shape), self._insert, prefix, state,
+                          jnp.asarray(slot_arr),
+                          jnp.asarray(np.array(list(max_new) + [1] * pad, np.int32)),
+                          SamplingRows.stack(sampling, b), self.eos)
 
     def generate(self, state: step.DecodeState) -> tuple[step.DecodeState, step.StepOutput]:
         """One speculative step for every slot; `state` is consumed."""
         dgraph = self.draft and self.draft.graphdef
         draft_state, self.last_step_version = self._serving
-        return self._timed(self._generate, self.target.graphdef, self.target.state, dgraph,
-                           draft_state, state, self.eos)
+        return self._call(("generate",), self._generate, self.target.graphdef,
+                          self.target.state, dgraph, draft_state, state, self.eos)
 
     @property
     def draft_state(self):
@@ -208,52 +174,34 @@ class Engine:
                 f"prompt of {len(r.prompt)} tokens plus max_new_tokens={r.max_new_tokens} "
                 f"exceeds the engine's max_len of {self.max_len} tokens")
 
+    def batcher(self, on_result: Callable[[RequestResult], None] | None = None) -> Batcher:
+        """A continuous-batching loop over a fresh decode state (engine/batcher.py). The
+        n-gram references of the last run carry over into it."""
+        state = self.init_decode_state()
+        if self._recent is not None:
+            state, self._recent = state.replace(**self._recent), None  # (steps donate them)
+        return Batcher(self, state, on_result)
+
+    def keep_recent(self, state: step.DecodeState) -> None:
+        """Keeps a finished loop's n-gram references for the next one (as a server would)."""
+        if state.recent.shape[0]:
+            self._recent = {"recent": state.recent, "recent_len": state.recent_len,
+                            "recent_next": state.recent_next}
+
     def run(self, requests: Sequence[Request],
             on_result: Callable[[RequestResult], None] | None = None) -> RunResult:
         """Serves every request with continuous batching; results in request order."""
         for r in requests:
             self.check_request(r)
-        results = [RequestResult(r.id if r.id is not None else i, r.domain, len(r.prompt))
-                   for i, r in enumerate(requests)]
-        queue = collections.deque(range(len(requests)))
-        slot_req: list[int | None] = [None] * self.max_slots
         compile_before, t0 = self.compile_s, time.perf_counter()
-        state = self.init_decode_state()
-        if self._recent is not None:  # n-gram references carry over from earlier runs
-            state, self._recent = state.replace(**self._recent), None  # (steps donate them)
-        steps, prev = 0, None
-
-        def finish(i: int) -> None:
-            res = results[i]
-            res.finish_reason = ("stop" if res.token_ids and res.token_ids[-1] in self._eos_set
-                                 else "length")
-            if on_result:
-                on_result(res)
-
-        while True:
-            free = [s for s, i in enumerate(slot_req) if i is None]
-            if free and queue:
-                group = [queue.popleft() for _ in range(min(len(free), len(queue)))]
-                state = self._admit(state, [requests[i] for i in group], group, free, results,
-                                    slot_req, finish)
-            out = None
-            if any(i is not None for i in slot_req):
-                state, out = self.generate(state)
-                steps += 1
-                snapshot = list(slot_req)
-                if self.traces:
-                    TraceEmitter.start_copy(out.trace)
-            if prev is not None:
-                self._absorb(*prev, results, slot_req, finish)
-            prev = None if out is None else (out, snapshot, self.last_step_version)
-            if out is None and not queue:
-                break
+        loop = self.batcher(on_result)
+        for r in requests:
+            loop.submit(r)
+        loop.run_until_idle()
         wall = time.perf_counter() - t0
         compile_s = self.compile_s - compile_before
-        if state.recent.shape[0]:
-            self._recent = {"recent": state.recent, "recent_len": state.recent_len,
-                            "recent_next": state.recent_next}
-        return RunResult(results, wall - compile_s, compile_s, steps)
+        self.keep_recent(loop.state)
+        return RunResult(loop.results, wall - compile_s, compile_s, loop.steps)
 
     def forget_recent(self) -> None:
         """Drops the finished sequences n-gram drafting looks up (kept from run to run, as a
@@ -261,52 +209,18 @@ class Engine:
         second pass would find its own earlier outputs."""
         self._recent = None
 
-    def _admit(self, state, reqs, ids, free, results, slot_req, finish):
-        prefix = self.prefill([r.prompt for r in reqs], [r.sampling for r in reqs])
-        slots = free[: len(reqs)]
-        state = self.insert(prefix, state, slots, [r.max_new_tokens for r in reqs],
-                            [r.sampling for r in reqs])
-        first = np.asarray(prefix.first)
-        if self.traces:
-            aux, hidden = jax.device_get((prefix.aux, prefix.hidden))
-        for j, (r, i) in enumerate(zip(reqs, ids, strict=True)):
-            results[i].token_ids.append(int(first[j]))
-            slot_req[slots[j]] = i
-            done = int(first[j]) in self._eos_set or r.max_new_tokens == 1
-            if self.traces:
-                n = len(r.prompt)
-                self.traces.submit(PrefillTrace(results[i].id, r.domain, np.asarray(r.prompt),
-                                                int(first[j]), aux[j, :n], hidden[j, :n], done))
-            if done:
-                slot_req[slots[j]] = None  # the device marked the slot idle at insert
-                finish(i)
-        return state
+    @property
+    def compilations(self) -> int:
+        """Programs compiled so far (one per step function and shape bucket)."""
+        return len(self._programs)
 
-    def _absorb(self, out: step.StepOutput, snapshot, version, results, slot_req, finish):
-        tokens, emitted, accepted, active, done = jax.device_get(
-            (out.tokens, out.emitted, out.accepted, out.active, out.done))
-        for s in np.nonzero(active)[0]:
-            i = snapshot[s]
-            res = results[i]
-            res.token_ids.extend(tokens[s, : emitted[s]].tolist())
-            res.steps += 1
-            res.accepted += int(accepted[s])
-            res.draft_versions.add(version)
-            if done[s]:
-                slot_req[s] = None
-                finish(i)
-        if self.traces:
-            self.traces.submit(VerifyTrace(
-                [None if i is None else results[i].id for i in snapshot],
-                [None if i is None else results[i].domain for i in snapshot], version,
-                out.trace, active, tokens, emitted, accepted, done))
-
-    def _timed(self, fn, *args):
-        """Calls a jitted function; a call that compiled adds its time to compile_s."""
-        size = fn._cache_size()
-        t0 = time.perf_counter()
-        out = fn(*args)
-        if fn._cache_size() != size:
-            jax.block_until_ready(out)
+    def _call(self, key: tuple, fn, *args):
+        """Runs the program compiled for `key`, compiling it first (timed into compile_s).
+        Arguments of another shape, dtype or sharding than the program's are an error, never
+        a silent recompile."""
+        program = self._programs.get(key)
+        if program is None:
+            t0 = time.perf_counter()
+            program = self._programs[key] = fn.lower(*args).compile()
             self.compile_s += time.perf_counter() - t0
-        return out
+        return program(*args)

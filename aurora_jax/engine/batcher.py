@@ -1,0 +1,196 @@
+"""Continuous batching on the host: which request each slot serves, and the one-step-late read.
+
+A `Batcher` drives an `Engine` for a stream of requests. Each `step()`:
+  1. admits queued requests into free slots (one prefill for the group, then insert);
+  2. dispatches one decode step for all slots, if any slot is busy;
+  3. reads the *previous* step's output (tokens, acceptance, finished slots), so that the
+     device computes step n while the host books step n-1 and never waits for it;
+  4. frees the slots whose requests finished and reports them.
+
+Everything here is host-side Python over small numpy arrays; device work is the engine's.
+A request's result accumulates in a `RequestResult` (engine/engine.py); `on_result` is called
+once per request, when it finishes. `Engine.run` is a batcher fed every request up front;
+a server feeds one as requests arrive.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import jax
+import numpy as np
+
+from aurora_jax.engine.step import DecodeState, StepOutput
+from aurora_jax.engine.trace import PrefillTrace, TraceEmitter, VerifyTrace
+from aurora_jax.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from aurora_jax.engine.engine import Engine
+
+
+@dataclasses.dataclass
+class Request:
+    prompt: list[int]
+    """Prompt token ids."""
+    max_new_tokens: int = 64
+    """Generation budget, the stop token included."""
+    sampling: SamplingParams = SamplingParams()
+    """Greedy by default."""
+    id: object = None
+    """Caller's id (default: the request's index in `run`)."""
+    domain: str | None = None
+    """Traffic domain tag, carried into traces and results."""
+
+
+@dataclasses.dataclass
+class RequestResult:
+    id: object
+    domain: str | None
+    prompt_tokens: int
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str = ""
+    """"stop" (a stop token ended it) or "length" (max_new_tokens reached)."""
+    steps: int = 0
+    """Verification steps (target forwards after the prefill)."""
+    accepted: int = 0
+    """Draft tokens accepted over all steps."""
+    draft_versions: set = dataclasses.field(default_factory=set)
+
+    @property
+    def acceptance_length(self) -> float | None:
+        """Tokens committed per verification step, bonus included (tau >= 1)."""
+        return (self.accepted + self.steps) / self.steps if self.steps else None
+
+    @property
+    def target_forwards(self) -> int:
+        return self.steps + 1
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A dispatched step whose output the host has not read yet."""
+
+    out: StepOutput
+    slot_request: list[int | None]  # [B] request index per slot when the step was dispatched
+    draft_version: int
+
+
+class Batcher:
+    """Admission queue, slot table and one-step-late reads for one engine."""
+
+    def __init__(self, engine: Engine, state: DecodeState,
+                 on_result: Callable[[RequestResult], None] | None = None):
+        self.engine, self.state, self.on_result = engine, state, on_result
+        self.requests: list[Request] = []
+        self.results: list[RequestResult] = []
+        self.queue: collections.deque[int] = collections.deque()
+        self.slot_request: list[int | None] = [None] * engine.max_slots
+        self.steps = 0
+        self._in_flight: _InFlight | None = None
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> int:
+        """Queues a request (checked first); returns its index into `results`."""
+        self.engine.check_request(request)
+        i = len(self.requests)
+        self.requests.append(request)
+        self.results.append(RequestResult(request.id if request.id is not None else i,
+                                          request.domain, len(request.prompt)))
+        self.queue.append(i)
+        return i
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, no slot busy, no output unread."""
+        return not self.queue and not self.busy and self._in_flight is None
+
+    @property
+    def busy(self) -> bool:
+        return any(i is not None for i in self.slot_request)
+
+    def step(self) -> None:
+        """Admit, dispatch one decode step, read the previous one."""
+        self.admit()
+        dispatched = None
+        if self.busy:
+            self.state, out = self.engine.generate(self.state)
+            self.steps += 1
+            if self.engine.traces:
+                TraceEmitter.start_copy(out.trace)
+            dispatched = _InFlight(out, list(self.slot_request), self.engine.last_step_version)
+        if self._in_flight is not None:
+            self.absorb(self._in_flight)
+        self._in_flight = dispatched
+
+    def run_until_idle(self) -> None:
+        while not self.idle:
+            self.step()
+
+    # ---- the named parts of a step ---------------------------------------------------------
+
+    def free_slots(self) -> list[int]:
+        return [s for s, i in enumerate(self.slot_request) if i is None]
+
+    def admit(self) -> None:
+        """Prefills as many queued requests as there are free slots and inserts them."""
+        free = self.free_slots()
+        if not free or not self.queue:
+            return
+        ids = [self.queue.popleft() for _ in range(min(len(free), len(self.queue)))]
+        reqs = [self.requests[i] for i in ids]
+        slots = free[: len(ids)]
+        engine = self.engine
+        prefix = engine.prefill([r.prompt for r in reqs], [r.sampling for r in reqs])
+        self.state = engine.insert(prefix, self.state, slots, [r.max_new_tokens for r in reqs],
+                                   [r.sampling for r in reqs])
+        first = np.asarray(prefix.first)
+        if engine.traces:
+            aux, hidden = jax.device_get((prefix.aux, prefix.hidden))
+        for j, (r, i) in enumerate(zip(reqs, ids, strict=True)):
+            token = int(first[j])
+            self.results[i].token_ids.append(token)
+            self.slot_request[slots[j]] = i
+            # The device marked the slot idle at insert already when the first token ends it.
+            done = token in engine.eos_set or r.max_new_tokens == 1
+            if engine.traces:
+                n = len(r.prompt)
+                engine.traces.submit(PrefillTrace(self.results[i].id, r.domain,
+                                                  np.asarray(r.prompt), token, aux[j, :n],
+                                                  hidden[j, :n], done))
+            if done:
+                self.release(slots[j])
+
+    def absorb(self, step: _InFlight) -> None:
+        """Books a finished step: tokens, acceptance and draft version per request; frees
+        the slots whose requests ended; hands the step to the trace emitter."""
+        tokens, emitted, accepted, active, done = jax.device_get(
+            (step.out.tokens, step.out.emitted, step.out.accepted, step.out.active,
+             step.out.done))
+        for s in np.nonzero(active)[0]:
+            res = self.results[step.slot_request[s]]
+            res.token_ids.extend(tokens[s, : emitted[s]].tolist())
+            res.steps += 1
+            res.accepted += int(accepted[s])
+            res.draft_versions.add(step.draft_version)
+            if done[s]:
+                self.release(s)
+        if self.engine.traces:
+            ids = [None if i is None else self.results[i] for i in step.slot_request]
+            self.engine.traces.submit(VerifyTrace(
+                [None if r is None else r.id for r in ids],
+                [None if r is None else r.domain for r in ids], step.draft_version,
+                step.out.trace, active, tokens, emitted, accepted, done))
+
+    def release(self, slot: int) -> None:
+        """Frees a slot whose request finished and reports the request."""
+        i = self.slot_request[slot]
+        self.slot_request[slot] = None
+        res = self.results[i]
+        ended = res.token_ids and res.token_ids[-1] in self.engine.eos_set
+        res.finish_reason = "stop" if ended else "length"
+        if self.on_result:
+            self.on_result(res)

@@ -9,7 +9,8 @@ Implementations (a model config's `attention` field):
   "interpret"  the GPU-style kernel in Pallas interpret mode: runs anywhere, slowly; for tests
 The kernel covers attention against a KV cache (decode, tree verification, drafting). Calls
 without a cache (training, which needs gradients the kernel does not define, and prefill from
-an empty cache) always take the reference.
+an empty cache) always take the reference. `attention` checks its operands' shapes first (at
+trace time), so a mismatch is named the same way whichever implementation would have run.
 
 Before "auto" first picks a kernel on a backend, it compiles and runs it once on a small
 problem against the reference; a kernel that fails to lower or disagrees (a jax version whose
@@ -27,7 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import tree_attention_tpu as tpu
-from pallas_kernels.tree_attention import tree_attention, tree_attention_reference
+from pallas_kernels._common import BlockSizes, check_operands
+from pallas_kernels.tree_attention import (
+    DEFAULT_BLOCKS,
+    tree_attention,
+    tree_attention_reference,
+)
 
 IMPLEMENTATIONS = ("auto", "reference", "pallas", "interpret")
 KERNEL_BACKENDS = ("gpu", "tpu")
@@ -77,12 +83,17 @@ def kernel_works(backend: str) -> bool:
 
 def attention(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
               k_cache_BxSxKxD=None, v_cache_BxSxKxD=None, cache_len_B=None, *,
-              impl: str = "auto"):
+              impl: str = "auto", blocks: BlockSizes | None = None):
     """Grouped-query attention of T new queries against a cache prefix (< cache_len) and J
-    new keys under `block_mask`; see tree_attention.py for the contract."""
+    new keys under `block_mask`; see tree_attention.py for the contract. `blocks`: the
+    kernel's block sizes (None: that kernel's DEFAULT_BLOCKS)."""
+    check_operands("attention", q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
+                   k_cache_BxSxKxD, v_cache_BxSxKxD, cache_len_B, needs_cache=False)
     how = "reference" if k_cache_BxSxKxD is None else resolve(impl)
     on_tpu = how == "pallas" and jax.default_backend() == "tpu"
-    if on_tpu and not tpu.supported(q_BxTxQxD.shape[-1], k_cache_BxSxKxD.shape[1]):
+    if blocks is None:
+        blocks = tpu.DEFAULT_BLOCKS if on_tpu else DEFAULT_BLOCKS
+    if on_tpu and not tpu.supported(q_BxTxQxD.shape[-1], k_cache_BxSxKxD.shape[1], blocks):
         how = "reference"
     if how == "reference":
         return tree_attention_reference(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD,
@@ -91,5 +102,5 @@ def attention(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
     args = (q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ, k_cache_BxSxKxD,
             v_cache_BxSxKxD, cache_len_B)
     if on_tpu:
-        return tpu.tree_attention_tpu(*args)
-    return tree_attention(*args, interpret=how == "interpret")
+        return tpu.tree_attention_tpu(*args, blocks=blocks)
+    return tree_attention(*args, blocks=blocks, interpret=how == "interpret")

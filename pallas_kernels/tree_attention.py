@@ -7,13 +7,17 @@ every cached slot s < cache_len[b] and new token j iff block_mask[b, t, j]. Shap
 T queries, J new keys (J = T for a forward over the new tokens, J > T for a draft's side
 buffer), S cache slots, Q query heads, K kv heads (G = Q / K per group), D head dim.
 
-Kernel (flash-decoding style, Dao et al. 2022 / 2023): one program per (sequence, kv head).
-Its T * G query rows (all query heads of the group, every tree node) are one matrix, so each
-cache block is read once for the whole group. It walks only the cache blocks below
-cache_len[b] (ragged lengths skip the rest) with an online softmax in float32, then folds in
-the tree block under its mask. No [T, S] mask is ever built for the prefix: visibility there
-is a comparison of a block's slot index with cache_len. Inputs may be float32 or bfloat16;
-scores, softmax and accumulation are float32.
+Kernel: one program per (sequence, kv head), with the online softmax of FlashAttention
+(Milakov & Gimelshein 2018; Dao et al. 2022). Its T * G query rows (all query heads of the
+group, every tree node) are one matrix, so each cache block is read once for the whole group.
+The program walks the cache blocks below cache_len[b] one after another (ragged lengths skip
+the rest), folding each into a running max, sum and float32 accumulator, then folds in the
+tree block under its mask. The cache axis is not split across programs (there is no
+flash-decoding split-K, Dao et al. 2023): the grid is B * K programs, so a long cache shared
+by few (sequence, kv head) pairs is read by few programs. No [T, S] mask is ever built for the
+prefix: visibility there is a comparison of a block's slot index with cache_len. Inputs may be
+float32 or bfloat16; scores, softmax and accumulation are float32. Block sizes come as a
+`BlockSizes` (DEFAULT_BLOCKS here); the wrapper checks its operands' shapes at trace time.
 
 A query row that sees no key at all (only padding rows do) gets zeros from the kernel and
 the reference's uniform average; callers never read such rows.
@@ -27,13 +31,28 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-_NEG = -1e30  # finite: a fully masked row must not turn the softmax into NaN
+from pallas_kernels._common import (
+    NEG,
+    BlockSizes,
+    check_operands,
+    from_query_rows,
+    mask_rows,
+    matmul_precision,
+    pad_to,
+    qk_scores,
+    query_rows,
+)
+
+DEFAULT_BLOCKS = BlockSizes(block_s=128)
 
 
 def tree_attention_reference(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
                              k_cache_BxSxKxD=None, v_cache_BxSxKxD=None, cache_len_B=None):
     """Grouped-query attention in plain jnp; softmax in float32; returns [B, T, Q, D] in q's
     dtype. Without a cache, only the new block is attended (training, prefill from empty)."""
+    check_operands("tree_attention_reference", q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD,
+                   block_mask_BxTxJ, k_cache_BxSxKxD, v_cache_BxSxKxD, cache_len_B,
+                   needs_cache=False)
     b, t, nq, d = q_BxTxQxD.shape
     nk = k_new_BxJxKxD.shape[2]
     q_BxTxKxGxD = q_BxTxQxD.reshape(b, t, nk, nq // nk, d)
@@ -42,7 +61,7 @@ def tree_attention_reference(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask
 
     s_new = jnp.einsum("btkgd,bjkd->bkgtj", q_BxTxKxGxD, k_new_BxJxKxD,
                        preferred_element_type=f32) * scale
-    s_new = jnp.where(block_mask_BxTxJ[:, None, None], s_new, _NEG)
+    s_new = jnp.where(block_mask_BxTxJ[:, None, None], s_new, NEG)
     if k_cache_BxSxKxD is None:
         p = jax.nn.softmax(s_new, axis=-1)
         out = jnp.einsum("bkgtj,bjkd->btkgd", p.astype(v_new_BxJxKxD.dtype), v_new_BxJxKxD,
@@ -53,7 +72,7 @@ def tree_attention_reference(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask
     s_old = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_cache_BxSxKxD,
                        preferred_element_type=f32) * scale
     visible_BxS = jnp.arange(s_len)[None, :] < cache_len_B[:, None]
-    s_old = jnp.where(visible_BxS[:, None, None, None, :], s_old, _NEG)
+    s_old = jnp.where(visible_BxS[:, None, None, None, :], s_old, NEG)
     p = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1)
     p_old, p_new = p[..., :s_len], p[..., s_len:]
     out = jnp.einsum("bkgts,bskd->btkgd", p_old.astype(v_cache_BxSxKxD.dtype), v_cache_BxSxKxD,
@@ -71,13 +90,12 @@ def _kernel(cache_len_ref, q_ref, k_new_ref, v_new_ref, mask_ref, k_cache_ref, v
     f32 = jnp.float32
     q_RxD = q_ref[...]
     rows, d = q_RxD.shape
-    # fp32 inputs get fp32 products (a GPU would otherwise use TF32 tensor cores).
-    precision = jax.lax.Precision.HIGHEST if q_RxD.dtype == jnp.float32 else None
+    precision = matmul_precision(q_RxD.dtype)
 
     def fold(carry, s_RxC, visible_RxC, v_CxD):
         """Online softmax: merge one block of scores into (max, sum, accumulator)."""
         m_R, l_R, acc_RxD = carry
-        s_RxC = jnp.where(visible_RxC, s_RxC, _NEG)
+        s_RxC = jnp.where(visible_RxC, s_RxC, NEG)
         m_new = jnp.maximum(m_R, s_RxC.max(axis=1))
         p_RxC = jnp.where(visible_RxC, jnp.exp(s_RxC - m_new[:, None]), 0.0)
         alpha = jnp.exp(m_R - m_new)
@@ -86,8 +104,7 @@ def _kernel(cache_len_ref, q_ref, k_new_ref, v_new_ref, mask_ref, k_cache_ref, v
         return m_new, alpha * l_R + p_RxC.sum(axis=1), alpha[:, None] * acc_RxD + pv
 
     def scores(k_CxD):
-        return jax.lax.dot_general(q_RxD, k_CxD, (((1,), (1,)), ((), ())),
-                                   precision=precision, preferred_element_type=f32) * scale
+        return qk_scores(q_RxD, k_CxD, scale, precision)
 
     cache_len = cache_len_ref[b]
 
@@ -98,33 +115,20 @@ def _kernel(cache_len_ref, q_ref, k_new_ref, v_new_ref, mask_ref, k_cache_ref, v
         slot_C = start + jax.lax.broadcasted_iota(jnp.int32, (rows, block_s), 1)
         return fold(carry, scores(k_CxD), slot_C < cache_len, v_CxD)
 
-    carry = (jnp.full((rows,), _NEG, f32), jnp.zeros((rows,), f32), jnp.zeros((rows, d), f32))
+    carry = (jnp.full((rows,), NEG, f32), jnp.zeros((rows,), f32), jnp.zeros((rows, d), f32))
     carry = jax.lax.fori_loop(0, pl.cdiv(cache_len, block_s), prefix_block, carry)
     v_new = v_new_ref[...]
     _, l_R, acc_RxD = fold(carry, scores(k_new_ref[...]), mask_ref[...] != 0, v_new)
     o_ref[...] = (acc_RxD / jnp.where(l_R == 0, 1.0, l_R)[:, None]).astype(o_ref.dtype)
 
 
-def _pad_to(x, axis: int, size: int):
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad)
-
-
-def _block_s(s: int, preferred: int) -> int:
-    """The largest power of two <= preferred that divides S (so no block runs past the cache
-    and no masked load is needed)."""
-    bs = preferred
-    while s % bs:
-        bs //= 2
-    return bs
-
-
-@functools.partial(jax.jit, static_argnames=("block_s", "interpret"))
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
 def tree_attention(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ, k_cache_BxSxKxD,
-                   v_cache_BxSxKxD, cache_len_B, *, block_s: int = 128,
+                   v_cache_BxSxKxD, cache_len_B, *, blocks: BlockSizes = DEFAULT_BLOCKS,
                    interpret: bool = False):
     """The kernel; same contract and result as `tree_attention_reference` with a cache."""
+    check_operands("tree_attention", q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
+                   k_cache_BxSxKxD, v_cache_BxSxKxD, cache_len_B, needs_cache=True)
     b, t, nq, d = q_BxTxQxD.shape
     j, nk = k_new_BxJxKxD.shape[1], k_new_BxJxKxD.shape[2]
     g, s = nq // nk, k_cache_BxSxKxD.shape[1]
@@ -132,13 +136,11 @@ def tree_attention(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ, k_
     # new block; padded keys are masked out and padded rows are sliced off.
     rows = max(16, pl.next_power_of_2(t * g))
     jp = max(16, pl.next_power_of_2(j))
-    q_BxKxRxD = q_BxTxQxD.reshape(b, t, nk, g, d).transpose(0, 2, 1, 3, 4).reshape(b, nk, t * g, d)
-    q_BxKxRxD = _pad_to(q_BxKxRxD, 2, rows)
-    mask_BxRxJ = jnp.repeat(block_mask_BxTxJ, g, axis=1).astype(jnp.int32)  # row t*G+g: node t
-    mask_BxRxJ = _pad_to(_pad_to(mask_BxRxJ, 1, rows), 2, jp)
-    k_new = _pad_to(k_new_BxJxKxD, 1, jp)
-    v_new = _pad_to(v_new_BxJxKxD, 1, jp)
-    bs = _block_s(s, block_s)
+    q_BxKxRxD = query_rows(q_BxTxQxD, nk, rows)
+    mask_BxRxJ = mask_rows(block_mask_BxTxJ, g, rows, jp)
+    k_new = pad_to(k_new_BxJxKxD, 1, jp)
+    v_new = pad_to(v_new_BxJxKxD, 1, jp)
+    bs = blocks.cache_block(s)
 
     kernel = functools.partial(_kernel, block_s=bs, scale=d ** -0.5)
     sq = pl.Squeezed()
@@ -161,5 +163,4 @@ def tree_attention(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ, k_
         name="tree_attention",
     )(cache_len_B.astype(jnp.int32), q_BxKxRxD, k_new, v_new, mask_BxRxJ, k_cache_BxSxKxD,
       v_cache_BxSxKxD)
-    out = out[:, :, : t * g].reshape(b, nk, t, g, d).transpose(0, 2, 1, 3, 4)
-    return out.reshape(b, t, nq, d)
+    return from_query_rows(out, t, g)

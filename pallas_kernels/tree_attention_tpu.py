@@ -7,12 +7,14 @@ sum and float32 accumulator over the group's T * G query rows) folds it in. The 
 lengths are scalar-prefetched, so the block index map clamps every block past a sequence's
 length to its last valid block: Pallas skips the copy of a block index it already holds, and
 `pl.when` skips the compute, so a short sequence costs only its own blocks. The tree block and
-the output are handled at the last step.
+the output are handled at the last step. Like the GPU-style kernel this is FlashAttention's
+online softmax with one (sequence, KV head) walking its cache blocks in order; the cache axis
+is a sequential grid dimension, not split across cores (no flash-decoding split-K).
 
 TPU tiles need their last two block dimensions divisible by (8, 128): the cache is viewed as
 [B, S, K * D] (a free reshape) and read in [block_s, D] tiles, which needs D % 128 == 0 and
-block_s % 8 == 0; `supported` says whether a shape qualifies (dispatch falls back to the
-reference otherwise).
+a cache block (`BlockSizes.cache_block`) of a multiple of 8 slots; `supported` says whether a
+shape qualifies (dispatch falls back to the reference otherwise).
 """
 
 from __future__ import annotations
@@ -24,11 +26,25 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.tree_attention import _NEG, _block_s, _pad_to
+from pallas_kernels._common import (
+    NEG,
+    BlockSizes,
+    check_operands,
+    from_query_rows,
+    mask_rows,
+    matmul_precision,
+    pad_to,
+    qk_scores,
+    query_rows,
+)
+
+DEFAULT_BLOCKS = BlockSizes(block_s=512)
 
 
-def supported(head_dim: int, cache_len: int, block_s: int = 512) -> bool:
-    return head_dim % 128 == 0 and _block_s(cache_len, block_s) % 8 == 0
+def supported(head_dim: int, s: int, blocks: BlockSizes = DEFAULT_BLOCKS) -> bool:
+    """Whether Mosaic can tile the problem: D a multiple of 128 and the cache block for a
+    cache of S slots (`blocks.cache_block(s)`) a multiple of 8."""
+    return head_dim % 128 == 0 and blocks.cache_block(s) % 8 == 0
 
 
 def _kernel(lens_ref, q_ref, k_new_ref, v_new_ref, mask_ref, k_ref, v_ref, o_ref,
@@ -37,11 +53,11 @@ def _kernel(lens_ref, q_ref, k_new_ref, v_new_ref, mask_ref, k_ref, v_ref, o_ref
     cache tiles k/v [block_s, D], out [R, D]; scratch m, l [R, 1] and acc [R, D] (f32)."""
     b, i = pl.program_id(0), pl.program_id(2)
     f32 = jnp.float32
-    precision = jax.lax.Precision.HIGHEST if q_ref.dtype == jnp.float32 else None
+    precision = matmul_precision(q_ref.dtype)
 
     def fold(s_RxC, visible_RxC, v_CxD):
         m_prev, l_prev = m_ref[...], l_ref[...]
-        s_RxC = jnp.where(visible_RxC, s_RxC, _NEG)
+        s_RxC = jnp.where(visible_RxC, s_RxC, NEG)
         m_new = jnp.maximum(m_prev, s_RxC.max(axis=1, keepdims=True))
         p_RxC = jnp.where(visible_RxC, jnp.exp(s_RxC - m_new), 0.0)
         alpha = jnp.exp(m_prev - m_new)
@@ -52,12 +68,11 @@ def _kernel(lens_ref, q_ref, k_new_ref, v_new_ref, mask_ref, k_ref, v_ref, o_ref
             precision=precision, preferred_element_type=f32)
 
     def scores(k_CxD):
-        return jax.lax.dot_general(q_ref[...], k_CxD, (((1,), (1,)), ((), ())),
-                                   precision=precision, preferred_element_type=f32) * scale
+        return qk_scores(q_ref[...], k_CxD, scale, precision)
 
     @pl.when(i == 0)
     def _init():
-        m_ref[...] = jnp.full(m_ref.shape, _NEG, f32)
+        m_ref[...] = jnp.full(m_ref.shape, NEG, f32)
         l_ref[...] = jnp.zeros(l_ref.shape, f32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, f32)
 
@@ -76,23 +91,24 @@ def _kernel(lens_ref, q_ref, k_new_ref, v_new_ref, mask_ref, k_ref, v_ref, o_ref
         o_ref[...] = (acc_ref[...] / jnp.where(total == 0, 1.0, total)).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("block_s", "interpret"))
+@functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
 def tree_attention_tpu(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
-                       k_cache_BxSxKxD, v_cache_BxSxKxD, cache_len_B, *, block_s: int = 512,
-                       interpret: bool = False):
+                       k_cache_BxSxKxD, v_cache_BxSxKxD, cache_len_B, *,
+                       blocks: BlockSizes = DEFAULT_BLOCKS, interpret: bool = False):
     """The TPU kernel; `interpret=True` runs it in the TPU interpret mode (on CPU)."""
+    check_operands("tree_attention_tpu", q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD,
+                   block_mask_BxTxJ, k_cache_BxSxKxD, v_cache_BxSxKxD, cache_len_B,
+                   needs_cache=True)
     b, t, nq, d = q_BxTxQxD.shape
     j, nk = k_new_BxJxKxD.shape[1], k_new_BxJxKxD.shape[2]
     g, s = nq // nk, k_cache_BxSxKxD.shape[1]
     rows = -(-t * g // 8) * 8
     jp = -(-j // 8) * 8
-    bs = _block_s(s, block_s)
-    q = q_BxTxQxD.reshape(b, t, nk, g, d).transpose(0, 2, 1, 3, 4).reshape(b, nk, t * g, d)
-    q = _pad_to(q, 2, rows)
-    mask = jnp.repeat(block_mask_BxTxJ, g, axis=1).astype(jnp.int32)
-    mask = _pad_to(_pad_to(mask, 1, rows), 2, jp)
-    k_new = _pad_to(k_new_BxJxKxD, 1, jp).reshape(b, jp, nk * d)
-    v_new = _pad_to(v_new_BxJxKxD, 1, jp).reshape(b, jp, nk * d)
+    bs = blocks.cache_block(s)
+    q = query_rows(q_BxTxQxD, nk, rows)
+    mask = mask_rows(block_mask_BxTxJ, g, rows, jp)
+    k_new = pad_to(k_new_BxJxKxD, 1, jp).reshape(b, jp, nk * d)
+    v_new = pad_to(v_new_BxJxKxD, 1, jp).reshape(b, jp, nk * d)
     k_cache = k_cache_BxSxKxD.reshape(b, s, nk * d)
     v_cache = v_cache_BxSxKxD.reshape(b, s, nk * d)
 
@@ -125,5 +141,4 @@ def tree_attention_tpu(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ
         interpret=pltpu.InterpretParams() if interpret else False,
         name="tree_attention_tpu",
     )(cache_len_B.astype(jnp.int32), q, k_new, v_new, mask, k_cache, v_cache)
-    out = out[:, :, : t * g].reshape(b, nk, t, g, d).transpose(0, 2, 1, 3, 4)
-    return out.reshape(b, t, nq, d)
+    return from_query_rows(out, t, g)

@@ -1,10 +1,14 @@
 """The Pallas tree-attention kernel (interpret mode on CPU) equals its jnp reference on random
 shapes, ragged cache lengths, tree masks of every shape and GQA ratios; the engine's greedy
-output is the same through the kernel as through the reference."""
+output is the same through the kernel as through the reference. Block sizes are validated on
+construction, every public wrapper names a shape mismatch, and "auto" dispatch drops a kernel
+that fails its self-check and keeps one that passes."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +20,7 @@ from spec_models import EOS, copycat_pair, random_pair, tiny_cfg
 from aurora_jax.engine.engine import Engine, Request
 from aurora_jax.speculative.config import SpecConfig
 from aurora_jax.speculative.tree import ancestor_mask
+from pallas_kernels import BlockSizes, dispatch
 from pallas_kernels.dispatch import attention, resolve
 from pallas_kernels.tree_attention import tree_attention, tree_attention_reference
 from pallas_kernels.tree_attention_tpu import tree_attention_tpu
@@ -74,7 +79,7 @@ def test_kernel_equals_reference(case, dtype, kernel):
     b, t, j, nq, nk, d, s, tree, lens, block_s = case
     rs = np.random.RandomState(CASES.index(case) + (100 if dtype == "bfloat16" else 0))
     args = _inputs(rs, b, t, j, nq, nk, d, s, jnp.dtype(dtype), tree, lens)
-    out = KERNELS[kernel](*args, block_s=block_s, interpret=True)
+    out = KERNELS[kernel](*args, blocks=BlockSizes(block_s=block_s), interpret=True)
     ref = tree_attention_reference(*args)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
@@ -91,12 +96,72 @@ def test_kernel_sees_only_the_prefix_below_cache_len(kernel):
     nothing (the kernel never reads a block entirely beyond the length)."""
     rs = np.random.RandomState(3)
     args = list(_inputs(rs, 2, 5, 5, 4, 2, 16, 64, jnp.float32, "wide", [10, 33]))
-    fn = KERNELS[kernel]
-    base = fn(*args, block_s=8, interpret=True)
+    fn = functools.partial(KERNELS[kernel], blocks=BlockSizes(block_s=8), interpret=True)
+    base = fn(*args)
     pos = jnp.arange(64)[None, :, None, None]
     for i in (4, 5):
         args[i] = jnp.where(pos >= args[6][:, None, None, None], 1e4, args[i])
-    np.testing.assert_array_equal(fn(*args, block_s=8, interpret=True), base)
+    np.testing.assert_array_equal(fn(*args), base)
+
+
+@pytest.mark.parametrize("bad", [0, -8, 24, 100, 8.0, True, "128", None])
+def test_block_sizes_reject_what_the_kernels_cannot_tile(bad):
+    with pytest.raises(ValueError, match=re.escape(
+            f"BlockSizes.block_s must be a positive power of two, got {bad!r}")):
+        BlockSizes(block_s=bad)
+
+
+def test_block_sizes_are_a_static_config():
+    """Frozen and hashable (a jit static argument); a cache block shrinks to divide S."""
+    blocks = BlockSizes(block_s=128)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        blocks.block_s = 64
+    assert hash(blocks) == hash(BlockSizes(block_s=128))
+    assert [blocks.cache_block(s) for s in (256, 128, 96, 40, 24, 7)] == [128, 128, 32, 8, 8, 1]
+
+
+OPERANDS = ("q", "k_new", "v_new", "block_mask", "k_cache", "v_cache", "cache_len")
+WRAPPERS = {
+    "tree_attention": functools.partial(tree_attention, interpret=True),
+    "tree_attention_tpu": functools.partial(tree_attention_tpu, interpret=True),
+    "tree_attention_reference": tree_attention_reference,
+    "attention": attention,
+}
+# One operand replaced (shape, dtype; None: left out) in a problem with B=2, T=4, J=5, Q=8,
+# K=2, D=16, S=16, and what the error says about it.
+WRONG = {
+    "head-dim": ("k_new", (2, 5, 2, 32), None, "k_new has head dim 32 but q has 16 "
+                 "(q [B,T,Q,D]=(2,4,8,16), k_new [B,J,K,D]=(2,5,2,32))"),
+    "rank": ("q", (2, 4, 128), None, "q must have rank 4, got q [B,T,Q,D]=(2,4,128)"),
+    "kv-heads": ("v_new", (2, 5, 1, 16), None, "v_new has kv heads 1 but k_new has 2"),
+    "mask-keys": ("block_mask", (2, 4, 6), None, "block_mask has new keys 6 but k_new has 5"),
+    "mask-queries": ("block_mask", (2, 3, 5), None, "block_mask has queries 3 but q has 4"),
+    "cache-slots": ("v_cache", (2, 8, 2, 16), None, "v_cache has cache slots 8 but k_cache "
+                    "has 16"),
+    "lengths": ("cache_len", (3,), None, "cache_len has batch 3 but q has 2"),
+    "groups": ("q", (2, 4, 7, 16), None, "q's 7 query heads are not a multiple of k_new's 2 "
+               "kv heads"),
+    "float-mask": ("block_mask", (2, 4, 5), "float32", "block_mask must be bool or integer"),
+    "float-lengths": ("cache_len", (2,), "float32", "cache_len must be integer, got float32"),
+    "no-lengths": ("cache_len", None, None, "attending to a cache needs k_cache, v_cache and "
+                   "cache_len; cache_len missing"),
+    "no-v-cache": ("v_cache", None, None, "attending to a cache needs k_cache, v_cache and "
+                   "cache_len; v_cache missing"),
+}
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+@pytest.mark.parametrize("wrong", WRONG)
+def test_public_wrappers_name_a_shape_mismatch(wrong, wrapper):
+    """Each public entry point checks its operands at trace time and says which operand
+    disagrees with which, on what axis, with both shapes."""
+    operand, shape, dtype, says = WRONG[wrong]
+    args = dict(zip(OPERANDS, _inputs(np.random.RandomState(7), 2, 4, 5, 8, 2, 16, 16,
+                                      jnp.float32, None, [3, 16]), strict=True))
+    args[operand] = (None if shape is None
+                     else jnp.zeros(shape, dtype or args[operand].dtype))
+    with pytest.raises(ValueError, match=re.escape(f"{wrapper}: {says}")):
+        WRAPPERS[wrapper](*args.values())
 
 
 def test_auto_falls_back_to_the_reference_when_the_kernel_cannot_run(caplog):
@@ -120,6 +185,86 @@ def test_dispatch_picks_the_reference_on_cpu_and_without_a_cache():
     q, k, v, mask, *_ = _inputs(rs, 1, 4, 4, 4, 2, 16, 8, jnp.float32, "chain", [0])
     np.testing.assert_array_equal(attention(q, k, v, mask, impl="interpret"),
                                   tree_attention_reference(q, k, v, mask))
+
+
+@pytest.fixture
+def on_backend(monkeypatch):
+    """Makes dispatch see the given backend, its once-per-process kernel self-check
+    forgotten before and after the test."""
+    dispatch.kernel_works.cache_clear()
+    yield lambda name: monkeypatch.setattr(jax, "default_backend", lambda: name)
+    dispatch.kernel_works.cache_clear()
+
+
+def _zeros_kernel(q_BxTxQxD, *args, **kwargs):
+    """A kernel that runs but computes nothing."""
+    return jnp.zeros_like(q_BxTxQxD)
+
+
+def _failing_kernel(*args, **kwargs):
+    """A kernel that does not lower (a jax whose Pallas backend changed, say)."""
+    raise NotImplementedError("no lowering rule")
+
+
+@pytest.mark.parametrize("broken, reason", [(_zeros_kernel, "ValueError: max error"),
+                                            (_failing_kernel, "NotImplementedError: no lowering")],
+                         ids=["wrong-result", "no-lowering"])
+def test_auto_falls_back_to_the_reference_when_the_kernel_is_wrong(broken, reason, on_backend,
+                                                                   monkeypatch, caplog):
+    """On a GPU, "auto" runs the kernel once against the reference before using it; a kernel
+    that is wrong or fails is logged with the reason and the reference serves instead (with
+    the broken kernel, any other answer would be zeros or an exception)."""
+    on_backend("gpu")
+    monkeypatch.setattr(dispatch, "tree_attention", broken)
+    args = _inputs(np.random.RandomState(8), 2, 5, 5, 4, 2, 16, 32, jnp.float32, "wide", [7, 32])
+    with caplog.at_level("WARNING", logger=dispatch.log.name):
+        assert resolve("auto") == "reference"
+        out = attention(*args, impl="auto")
+    assert f"does not work on gpu ({reason}" in caplog.text
+    assert "using the jnp reference" in caplog.text
+    np.testing.assert_array_equal(out, tree_attention_reference(*args))
+
+
+def test_auto_keeps_a_kernel_that_passes_its_self_check(on_backend, monkeypatch, caplog):
+    """The same path with a working kernel (the GPU-style kernel in interpret mode, as this
+    runs on CPU): the self-check passes silently and attention runs the kernel."""
+    on_backend("gpu")
+    calls = []
+
+    def kernel(*args, interpret=False, **kwargs):
+        calls.append(kwargs)
+        return tree_attention(*args, interpret=True, **kwargs)
+
+    monkeypatch.setattr(dispatch, "tree_attention", kernel)
+    args = _inputs(np.random.RandomState(9), 2, 5, 5, 4, 2, 16, 32, jnp.float32, "wide", [7, 32])
+    with caplog.at_level("WARNING", logger=dispatch.log.name):
+        assert resolve("auto") == "pallas"
+        out = attention(*args, impl="auto")
+    assert not caplog.records
+    assert len(calls) == 2  # the self-check, then this call
+    np.testing.assert_allclose(np.asarray(out), np.asarray(tree_attention_reference(*args)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_auto_on_tpu_takes_the_reference_for_shapes_mosaic_cannot_tile(on_backend,
+                                                                       monkeypatch):
+    """On a TPU the kernel (here in TPU interpret mode) passes its self-check and serves
+    head_dim 128; head_dim 16 breaks Mosaic's (8, 128) tiling, so the reference serves it."""
+    on_backend("tpu")
+    calls = []
+
+    def kernel(*args, interpret=False, **kwargs):
+        calls.append(args[0].shape)
+        return tree_attention_tpu(*args, interpret=True, **kwargs)
+
+    monkeypatch.setattr(dispatch.tpu, "tree_attention_tpu", kernel)
+    rs = np.random.RandomState(10)
+    for d in (128, 16):
+        args = _inputs(rs, 2, 5, 5, 4, 2, d, 32, jnp.float32, "wide", [7, 32])
+        np.testing.assert_allclose(np.asarray(attention(*args, impl="auto")),
+                                   np.asarray(tree_attention_reference(*args)),
+                                   rtol=1e-5, atol=1e-5)
+    assert [shape[-1] for shape in calls] == [128, 128]  # the self-check, then d = 128 only
 
 
 @pytest.mark.parametrize("pair", ["random", "copycat"])

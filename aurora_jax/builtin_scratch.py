@@ -292,10 +292,10 @@ def _held_out_losses(sp, graphdef, buffers, params, cfg: PrepareConfig) -> dict:
     """Mean next-token loss (nats/token) on the held-out code files and prose topics."""
     from aurora_jax.data import corpus
     from aurora_jax.data.pipeline import eval_batches, windows
-    from aurora_jax.learn.pretrain import make_eval_step, mean_loss
+    from aurora_jax.learn.train_target import make_eval_step, mean_loss
 
     eval_step = make_eval_step(graphdef)
-    out = {}
+    out: dict[str, float | None] = {}
     held = corpus.held_out_documents()
     for domain in ("code", "prose"):
         stream = _tokens(sp, [d for d in held if d.domain == domain])
@@ -313,7 +313,9 @@ def _run(root: Path, cfg: PrepareConfig, force: bool, progress: bool, on_step) -
 
     from aurora_jax.data import corpus
     from aurora_jax.data.pipeline import training_dataset, windows
-    from aurora_jax.learn import pretrain
+    from aurora_jax.learn import train_target
+    from aurora_jax.learn.fit import fit
+    from aurora_jax.learn.optimizer import OptimizerSettings, make_optimizer
 
     t0 = time.monotonic()
     say = ((lambda m: print(f"aurora-jax: {m}", file=sys.stderr, flush=True)) if progress
@@ -328,13 +330,13 @@ def _run(root: Path, cfg: PrepareConfig, force: bool, progress: bool, on_step) -
         f"training {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens")
 
     target_cfg = cfg.target_config(sp.get_piece_size())
-    tx = pretrain.make_optimizer(pretrain.OptimizerSettings(
+    tx = make_optimizer(OptimizerSettings(
         learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
         min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip))
-    graphdef, buffers, state = pretrain.init_model(target_cfg, cfg.seed, tx)
+    graphdef, buffers, state = train_target.init_model(target_cfg, cfg.seed, tx)
     iterator = iter(training_dataset(windows(stream, cfg.seq_len), cfg.batch_size, cfg.seed))
-    result = pretrain.fit(
-        state, buffers, pretrain.make_train_step(graphdef, tx), iterator,
+    result = fit(
+        state, buffers, train_target.make_train_step(graphdef, tx), iterator,
         total_steps=cfg.steps, ckpt_dir=root / "ckpt", checkpoint_every=cfg.checkpoint_every,
         time_budget_s=cfg.time_budget_s, tokens_per_step=cfg.batch_size * cfg.seq_len,
         progress=progress, on_step=on_step)

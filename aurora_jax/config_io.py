@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +53,23 @@ def _coerce(tp, value, where: str):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")
         return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
           float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
           bool: lambda v: isinstance(v, bool), str: lambda v: isinstance(v, str)}.get(tp)
     if ok is not None and not ok(value):
         raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
     return float(value) if tp is float else value
+
+
+def load_config(cls, path: str | Path | None, overrides: Sequence[str] = ()):
+    """A command's config: YAML `path` (or the defaults), then `key.sub=value` overrides."""
+    raw = read_yaml(path) if path else {}
+    return from_dict(cls, apply_overrides(raw, list(overrides)), str(path) if path else "config")
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -46,9 +46,10 @@ class SamplingParams:
 class SamplingRows:
     """Per-row sampling settings of a batch, as device arrays (a pytree)."""
 
-    temperature: jax.Array  # [B] float32, 0 = greedy
-    top_p: jax.Array  # [B] float32
-    top_k: jax.Array  # [B] int32, 0 = no top-k
+    # Device arrays inside a step; numpy from `stack`, on the host.
+    temperature: jax.Array | np.ndarray  # [B] float32, 0 = greedy
+    top_p: jax.Array | np.ndarray  # [B] float32
+    top_k: jax.Array | np.ndarray  # [B] int32, 0 = no top-k
 
     @classmethod
     def stack(cls, params: list[SamplingParams], rows: int | None = None) -> SamplingRows:
@@ -59,7 +60,7 @@ class SamplingRows:
                    top_k=np.array([p.top_k for p in params], np.int32))
 
     @property
-    def sampled(self) -> jax.Array:
+    def sampled(self) -> jax.Array | np.ndarray:
         """[B] bool: the rows that sample (temperature > 0)."""
         return self.temperature > 0
 

@@ -75,7 +75,7 @@ def check_operands(fn: str, q, k_new, v_new, block_mask, k_cache, v_cache, cache
     for n, x in ops.items():
         if x.ndim != len(_AXES[n]):
             raise ValueError(f"{fn}: {n} must have rank {len(_AXES[n])}, got {show(n)}")
-    owner = {}  # axis letter -> the first operand that has it, which fixes its size
+    owner: dict[str, str] = {}  # axis letter -> the first operand that has it, which fixes its size
     for n, x in ops.items():
         for axis, size in zip(_AXES[n], x.shape, strict=True):
             first = owner.setdefault(axis, n)

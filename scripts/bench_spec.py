@@ -39,7 +39,7 @@ from aurora_jax.data.scenarios import CHAT_REQUEST, builtin_texts
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.data.vocab import scratch_draft_vocab
 from aurora_jax.engine.engine import Engine, Request
-from aurora_jax.models.eagle3_io import load_pair
+from aurora_jax.models.loading import load_pair
 from aurora_jax.speculative.config import SpecConfig
 
 

@@ -33,7 +33,7 @@ from aurora_jax.learn.learner import DEFAULT_OPTIMIZER, Learner
 from aurora_jax.learn.losses import LossConfig, draft_loss
 from aurora_jax.learn.offline import feature_batch
 from aurora_jax.models.draft_init import warm_start
-from aurora_jax.models.eagle3_io import load_pair
+from aurora_jax.models.loading import load_pair
 
 
 def windows_of(docs, tok: Tokenizer, seq_len: int, n: int, rng) -> np.ndarray:

@@ -17,11 +17,9 @@ import numpy as np
 from flax import nnx
 
 from aurora_jax.models.config import TargetConfig
-from aurora_jax.models.eagle3 import DraftConfig
-from aurora_jax.models.eagle3_io import Draft, init_draft
-from aurora_jax.models.hf_io import Target
+from aurora_jax.models.eagle3 import Draft, DraftConfig, init_draft
 from aurora_jax.models.sharding import make_mesh
-from aurora_jax.models.transformer import init_random
+from aurora_jax.models.transformer import Target, init_random
 
 EOS = 1
 

@@ -34,8 +34,8 @@ def test_speculative_generate_json(small_ckpt, tmp_path, capsys):
     """--draft PATH --spec chain gives the target's own greedy tokens, with the speculation
     counters; a draft for another target is refused with one line."""
     from aurora_jax.models.config import read_hf_config
-    from aurora_jax.models.eagle3 import DraftConfig
-    from aurora_jax.models.eagle3_io import init_draft, save_draft
+    from aurora_jax.models.eagle3 import DraftConfig, init_draft
+    from aurora_jax.models.eagle3_io import save_draft
 
     cfg = read_hf_config(small_ckpt)
     save_draft(tmp_path / "draft", init_draft(DraftConfig.for_target(cfg), seed=1))
@@ -71,6 +71,17 @@ def test_prompts_file_prints_one_json_line_per_request(small_ckpt, tmp_path, cap
     for x in lines:
         assert {"id", "token_ids", "acceptance_length", "draft_version", "domain"} <= x.keys()
         assert 1 <= len(x["token_ids"]) <= 8
+    # Each line is its own prompt's output: the greedy tokens of a run of that prompt alone
+    # (the outputs differ, so lines that swapped requests would not match).
+    prompts = {"a": "import os\n", "1": "The file", "2": "def f(x):"}
+    alone = {}
+    for key, text in prompts.items():
+        assert main(["generate", "--target", str(small_ckpt), "--prompt", text,
+                     "--max-new-tokens", "8", "--json"]) == 0
+        alone[key] = json.loads(capsys.readouterr().out)["token_ids"]
+    assert len({tuple(t) for t in alone.values()}) == 3
+    assert {str(x["id"]): x["token_ids"] for x in lines} == alone
+    assert {str(x["id"]): x["domain"] for x in lines} == {"a": "code", "1": None, "2": "code"}
 
 
 def test_bad_prompts_file_is_refused_before_anything_runs(small_ckpt, tmp_path, capsys):
@@ -95,6 +106,6 @@ def test_bad_prompts_file_is_refused_before_anything_runs(small_ckpt, tmp_path, 
     assert main(["generate", "--target", str(small_ckpt), "--prompt", "x", "--workdir",
                  str(tmp_path / "w")]) == 2
     assert "--workdir learns across requests" in capsys.readouterr().err
-    assert main(["learn", "--target", str(tmp_path / "nowhere"), "--workdir",
-                 str(tmp_path / "w")]) == 2
+    assert main(["learn", "--workdir", str(tmp_path / "w"),
+                 f"target={tmp_path / 'nowhere'}"]) == 2
     assert "nowhere" in capsys.readouterr().err

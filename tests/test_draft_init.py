@@ -13,8 +13,7 @@ from flax import nnx
 from spec_models import as_target, tiny_cfg
 
 from aurora_jax.models.draft_init import warm_start
-from aurora_jax.models.eagle3 import DraftConfig
-from aurora_jax.models.eagle3_io import init_draft
+from aurora_jax.models.eagle3 import DraftConfig, init_draft
 from aurora_jax.models.transformer import init_random
 
 
@@ -64,7 +63,7 @@ def test_warm_layer_is_the_targets_top_layer_fed_the_highest_aux_state():
 
 
 def test_load_pair_warm_starts_a_day0_draft(small_ckpt):
-    from aurora_jax.models.eagle3_io import load_pair
+    from aurora_jax.models.loading import load_pair
 
     ids = np.arange(0, 64, 2)
     target, draft = load_pair(small_ckpt, "warm", draft_vocab=ids)

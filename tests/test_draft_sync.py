@@ -23,8 +23,8 @@ from aurora_jax.engine.engine import Request
 from aurora_jax.engine.target_only import TargetGenerator
 from aurora_jax.learn.draft_sync import DraftPublisher, list_versions
 from aurora_jax.learn.remote import shared_engine
-from aurora_jax.models.eagle3 import DraftConfig
-from aurora_jax.models.eagle3_io import init_draft, load_draft, save_draft
+from aurora_jax.models.eagle3 import DraftConfig, init_draft
+from aurora_jax.models.eagle3_io import load_draft, save_draft
 from aurora_jax.models.hf_io import load_target, save_target
 from aurora_jax.speculative.config import SpecConfig
 
@@ -109,10 +109,10 @@ def test_learner_process_killed_mid_run_leaves_the_engine_serving(tmp_path):
     env.pop("XLA_FLAGS", None)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "aurora_jax.cli", "learn", "--target",
-             str(tmp_path / "target"), "--draft", str(tmp_path / "draft"), "--workdir",
-             str(work), "--sync-every", "3", "--batch-size", "4", "--seq-len", "32",
-             "--ttt-steps", "2"], stdout=log, stderr=subprocess.STDOUT, env=env)
+            [sys.executable, "-m", "aurora_jax.cli", "learn", "--workdir", str(work),
+             f"target={tmp_path / 'target'}", f"draft={tmp_path / 'draft'}",
+             "online.every_steps=3", "online.batch_size=4", "online.seq_len=32",
+             "loss.ttt_steps=2"], stdout=log, stderr=subprocess.STDOUT, env=env)
     engine, store, watcher = shared_engine(target, draft, SPEC, work, poll_s=0.2,
                                            sequences_per_shard=2, max_slots=4, max_len=48)
     gen = TargetGenerator(target, eos_ids=())

@@ -13,8 +13,8 @@ from flax import nnx
 from aurora_jax.errors import CheckpointError
 from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.config import TargetConfig
-from aurora_jax.models.eagle3 import DraftConfig, Eagle3Draft, build_draft_vocab
-from aurora_jax.models.eagle3_io import init_draft, load_draft, save_draft
+from aurora_jax.models.eagle3 import DraftConfig, Eagle3Draft, build_draft_vocab, init_draft
+from aurora_jax.models.eagle3_io import load_draft, save_draft
 from aurora_jax.models.kv_cache import KVCache
 from aurora_jax.models.safetensors_io import SafetensorsFile
 from aurora_jax.models.sharding import state_path

@@ -4,6 +4,8 @@ recompiles nothing."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +27,7 @@ from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.kv_cache import KVCache
 from aurora_jax.models.transformer import forward
 from aurora_jax.sampling import SamplingParams
+from aurora_jax.speculative.draft import catch_up, propose
 
 SPECS = {"chain": dict(mode="chain", depth=4),
          "tree": dict(mode="tree", depth=4, topk=3, num_draft_tokens=9)}
@@ -109,8 +112,7 @@ def test_token_budget_cuts_an_accepted_path(copycat):
 
 def test_trained_checkpoint_greedy_equals_target_only(small_ckpt):
     from aurora_jax.data.tokenizer import Tokenizer
-    from aurora_jax.models.eagle3 import DraftConfig
-    from aurora_jax.models.eagle3_io import init_draft
+    from aurora_jax.models.eagle3 import DraftConfig, init_draft
     from aurora_jax.models.hf_io import load_target
 
     target = load_target(small_ckpt)
@@ -122,12 +124,6 @@ def test_trained_checkpoint_greedy_equals_target_only(small_ckpt):
     for mode in ("chain", "tree"):
         engine = Engine(target, draft, _spec(mode), max_slots=2, max_len=128)
         assert [r.token_ids for r in engine.run([Request(p, 20) for p in prompts]).results] == ref
-
-
-def _plain_forward(target, seq):
-    t = len(seq)
-    return forward(target.graphdef, target.state, jnp.asarray([seq]), jnp.arange(t)[None],
-                   causal_mask(jnp.array([t]), t))
 
 
 @pytest.mark.parametrize("pair", ["copycat", "randoms"])
@@ -277,19 +273,69 @@ def test_draft_swap_recompiles_nothing_and_stays_lossless(randoms, copycat):
                                                             for r in run.results))) > 1
 
 
-def test_traces_hold_what_the_target_computed(randoms):
+@functools.partial(jax.jit, static_argnames="spec")
+def _propose_afresh(tgraph, tstate, dgraph, dstate, tokens_1xR, aux_1xRxAxH, count, root, spec):
+    """The tree the draft proposes from root token `root` after reading the `count` committed
+    rows (tokens x[1..c], target aux features at 0..c-1) into an empty cache in one go:
+    (tokens [N+1], parents [N+1], draft log-probs [N+1])."""
+    model, draft = nnx.merge(tgraph, tstate), nnx.merge(dgraph, dstate)
+    embed = model.embed[...]
+    cache = KVCache.zeros(draft.cfg, 1, 2 * tokens_1xR.shape[1], jnp.float32, num_layers=1)
+    root_lp, root_h, cache, draft_len = catch_up(draft, embed, cache, jnp.zeros((1,), jnp.int32),
+                                                 tokens_1xR, aux_1xRxAxH, count[None])
+    tree, logp = propose(draft, embed, cache, draft_len, root[None], root_lp, root_h, spec)
+    return tree.tokens[0], tree.parent[0], logp[0]
+
+
+def _padded_forward(target, seqs, rows, width=64):
+    """(aux [rows, width, A, H], final hidden [rows, width, H]) of plain causal forwards over
+    the token lists `seqs` (at most `rows`), right-padded: one compiled shape for all calls."""
+    tokens = np.zeros((rows, width), np.int32)
+    lengths = np.ones(rows, np.int32)
+    for i, seq in enumerate(seqs):
+        tokens[i, : len(seq)], lengths[i] = seq, len(seq)
+    _, aux, hidden, _ = _jit_forward(target.graphdef, target.state, jnp.asarray(tokens),
+                                     jnp.broadcast_to(jnp.arange(width), (rows, width)),
+                                     causal_mask(jnp.asarray(lengths), width))
+    return np.asarray(aux), np.asarray(hidden)
+
+
+def _node_contexts(seq, c, tree_tokens, tree_parent):
+    """For each tree node: the committed tokens before the root (position c), then the path
+    from the root to the node."""
+    out = []
+    for i in range(len(tree_tokens)):
+        path, j = [], i
+        while j >= 0:
+            path.append(int(tree_tokens[j]))
+            j = int(tree_parent[j])
+            assert len(path) <= len(tree_tokens), "the parent links do not reach the root"
+        out.append(list(seq[:c]) + path[::-1])
+    return out
+
+
+@pytest.mark.parametrize("pair,mode", [("randoms", "tree"), ("noisy", "chain")])
+def test_traces_hold_what_the_target_computed(pair, mode, request):
     """Every committed token appears in a trace, and the aux features recorded along accepted
-    paths equal the target's features from a plain forward over the final sequence."""
+    paths equal the target's features from a plain forward over the final sequence. At every
+    tree node, accepted or not, the recorded aux and final hidden states equal a plain target
+    forward over the node's own context (the committed prefix and the node's path from the
+    root), and the recorded tree (tokens, parents) and draft log-probs are the ones `propose`
+    gives after reading the committed prefix afresh. The noisy pair (a draft right on most
+    tokens, a target whose attention matters) has long accepted paths and rejections; its
+    chains avoid the draft head's exact ties that a tree's lower-ranked children would hit."""
     from aurora_jax.engine.trace import PrefillTrace, VerifyTrace
 
-    target, draft = randoms
+    target, draft = request.getfixturevalue(pair)[:2]
+    spec = _spec(mode)
     got = []
-    engine = Engine(target, draft, _spec("tree"), max_slots=2, max_len=64, trace_sink=got.append)
+    engine = Engine(target, draft, spec, max_slots=2, max_len=64, trace_sink=got.append)
     prompts = _prompts([5, 9, 4], 40, seed=8)
     run = engine.run([Request(p, 16, id=f"r{i}") for i, p in enumerate(prompts)])
     engine.traces.flush()
     assert engine.traces.dropped == 0
     rows = [r for t in got if isinstance(t, VerifyTrace) for r in t.rows()]
+    n1, width = spec.nodes + 1, 64
     for i, res in enumerate(run.results):
         (pre,) = [t for t in got if isinstance(t, PrefillTrace) and t.request_id == res.id]
         mine = [r for r in rows if r.request_id == res.id]
@@ -297,16 +343,41 @@ def test_traces_hold_what_the_target_computed(randoms):
         committed = [pre.first] + [int(x) for r in mine for x in r.committed]
         assert committed[: len(res.token_ids)] == res.token_ids
         seq = prompts[i] + res.token_ids
-        _, aux, _, _ = _plain_forward(target, seq)
-        np.testing.assert_allclose(pre.aux, np.asarray(aux[0, : len(prompts[i])]), atol=1e-4)
+        aux, hidden = _padded_forward(target, [seq], n1, width)
+        np.testing.assert_allclose(pre.aux, aux[0, : len(prompts[i])], atol=1e-4)
+        np.testing.assert_allclose(pre.hidden, hidden[0, : len(prompts[i])], atol=1e-4,
+                                   rtol=1e-4)
         pos = len(prompts[i])  # position of the first root
         for r in mine:
+            c = pos  # this step's root position
+            assert r.tree_tokens[0] == seq[c]
             for slot in r.path[: r.num_accepted + 1]:
                 if pos < len(seq):
-                    np.testing.assert_allclose(r.aux[slot], np.asarray(aux[0, pos]), atol=1e-4,
+                    np.testing.assert_allclose(r.aux[slot], aux[0, pos], atol=1e-4,
                                                rtol=1e-4)
                 pos += 1
+            # Every node against a plain forward over its own context.
+            ctx = _node_contexts(seq, c, r.tree_tokens, r.tree_parent)
+            n_aux, n_hidden = _padded_forward(target, ctx, n1, width)
+            last = np.arange(n1), np.array([len(x) for x in ctx]) - 1
+            np.testing.assert_allclose(r.hidden, n_hidden[last], atol=1e-4, rtol=1e-4)
+            np.testing.assert_allclose(r.aux, n_aux[last], atol=1e-4, rtol=1e-4)
+            # The tree and its draft log-probs against `propose` from the committed prefix.
+            rows_tok = np.zeros((1, width), np.int32)
+            rows_tok[0, :c] = seq[1: c + 1]
+            rows_aux = np.zeros((1, width, *aux.shape[2:]), np.float32)
+            rows_aux[0, :c] = aux[0, :c]
+            tokens, parent, logp = _propose_afresh(
+                target.graphdef, target.state, draft.graphdef, draft.state,
+                jnp.asarray(rows_tok), jnp.asarray(rows_aux), jnp.int32(c), jnp.int32(seq[c]),
+                spec)
+            np.testing.assert_array_equal(r.tree_tokens, np.asarray(tokens))
+            np.testing.assert_array_equal(r.tree_parent, np.asarray(parent))
+            np.testing.assert_allclose(r.draft_logp, np.asarray(logp), atol=1e-4, rtol=1e-4)
         assert mine[0].tree_tokens[0] == pre.first  # the first root is the prefill's token
+    accepted = [r.num_accepted for r in rows]
+    if pair == "noisy":  # whole paths accepted, and rejections (nodes off the committed path)
+        assert max(accepted) == spec.depth and min(accepted) < spec.depth
 
 
 def test_target_only_mode_equals_reference(randoms):
@@ -335,8 +406,7 @@ def test_jit_is_not_rebuilt_per_step(randoms):
 
 def test_bad_input_is_refused_with_a_clear_error(randoms):
     from aurora_jax.errors import CheckpointError, ConfigError, PromptError
-    from aurora_jax.models.eagle3 import DraftConfig
-    from aurora_jax.models.eagle3_io import init_draft
+    from aurora_jax.models.eagle3 import DraftConfig, init_draft
 
     target, draft = randoms
     other = init_draft(DraftConfig.for_target(tiny_cfg(hidden=32)))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 from spec_models import random_pair, tiny_cfg
 
 from aurora_jax.engine.engine import Engine, Request
 from aurora_jax.engine.target_only import TargetGenerator
-from aurora_jax.learn.buffer import Sequence, TraceAssembler, TraceBuffer
+from aurora_jax.learn.buffer import TraceAssembler, TraceBuffer, TracedSequence
 from aurora_jax.learn.learner import Learner
 from aurora_jax.learn.losses import LossConfig
 from aurora_jax.speculative.config import SpecConfig
@@ -83,9 +84,9 @@ def test_online_swaps_keep_serving_lossless(pair):
     assert engine.draft_version == 10
 
 
-def _seq(nbytes_tokens: int, version=0) -> Sequence:
+def _seq(nbytes_tokens: int, version=0) -> TracedSequence:
     n = nbytes_tokens // 4
-    return Sequence(0, None, version, np.zeros(n, np.int32), np.zeros((n, 3, 0), np.float32),
+    return TracedSequence(0, None, version, np.zeros(n, np.int32), np.zeros((n, 3, 0), np.float32),
                     np.zeros((n, 0), np.float32), [])
 
 
@@ -116,7 +117,7 @@ def test_buffer_holds_out_the_newest_sequences():
     them."""
     buffer = TraceBuffer(seed=1)
     for i in range(10):
-        buffer.add(Sequence(i, None, 0, np.full(6, i, np.int32),
+        buffer.add(TracedSequence(i, None, 0, np.full(6, i, np.int32),
                             np.zeros((6, 3, 2), np.float32), np.zeros((6, 2), np.float32), []))
     train = buffer.batch(64, 4, 1, 3, recent=3)
     held = buffer.batch(64, 4, 1, 3, recent=3, held_out=True)
@@ -162,6 +163,105 @@ def test_online_learner_thread_publishes_while_serving(pair, policy):
         assert online.published >= 1
         late = {v for r in run.results[12:] for v in r.draft_versions}
         assert max(late) >= 1  # requests after the swap were drafted by a published draft
+
+
+@pytest.fixture(scope="module")
+def copycat_engine():
+    """A copycat target (greedy successor a fixed map of the token) served by a tracing
+    engine, with its exact draft and a random one (`useless`) of the same structure. The
+    engine's traces go to `buffer` (sequences) and `steps` (every step's VerifyTrace). Tests
+    set the serving draft they need first."""
+    import dataclasses
+
+    from spec_models import copycat_pair, swap_state
+
+    target, exact, _ = copycat_pair(tiny_cfg(eos=()), eos_sources=0)
+    useless = dataclasses.replace(exact, state=swap_state(exact, seed=3))
+    buffer, steps = TraceBuffer(), []
+    assemble = TraceAssembler(buffer.add)
+
+    def sink(trace):
+        steps.append(trace)
+        assemble(trace)
+
+    engine = Engine(target, exact, SPEC, max_slots=2, max_len=64, trace_sink=sink)
+    return dict(target=target, exact=exact, useless=useless, engine=engine, buffer=buffer,
+                steps=steps)
+
+
+def test_a_swap_mid_stream_changes_what_is_served(copycat_engine):
+    """A random draft serves first; after two requests finish, the exact draft is swapped in
+    while others are in flight. Every step drafted by the random draft accepts about nothing
+    (tau near 1), every step drafted by the exact one accepts a whole path (tau = depth + 1),
+    so the version labels are the drafts that really served; the output stays the target's."""
+    from aurora_jax.engine.trace import VerifyTrace
+
+    c = copycat_engine
+    engine, target = c["engine"], c["target"]
+    engine.set_draft(c["useless"].state, version=0)
+    prompts = _prompts(6, seed=7)
+    finished = []
+
+    def swap_after_two(_result):
+        finished.append(1)
+        if len(finished) == 2:
+            engine.set_draft(c["exact"].state)  # version 1
+
+    c["steps"].clear()
+    run = engine.run([Request(p, 21) for p in prompts], on_result=swap_after_two)
+    engine.traces.flush()
+    ref = TargetGenerator(target, eos_ids=()).generate(prompts, 21)
+    assert [r.token_ids for r in run.results] == [t.token_ids for t in ref.completions]
+    accepted = {0: [], 1: []}  # per draft version, every active slot-step's accepted count
+    for t in c["steps"]:
+        if isinstance(t, VerifyTrace):
+            accepted[t.draft_version] += np.asarray(t.accepted)[np.asarray(t.active)].tolist()
+    print(f"steps per version: {len(accepted[0])}, {len(accepted[1])}; tau "
+          f"{1 + np.mean(accepted[0]):.2f}, {1 + np.mean(accepted[1]):.2f}")
+    assert len(accepted[0]) >= 20 and len(accepted[1]) >= 10
+    assert 1 + np.mean(accepted[0]) < 1.5
+    assert set(accepted[1]) == {SPEC.depth}
+    # Per request: those served by one version only show the same.
+    by_version = {v: [r.acceptance_length for r in run.results if r.draft_versions == {v}]
+                  for v in (0, 1)}
+    assert by_version[0] and max(by_version[0]) < 2.0
+    assert by_version[1] and set(by_version[1]) == {SPEC.depth + 1}
+
+
+def test_better_policy_rejects_a_worse_draft_and_publishes_a_better_one(copycat_engine):
+    """Policy "better" on drafts whose ranking is known, scored on the same held-out traffic:
+    serving the exact draft, a random candidate is rejected and the engine keeps serving the
+    exact draft; serving the random draft, the exact candidate is published. A comparison
+    turned the wrong way, or a policy that always (or never) publishes, fails one of the
+    two."""
+    from aurora_jax.learn.online import EnginePublisher, OnlineConfig, OnlineLearner
+
+    c = copycat_engine
+    engine = c["engine"]
+    engine.set_draft(c["exact"].state, version=0)
+    engine.run([Request(p, 24) for p in _prompts(4, seed=6)])  # traffic to score on
+    engine.traces.flush()
+    cfg = OnlineConfig(batch_size=4, seq_len=32, trees_per_seq=4, min_sequences=3, holdout=2,
+                       every_steps=1, policy="better")
+    loss = LossConfig(ttt_steps=2, tree_depth=4)
+    for serving, candidate, better in (("exact", "useless", False), ("useless", "exact", True)):
+        engine.set_draft(c[serving].state, version=0)
+        learner = Learner(c[candidate], c["target"], loss)
+        online = OnlineLearner(learner, c["buffer"], EnginePublisher(engine), SPEC.nodes + 1,
+                               cfg)
+        assert online.ready()
+        online._maybe_publish()  # the attempt train_step makes every `every_steps` steps
+        assert (online.published, online.rejected) == ((1, 0) if better else (0, 1))
+        assert engine.draft_version == int(better)
+        if better:
+            served = jax.tree.leaves(engine.draft_state)
+            assert all(np.array_equal(a, b)
+                       for a, b in zip(served, jax.tree.leaves(learner.publish()), strict=True))
+        else:
+            assert engine.draft_state is c["exact"].state
+        # Either way the exact draft serves next: every step accepts a whole path.
+        assert engine.run([Request(p, 21) for p in _prompts(2, seed=8)]).acceptance_length \
+            == SPEC.depth + 1
 
 
 def test_failing_learner_leaves_the_engine_serving_its_last_draft(pair):
@@ -263,7 +363,7 @@ def test_a_batch_drawn_with_another_generator_leaves_the_training_order_alone():
     them does not change which batches the learner trains on."""
     def seq(i):
         n = 6
-        return Sequence(i, None, 0, np.arange(i, i + n, dtype=np.int32),
+        return TracedSequence(i, None, 0, np.arange(i, i + n, dtype=np.int32),
                         np.zeros((n, 3, 4), np.float32), np.zeros((n, 4), np.float32), [])
 
     a, b = TraceBuffer(seed=3), TraceBuffer(seed=3)

@@ -15,8 +15,7 @@ from test_tree_accept import random_tree
 
 from aurora_jax.errors import ConfigError
 from aurora_jax.learn.losses import LearnBatch, LossConfig, draft_loss, ttt_loss
-from aurora_jax.models.eagle3 import DraftConfig
-from aurora_jax.models.eagle3_io import init_draft
+from aurora_jax.models.eagle3 import DraftConfig, init_draft
 from aurora_jax.models.kv_cache import KVCache
 from aurora_jax.models.transformer import init_random
 
@@ -90,6 +89,15 @@ def _kl_term(target, d, logits_q, target_h):
     return float(np.sum(np.where(pd > 0, pd * (np.log(np.maximum(pd, 1e-30)) - logq), 0.0)))
 
 
+def _tv_term(target, d, logits_q, target_h):
+    """Total variation by hand: 1 - sum over the draft vocabulary of min(p, q), with p the
+    full target distribution (not renormalised) and q the draft's, in float64."""
+    p = np.asarray(jax.nn.softmax(target.logits(target_h)), np.float64)
+    q = np.asarray(jax.nn.softmax(logits_q), np.float64)
+    ids = np.arange(d.cfg.draft_vocab_size) + np.asarray(d.d2t[...])
+    return 1.0 - float(np.sum(np.minimum(p[ids], q)))
+
+
 def _reference(target, draft, batch, cfg: LossConfig):
     """(TTT term, one record per rejected node: depth, whether it is a frontier node, the
     draft's logits at the node and at its parent, its token, the target hidden at the node
@@ -110,6 +118,7 @@ def _reference(target, draft, batch, cfg: LossConfig):
         return cache, outs
 
     per_step = [[] for _ in range(cfg.ttt_steps)]
+    tv_step = [[] for _ in range(cfg.ttt_steps)]  # every row, in vocabulary or not
     for b in range(B):
         n = LENGTHS[b]
         for j in range(n - 1):
@@ -124,7 +133,10 @@ def _reference(target, draft, batch, cfg: LossConfig):
                 term = _kl_term(target, d, logits, jnp.asarray(th[b, j + k]))
                 if term is not None:
                     per_step[k - 1].append(term)
-    ttt = sum(cfg.step_weight ** k * np.mean(v) for k, v in enumerate(per_step) if v)
+                tv_step[k - 1].append(_tv_term(target, d, logits, jnp.asarray(th[b, j + k])))
+    ttt = sum(cfg.step_weight ** k * ((np.mean(v) if v else 0.0)
+                                      + cfg.tv_weight * (np.mean(tv) if tv else 0.0))
+              for k, (v, tv) in enumerate(zip(per_step, tv_step, strict=True)))
 
     nodes = []
     tt, tp = np.asarray(batch.tree_tokens), np.asarray(batch.tree_parent)
@@ -326,7 +338,9 @@ def test_loss_config_refuses_unknown_variants():
         LossConfig(discard_nodes="some")
 
 
-def test_lambda_zero_is_the_plain_eagle3_loss(setup):
+def test_lambda_zero_is_the_plain_eagle3_loss(setup, reference):
+    """With lambda_discard = 0 the whole loss is the TTT term, and that term equals the loop
+    reference's (each chain unrolled row by row against a KV cache)."""
     target, draft, batch = setup
     cfg = LossConfig(ttt_steps=3, lambda_discard=0.0, discard="kl", discard_nodes="all")
     loss, metrics = jax.jit(lambda b: _loss(target, draft, b, cfg))(batch)
@@ -334,7 +348,50 @@ def test_lambda_zero_is_the_plain_eagle3_loss(setup):
     with_discard = dataclasses.replace(cfg, lambda_discard=1.0)
     full, _ = jax.jit(lambda b: _loss(target, draft, b, with_discard))(batch)
     np.testing.assert_allclose(float(loss), float(metrics["ttt_loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(loss), reference[0], rtol=1e-4)
     assert float(full) > float(loss)
+
+
+def test_total_variation_is_one_minus_the_overlap_by_hand():
+    """TV on a case worked by hand: target p over 5 tokens, a draft vocabulary of target ids
+    {1, 3, 4} with q = (0.5, 0.2, 0.3): overlap min(.4,.5) + min(.3,.2) + min(0,.3) = 0.6,
+    so TV = 0.4 (the target's mass outside the draft vocabulary counts as disagreement)."""
+    from aurora_jax.learn.divergence import total_variation
+
+    p = jnp.array([0.1, 0.4, 0.2, 0.3, 0.0])
+    d2t = jnp.array([1, 2, 2])  # draft id i is target id i + d2t[i]: 1, 3, 4
+    q = jnp.array([0.5, 0.2, 0.3])
+    np.testing.assert_allclose(float(total_variation(p, q, d2t)), 0.4, rtol=1e-5)
+    np.testing.assert_allclose(float(total_variation(p, p[jnp.array([1, 3, 4])], d2t)),
+                               0.3, rtol=1e-5)  # q = p on the vocabulary: the mass outside
+
+
+def test_tv_weight_adds_the_total_variation_of_every_ttt_step(setup):
+    """tv_weight > 0 adds, at each TTT step with its step weight, the mean over the committed
+    rows of 1 - sum min(p, q) computed by hand from the loop reference's draft logits."""
+    target, draft, batch = setup
+    cfg = LossConfig(ttt_steps=3, tv_weight=0.5)
+    loss, metrics = jax.jit(lambda b: _loss(target, draft, b, cfg))(batch)
+    want, _ = _reference(target, draft, batch, cfg)
+    plain, _ = _reference(target, draft, batch, dataclasses.replace(cfg, tv_weight=0.0))
+    assert want - plain > 0.05  # the TV term is really there
+    np.testing.assert_allclose(float(metrics["ttt_loss"]), want, rtol=1e-4)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-4)
+
+
+def test_nodes_deeper_than_tree_depth_are_left_out(setup, reference):
+    """The all-nodes term reaches nodes down to `tree_depth` (one draft pass per depth): on
+    trees deeper than that, the deeper rejected nodes are neither counted nor averaged over,
+    and the term over the rest equals the loop reference."""
+    target, draft, batch = setup
+    nodes = reference[1]
+    cfg = LossConfig(ttt_steps=3, lambda_discard=1.0, tree_depth=2, discard="kl",
+                     discard_nodes="all")
+    assert any(x["depth"] > cfg.tree_depth for x in nodes)  # the cut matters
+    _, metrics = jax.jit(lambda b: _loss(target, draft, b, cfg))(batch)
+    assert float(metrics["rejected_nodes"]) == sum(x["depth"] <= 2 for x in nodes)
+    np.testing.assert_allclose(float(metrics["discard_loss"]),
+                               _reference_discard(target, draft, nodes, cfg), rtol=1e-4)
 
 
 def test_discard_gradient_comes_only_from_rejected_nodes(setup):

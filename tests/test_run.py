@@ -25,12 +25,37 @@ def test_default_yaml_is_the_built_in_default():
     assert RunConfig.load(ROOT / "configs" / "default.yaml") == RunConfig()
 
 
-def test_tiny_run_writes_consistent_outputs(small_ckpt, tmp_path):
+def test_learn_and_train_draft_yaml_are_their_defaults():
+    from aurora_jax.config_io import load_config
+    from aurora_jax.learn.offline import OfflineConfig
+    from aurora_jax.learn.remote import LearnJobConfig
+
+    assert load_config(LearnJobConfig, ROOT / "configs" / "learn.yaml") == LearnJobConfig()
+    assert load_config(OfflineConfig, ROOT / "configs" / "train_draft.yaml") == OfflineConfig()
+    got = load_config(LearnJobConfig, None, ["online.every_steps=3", "loss.ttt_steps=2"])
+    assert (got.online.every_steps, got.loss.ttt_steps) == (3, 2)
+
+
+def test_tiny_run_writes_consistent_outputs(small_ckpt, tmp_path, monkeypatch):
+    """Every number the run writes is recomputed from what it served: per request (the
+    generations file against the engine's own counts), per window (acceptance from the
+    window's requests' accepted tokens and steps, tokens/s from its tokens and decode time,
+    the adaptive policy's rates and speedup) and in the summary (the final side-by-side)."""
+    served_runs = []  # (engine, RunResult) of every Engine.run, in call order
+    real_run = Engine.run
+
+    def recording_run(self, *args, **kwargs):
+        result = real_run(self, *args, **kwargs)
+        served_runs.append((self, result))
+        return result
+
+    monkeypatch.setattr(Engine, "run", recording_run)
     out = tmp_path / "run"
     rc = main(["run", "--out", str(out), f"target={small_ckpt}", "scenario.requests=6",
                "scenario.prompt_tokens=16", "scenario.max_new_tokens=8", "window=2",
-               "max_slots=2", "learner.steps_per_window=2", "learner.every_steps=2",
-               "learner.batch_size=2", "learner.seq_len=16", "learner.trees_per_seq=2",
+               "max_slots=2", "learner.steps_per_window=2", "learner.online.every_steps=2",
+               "learner.online.batch_size=2", "learner.online.seq_len=16",
+               "learner.online.trees_per_seq=2",
                "spec.depth=2", "spec.topk=2", "spec.num_draft_tokens=4",
                "adaptive.probe_every=2", "adaptive.alternatives=[{mode: ngram, depth: 2}]"])
     assert rc == 0
@@ -48,9 +73,39 @@ def test_tiny_run_writes_consistent_outputs(small_ckpt, tmp_path):
     tokens = sum(len(g["token_ids"]) for g in gens)
     assert summary["generated_tokens"] == tokens == sum(m["tokens"] for m in metrics)
     assert all(1 <= len(g["token_ids"]) <= 8 for g in gens)
-    assert summary["acceptance_length"] >= 1 and all(m["acceptance_length"] >= 1
-                                                     for m in metrics)
     assert [m["mode"] for m in metrics] == ["spec", "alt1", "off"]  # each measured first
+    # Per request: the generations file holds what the engine served, and its acceptance
+    # length is the request's (accepted + steps) / steps.
+    windows, final_runs = served_runs[:3], served_runs[3:]
+    assert [e.spec.mode for e, _ in windows] == ["tree", "ngram", "off"]
+    counts = {r.id: r for _, run in windows for r in run.results}
+    assert sorted(counts) == list(range(6))
+    for g in gens:
+        r = counts[g["id"]]
+        assert g["token_ids"] == r.token_ids and r.steps >= 1
+        assert g["acceptance_length"] == round((r.accepted + r.steps) / r.steps, 4)
+        assert g["draft_version"] == max(r.draft_versions)
+    # Per window: acceptance recomputed from its requests' counts, tokens/s from its tokens
+    # and decode time; the adaptive monitor's rate for the window's mode is that rate (one
+    # window per mode: nothing to smooth yet), and its speedup is the best speculative rate
+    # over target-only's.
+    for w, m in enumerate(metrics):
+        mine = [counts[g["id"]] for g in gens if g["window"] == w]
+        assert {g["mode"] for g in gens if g["window"] == w} == {m["mode"]} and len(mine) == 2
+        steps = sum(r.steps for r in mine)
+        np.testing.assert_allclose(m["acceptance_length"],
+                                   (sum(r.accepted for r in mine) + steps) / steps, rtol=1e-5)
+        assert m["tokens"] == sum(len(r.token_ids) for r in mine)
+        np.testing.assert_allclose(m["tokens_per_s"], m["tokens"] / m["decode_s"], rtol=1e-5)
+        np.testing.assert_allclose(m["mode_tokens_per_s"][m["mode"]], m["tokens_per_s"],
+                                   rtol=1e-5)
+    assert metrics[2]["acceptance_length"] == 1.0  # target-only accepts no draft token
+    last = metrics[-1]
+    rates = last["mode_tokens_per_s"]
+    best = max(("spec", "alt1"), key=lambda k: rates[k])
+    assert last["best_spec"] == best
+    np.testing.assert_allclose(last["measured_speedup"], rates[best] / rates["off"], rtol=1e-5)
+    assert summary["measured_tokens_per_s"] == rates
     assert summary["speculative_windows"] == 2
     assert set(summary["measured_tokens_per_s"]) == {"spec", "alt1", "off"}
     assert summary["final_window"]["spec_setting"] in ("spec", "alt1")
@@ -68,7 +123,28 @@ def test_tiny_run_writes_consistent_outputs(small_ckpt, tmp_path):
     served = load_draft(out / "draft", target=load_target(small_ckpt).cfg)  # the final draft
     assert summary["draft_dir"] == str(out / "draft") and served.cfg.vocab_size == 512
     assert summary["drafts_published"] == 2
-    assert summary["speedup_vs_target_only"] > 0
+    # The summary's speedup and acceptance: the final window served again twice each way,
+    # target-only and with the best measured setting, alternately.
+    final = summary["final_window"]
+    modes = [e.spec.mode for e, _ in final_runs]
+    spec_mode = {"spec": "tree", "alt1": "ngram"}[final["spec_setting"]]
+    assert final["spec_setting"] == best and modes == ["off", spec_mode] * 2
+
+    def rate(mode):
+        runs = [r for e, r in final_runs if e.spec.mode == mode]
+        return sum(r.generated_tokens for r in runs) / sum(r.decode_s for r in runs)
+
+    np.testing.assert_allclose(final["target_only_tokens_per_s"], rate("off"), rtol=1e-5)
+    np.testing.assert_allclose(final["spec_tokens_per_s"], rate(spec_mode), rtol=1e-5)
+    np.testing.assert_allclose(summary["speedup_vs_target_only"],
+                               rate(spec_mode) / rate("off"), rtol=1e-5)
+    last_spec = final_runs[-1][1].results
+    steps = sum(r.steps for r in last_spec)
+    np.testing.assert_allclose(summary["acceptance_length"],
+                               (sum(r.accepted for r in last_spec) + steps) / steps, rtol=1e-5)
+    assert summary["acceptance_length"] == final["acceptance_length"]
+    assert [r.token_ids for r in final_runs[-1][1].results] == \
+        [r.token_ids for r in final_runs[-2][1].results]  # greedy_outputs_equal, recomputed
 
 
 def test_bad_config_or_scenario_fails_before_anything_runs(small_ckpt, tmp_path, capsys):
@@ -88,6 +164,8 @@ def test_bad_config_or_scenario_fails_before_anything_runs(small_ckpt, tmp_path,
         (["--config", str(typo)], "unknown key 'requets' (did you mean 'requests'?)"),
         (["scenario.domains=[code, poetry]"], "unknown domain(s) ['poetry']"),
         (["learner.lr=0.1"], "unknown key 'lr'"),
+        (["learner.optimizer.learning_rate=fast"], "learning_rate must be float, got 'fast'"),
+        (["learner.optimizer.learning_rate=-1e-3"], "learning_rate must be > 0"),
         (["window"], "expected key=value"),
     ]
     for args, message in cases:

@@ -13,7 +13,7 @@ import transformers
 from aurora_jax.data.scenarios import humaneval_prompts
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.engine.engine import Engine, Request
-from aurora_jax.models.eagle3_io import load_pair
+from aurora_jax.models.loading import load_pair
 from aurora_jax.speculative.config import SpecConfig
 
 MESSAGES = [{"role": "user", "content": "Name three colours of the rainbow."}]

@@ -47,7 +47,7 @@ CHILD = textwrap.dedent("""
         if kv == 2:  # the speculative engine on a dp x tp mesh (draft replicated)
             from aurora_jax.engine.engine import Engine, Request
             from aurora_jax.models.eagle3 import DraftConfig
-            from aurora_jax.models.eagle3_io import init_draft
+            from aurora_jax.models.eagle3 import init_draft
             from aurora_jax.speculative.config import SpecConfig
             draft = init_draft(DraftConfig.for_target(cfg), seed=0, mesh=mesh)
             engine = Engine(sharded, draft, SpecConfig(mode="tree", depth=3, topk=2,

@@ -23,8 +23,7 @@ from aurora_jax.learn.vocab_refresh import (
     entering_rows,
     outside_share,
 )
-from aurora_jax.models.eagle3 import DraftConfig
-from aurora_jax.models.eagle3_io import init_draft
+from aurora_jax.models.eagle3 import DraftConfig, init_draft
 from aurora_jax.speculative.config import SpecConfig
 
 SPEC = SpecConfig(mode="tree", depth=4, topk=3, num_draft_tokens=8)
@@ -150,12 +149,12 @@ def test_staying_rows_keep_weights_and_moments(traffic):
 def test_a_late_listener_counts_every_held_sequence_once():
     """A learner that starts after traces arrived (a learner process following a store)
     still counts what the buffer holds, and nothing twice."""
-    from aurora_jax.learn.buffer import Sequence, TraceBuffer
+    from aurora_jax.learn.buffer import TraceBuffer, TracedSequence
     from aurora_jax.learn.vocab_refresh import TokenCounts
 
     def seq(tokens):
         n = len(tokens)
-        return Sequence("r", None, 0, np.asarray(tokens, np.int32),
+        return TracedSequence("r", None, 0, np.asarray(tokens, np.int32),
                         np.zeros((n, 3, 4), np.float32), np.zeros((n, 4), np.float32), [])
 
     buffer = TraceBuffer()

@@ -29,6 +29,30 @@ def read_jsonl(path: str | Path, what: str) -> list[tuple[int, object]]:
     return out
 
 
+def read_prompts_file(path: str | Path, what: str = "prompts file", *,
+                      need_domain: bool = False) -> list[dict]:
+    """JSONL, one object per line with a "prompt" string or chat "messages" and optional "id"
+    and "domain" (required with `need_domain`); a bad line is reported with its number
+    before anything runs. Items: {"id", "domain", "prompt", "messages", "line"}."""
+    out: list[dict] = []
+    for n, obj in read_jsonl(path, what):
+        if not isinstance(obj, dict) or (isinstance(obj.get("prompt"), str)
+                                         == isinstance(obj.get("messages"), list)):
+            raise ConfigError(f'{path}:{n}: expected an object with a "prompt" string or a '
+                              '"messages" list (one of them)')
+        unknown = set(obj) - {"prompt", "messages", "id", "domain"}
+        if unknown:
+            raise ConfigError(f"{path}:{n}: unknown field(s) {sorted(unknown)} "
+                              '(allowed: "prompt", "messages", "id", "domain")')
+        if need_domain and not isinstance(obj.get("domain"), str):
+            raise ConfigError(f'{path}:{n}: expected a "domain" string')
+        out.append({"id": obj.get("id", len(out)), "domain": obj.get("domain"),
+                    "prompt": obj.get("prompt"), "messages": obj.get("messages"), "line": n})
+    if not out:
+        raise ConfigError(f"{path}: no prompts")
+    return out
+
+
 def _held_out_names(model_dir: Path) -> list[str]:
     """The stdlib files a checkpoint's held_out_files.json says it never trained on."""
     held = Path(model_dir) / "held_out_files.json"
@@ -63,7 +87,8 @@ def stdlib_traffic_prompts(model_dir: Path, tok: Tokenizer, n: int, length: int,
     stdlib = stdlib_root()
     files = [p for p in sorted(stdlib.glob("*.py")) if p.name not in held_out]
     rng = np.random.default_rng(seed)
-    out, tries = [], 0
+    out: list[list[int]] = []
+    tries = 0
     while len(out) < n and tries < 50 * n:
         tries += 1
         lines = files[rng.integers(len(files))].read_text(errors="replace").splitlines(True)

@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 
 from aurora_jax.data.corpus import held_out_code_files, held_out_prose_topics, prose_topics
-from aurora_jax.data.prompts import read_jsonl
+from aurora_jax.data.prompts import read_prompts_file
 from aurora_jax.errors import ConfigError
 
 BUILTIN_DOMAINS = ("code", "prose")
@@ -116,12 +116,11 @@ def builtin_texts(domain: str) -> list[str]:
 def read_scenario_file(path: str) -> dict[str, list[str]]:
     """Prompts by domain from a JSONL file; a bad line is reported with its number."""
     out: dict[str, list[str]] = {}
-    for n, obj in read_jsonl(path, "scenario file"):
-        if (not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str)
-                or not isinstance(obj.get("domain"), str)):
-            raise ConfigError(f'{path}:{n}: expected an object with "prompt" and "domain" '
-                              "strings")
-        out.setdefault(obj["domain"], []).append(obj["prompt"])
+    for item in read_prompts_file(path, "scenario file", need_domain=True):
+        if item["prompt"] is None:
+            raise ConfigError(f'{path}:{item["line"]}: a scenario prompt is a "prompt" string '
+                              '(chat domains are set by scenario.chat_domains)')
+        out.setdefault(item["domain"], []).append(item["prompt"])
     return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from aurora_jax.errors import CheckpointError, PromptError
 
@@ -109,16 +110,16 @@ class Tokenizer:
         import sentencepiece as spm
 
         try:
-            backend = spm.SentencePieceProcessor(model_file=str(path))
+            sp = spm.SentencePieceProcessor(model_file=str(path))
         except Exception as e:
             raise CheckpointError(f"{path}: cannot load SentencePiece model ({e})") from e
 
         def opt(i):
             return None if i < 0 else i
 
-        eos = opt(backend.eos_id())
-        return cls(backend, "sp", opt(backend.bos_id()), (eos,) if eos is not None else (),
-                   opt(backend.pad_id()), add_bos=True, chat_template=special["chat_template"])
+        eos = opt(sp.eos_id())
+        return cls(sp, "sp", opt(sp.bos_id()), (eos,) if eos is not None else (),
+                   opt(sp.pad_id()), add_bos=True, chat_template=special["chat_template"])
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
@@ -156,7 +157,8 @@ def render_chat(template: str, messages: list[dict], bos: str = "", eos: str = "
 
 def _special_tokens(d: Path) -> dict:
     """Special token strings from tokenizer_config.json, ids from config.json as fallback."""
-    out = {"bos": None, "eos": None, "pad": None, "bos_id": None, "eos_ids": (), "pad_id": None,
+    out: dict[str, Any] = {"bos": None, "eos": None, "pad": None, "bos_id": None, "eos_ids": (),
+                           "pad_id": None,
            "chat_template": None}
     tc = d / "tokenizer_config.json"
     if tc.is_file():

@@ -81,7 +81,7 @@ class UtilityMonitor:
         """The fastest measured speculative setting (the primary one until any is measured)."""
         rates = self.rates(load)
         measured = [m for m in self.modes[:-1] if rates[m] is not None]
-        return max(measured, key=rates.get) if measured else self.modes[0]
+        return max(measured, key=lambda m: rates[m] or 0.0) if measured else self.modes[0]
 
     def speedup(self, load: int = 1) -> float | None:
         """Measured tokens/s of the best speculative setting over target-only (None until

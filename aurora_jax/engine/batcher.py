@@ -31,6 +31,12 @@ if TYPE_CHECKING:
     from aurora_jax.engine.engine import Engine
 
 
+def acceptance_length(accepted: int, steps: int) -> float | None:
+    """Tokens committed per verification step, bonus included (tau >= 1): (accepted draft
+    tokens + one bonus token per step) / steps; None before the first step."""
+    return (accepted + steps) / steps if steps else None
+
+
 @dataclasses.dataclass
 class Request:
     prompt: list[int]
@@ -62,7 +68,7 @@ class RequestResult:
     @property
     def acceptance_length(self) -> float | None:
         """Tokens committed per verification step, bonus included (tau >= 1)."""
-        return (self.accepted + self.steps) / self.steps if self.steps else None
+        return acceptance_length(self.accepted, self.steps)
 
     @property
     def target_forwards(self) -> int:
@@ -119,7 +125,7 @@ class Batcher:
         if self.busy:
             self.state, out = self.engine.generate(self.state)
             self.steps += 1
-            if self.engine.traces:
+            if self.engine.traces and out.trace is not None:
                 TraceEmitter.start_copy(out.trace)
             dispatched = _InFlight(out, list(self.slot_request), self.engine.last_step_version)
         if self._in_flight is not None:
@@ -170,15 +176,17 @@ class Batcher:
         tokens, emitted, accepted, active, done = jax.device_get(
             (step.out.tokens, step.out.emitted, step.out.accepted, step.out.active,
              step.out.done))
-        for s in np.nonzero(active)[0]:
-            res = self.results[step.slot_request[s]]
+        for s in map(int, np.nonzero(active)[0]):
+            i = step.slot_request[s]
+            assert i is not None  # an active slot serves a request
+            res = self.results[i]
             res.token_ids.extend(tokens[s, : emitted[s]].tolist())
             res.steps += 1
             res.accepted += int(accepted[s])
             res.draft_versions.add(step.draft_version)
             if done[s]:
                 self.release(s)
-        if self.engine.traces:
+        if self.engine.traces and step.out.trace is not None:
             ids = [None if i is None else self.results[i] for i in step.slot_request]
             self.engine.traces.submit(VerifyTrace(
                 [None if r is None else r.id for r in ids],
@@ -188,6 +196,7 @@ class Batcher:
     def release(self, slot: int) -> None:
         """Frees a slot whose request finished and reports the request."""
         i = self.slot_request[slot]
+        assert i is not None, f"slot {slot} is already free"
         self.slot_request[slot] = None
         res = self.results[i]
         ended = res.token_ids and res.token_ids[-1] in self.engine.eos_set

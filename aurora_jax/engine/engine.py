@@ -22,12 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from aurora_jax.engine import step
-from aurora_jax.engine.batcher import Batcher, Request, RequestResult
+from aurora_jax.engine.batcher import Batcher, Request, RequestResult, acceptance_length
 from aurora_jax.engine.trace import TraceEmitter
 from aurora_jax.errors import ConfigError, PromptError
-from aurora_jax.models.eagle3_io import Draft, check_fits, same_layout
-from aurora_jax.models.hf_io import Target
+from aurora_jax.models.eagle3 import Draft, check_fits, same_layout
 from aurora_jax.models.sharding import cache_sharding
+from aurora_jax.models.transformer import Target
 from aurora_jax.sampling import SamplingParams, SamplingRows
 from aurora_jax.speculative.config import SpecConfig
 
@@ -51,8 +51,8 @@ class RunResult:
 
     @property
     def acceptance_length(self) -> float | None:
-        steps = sum(r.steps for r in self.results)
-        return (sum(r.accepted for r in self.results) + steps) / steps if steps else None
+        return acceptance_length(sum(r.accepted for r in self.results),
+                                 sum(r.steps for r in self.results))
 
 
 def _bucket(n: int, minimum: int) -> int:
@@ -91,7 +91,7 @@ class Engine:
         self._prefills = 0
         self._recent: dict | None = None  # n-gram references kept from the last run
         tracing = trace_sink is not None
-        self.traces = TraceEmitter(trace_sink) if tracing else None
+        self.traces = TraceEmitter(trace_sink) if trace_sink is not None else None
         self._init = jax.jit(step.init_state, static_argnums=tuple(range(8)))
         self._prefill = jax.jit(functools.partial(step.prefill, trace=tracing))
         self._insert = jax.jit(step.insert, donate_argnums=(1,))
@@ -179,7 +179,8 @@ class Engine:
         n-gram references of the last run carry over into it."""
         state = self.init_decode_state()
         if self._recent is not None:
-            state, self._recent = state.replace(**self._recent), None  # (steps donate them)
+            # (steps donate them)
+            state, self._recent = dataclasses.replace(state, **self._recent), None
         return Batcher(self, state, on_result)
 
     def keep_recent(self, state: step.DecodeState) -> None:

@@ -24,6 +24,8 @@ One step (SpecInfer, Miao et al. 2024; EAGLE-2/3, Li et al. 2024/2025):
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -157,7 +159,8 @@ def insert(prefix: Prefix, state: DecodeState, slots_b, max_new_b, sampling: Sam
     width = min(t + 1, state.history.shape[1])  # the prompt, then the first token
     history = jnp.pad(prefix.tokens, ((0, 0), (0, 1)))[:, :width]
     history = history.at[jnp.arange(b), prefix.lengths].set(prefix.first, mode="drop")
-    return state.replace(
+    return dataclasses.replace(
+        state,
         history=state.history.at[slots_b, :width].set(history, mode="drop"),
         cache=put_cache(state.cache, prefix.cache),
         draft_cache=put_cache(state.draft_cache, prefix.draft_cache),
@@ -246,7 +249,8 @@ def generate(tgraph, tstate, dgraph, dstate, state: DecodeState, eos_E, *, spec:
     recent = (state.recent, state.recent_len, state.recent_next)
     if state.recent.shape[0]:  # finished sequences join the n-gram references
         recent = archive(*recent, history, state.cache_len + 1 + emitted, done)
-    new_state = state.replace(
+    new_state = dataclasses.replace(
+        state,
         history=history, recent=recent[0], recent_len=recent[1], recent_next=recent[2],
         cache=cache, cache_len=keep(state.cache_len + n_acc + 1, state.cache_len),
         root=keep(bonus, state.root), draft_cache=draft_cache,

@@ -1,8 +1,13 @@
-"""Target-only generation: prefill a padded batch, then decode on device until done.
+"""The reference decoder: plain target-only generation, written apart from the engine.
+
+It is the test oracle. It shares the model and the sampling functions with the engine but
+none of its prefill, cache-slot, insert or step code, so the engine's greedy output (target
+only, speculative, under hot swaps) is checked against it token for token. Serving goes
+through the engine (engine/engine.py) even without a draft (`SpecConfig(mode="off")`);
+scripts/bench_target.py times this bare loop against transformers.
 
 The whole decode loop is one `lax.while_loop` inside one jitted function, so a batch of
-requests costs one host round trip, not one per token. It is the baseline the speculative
-engine is measured against and the reference its greedy output must equal token for token.
+requests costs one host round trip, not one per token.
 Shapes are bucketed (prompt length to a power of two, cache to a multiple of 64) so that
 similar requests reuse one compiled program.
 """
@@ -20,9 +25,9 @@ from flax import nnx
 
 from aurora_jax.errors import PromptError
 from aurora_jax.models.attention import causal_mask
-from aurora_jax.models.hf_io import Target
 from aurora_jax.models.kv_cache import KVCache
 from aurora_jax.models.sharding import cache_sharding
+from aurora_jax.models.transformer import Target
 from aurora_jax.sampling import SamplingParams, SamplingRows, sample
 
 
@@ -100,7 +105,7 @@ class TargetGenerator:
         self.target = target
         eos = target.cfg.eos_token_ids if eos_ids is None else eos_ids
         self.eos = np.array(list(eos) or [-1], np.int32)
-        self._compiled: dict[tuple, object] = {}
+        self._compiled: dict[tuple, jax.stages.Compiled] = {}
 
     def check_prompt(self, prompt_ids: list[int], max_new_tokens: int) -> None:
         limit = self.target.cfg.max_position_embeddings

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class VerifyRecord:
     """One verification step of one sequence. N+1 tree slots (slot 0 the root, the last
-    committed token); D+1 path entries (-1 past the accepted length)."""
+    committed token); R = max depth + 1 path entries (-1 past the accepted length)."""
 
     request_id: object
     domain: str | None
@@ -35,7 +35,7 @@ class VerifyRecord:
     tree_tokens: np.ndarray  # [N+1] target-vocabulary ids
     tree_parent: np.ndarray  # [N+1] parent slot, -1 for the root
     draft_logp: np.ndarray  # [N+1] draft log-prob of each node's token given its parent
-    path: np.ndarray  # [D+1] accepted slots, root first
+    path: np.ndarray  # [R] accepted slots, root first
     num_accepted: int  # draft nodes accepted
     committed: np.ndarray  # tokens committed this step (accepted nodes, then the bonus)
     aux: np.ndarray  # [N+1, A, H] target aux hidden states at every node

@@ -1,8 +1,8 @@
 """From engine traces to fixed-shape learner batches.
 
 `TraceAssembler` is an engine trace sink: it stitches a request's prefill trace and its
-verification records into one `Sequence` (committed tokens with the target's features at each
-position, plus every tree the engine verified for it, anchored at its root's position) and
+verification records into one `TracedSequence` (committed tokens with the target's features
+at each position, plus every tree the engine verified for it, anchored at its root's position) and
 hands finished sequences to a `TraceBuffer`. The buffer holds them within a byte budget
 (oldest dropped first, counted), drops sequences drafted by a version older than the staleness
 limit (counted), and cuts random fixed-shape `LearnBatch`es, so the learner's jitted step never
@@ -23,7 +23,10 @@ from aurora_jax.learn.losses import LearnBatch
 
 
 @dataclasses.dataclass
-class Tree:
+class VerifiedTree:
+    """One verified draft tree of a traced sequence, on the host (speculative/tree.Tree is the
+    device-side batch of trees the engine proposes)."""
+
     root_pos: int  # position of the root token in the sequence
     tokens: np.ndarray  # [N+1]
     parent: np.ndarray  # [N+1]
@@ -32,14 +35,17 @@ class Tree:
 
 
 @dataclasses.dataclass
-class Sequence:
+class TracedSequence:
+    """One served request as training data: its committed tokens with the target's features,
+    and every tree the engine verified for it."""
+
     request_id: object
     domain: str | None
     draft_version: int  # the oldest draft version that proposed for it
-    tokens: np.ndarray  # [L] committed tokens that carry features
-    aux: np.ndarray  # [L, A, H]
-    hidden: np.ndarray  # [L, H]
-    trees: list[Tree]
+    tokens: np.ndarray  # [T] committed tokens that carry features
+    aux: np.ndarray  # [T, A, H]
+    hidden: np.ndarray  # [T, H]
+    trees: list[VerifiedTree]
 
     @property
     def nbytes(self) -> int:
@@ -49,7 +55,7 @@ class Sequence:
 
 
 class TraceAssembler:
-    """Engine trace sink that emits one Sequence per finished request to `sink`."""
+    """Engine trace sink that emits one TracedSequence per finished request to `sink`."""
 
     def __init__(self, sink):
         self.sink = sink
@@ -75,7 +81,8 @@ class TraceAssembler:
         path = r.path[: r.num_accepted + 1]
         accepted = np.zeros(len(r.tree_tokens), bool)
         accepted[path] = True
-        seq["trees"].append(Tree(root_pos, r.tree_tokens, r.tree_parent, r.hidden, accepted))
+        seq["trees"].append(VerifiedTree(root_pos, r.tree_tokens, r.tree_parent, r.hidden,
+                                         accepted))
         seq["aux"] += list(r.aux[path])
         seq["hidden"] += list(r.hidden[path])
         seq["tokens"] += [int(t) for t in r.committed]
@@ -89,7 +96,7 @@ class TraceAssembler:
         n = len(seq["aux"])
         if n < 2:
             return
-        self.sink(Sequence(request_id, seq["domain"], seq["version"] or 0,
+        self.sink(TracedSequence(request_id, seq["domain"], seq["version"] or 0,
                            np.asarray(seq["tokens"][:n], np.int32), np.stack(seq["aux"]),
                            np.stack(seq["hidden"]), seq["trees"]))
 
@@ -109,7 +116,7 @@ class TraceBuffer:
         self.max_bytes = max_bytes
         self.max_staleness = max_staleness
         self.stats = BufferStats()
-        self._items: collections.deque[Sequence] = collections.deque()
+        self._items: collections.deque[TracedSequence] = collections.deque()
         self._lock = threading.Lock()
         self._rng = np.random.default_rng(seed)
         self._listeners: list = []
@@ -126,7 +133,7 @@ class TraceBuffer:
     def __len__(self) -> int:
         return len(self._items)
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: TracedSequence) -> None:
         size = seq.nbytes
         with self._lock:
             for fn in self._listeners:
@@ -169,7 +176,7 @@ class TraceBuffer:
         return collate([window(s, seq_len, trees, tree_size, rng) for s in picks])
 
 
-def window(seq: Sequence, seq_len: int, trees: int, tree_size: int,
+def window(seq: TracedSequence, seq_len: int, trees: int, tree_size: int,
            rng: np.random.Generator) -> dict[str, np.ndarray]:
     """One learner example: a random window of `seq_len` positions of `seq` and up to `trees`
     of its trees whose roots fall inside it (those of `tree_size` nodes), zero-padded, masked.

@@ -38,6 +38,8 @@ cost of the draft passes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -100,7 +102,8 @@ def subsample(trees: Trees, valid_BxS, m: int, key) -> Trees:
     inv_prob = jnp.where(n_valid > m, n_valid / m, 1.0).astype(jnp.float32)
     take = lambda x: jnp.take_along_axis(  # noqa: E731
         x, idx.reshape(b, m, *([1] * (x.ndim - 2))), 1)
-    picked = jax.tree.map(take, trees.replace(inv_prob=jnp.ones((b, s), jnp.float32)))
+    picked = jax.tree.map(take, dataclasses.replace(trees,
+                                                    inv_prob=jnp.ones((b, s), jnp.float32)))
     return picked.replace(inv_prob=jnp.broadcast_to(inv_prob, (b, m)))
 
 
@@ -128,7 +131,7 @@ def _all_nodes_pass(draft, embed_VxH, trees: Trees, ttt: TTTWork, cfg):
     positions = (trees.root_row[..., None] + trees.depth).reshape(b, q_rows)
     embeds = embed_VxH[trees.tokens.reshape(b, q_rows)]
     out_h = jnp.broadcast_to(root_h[:, :, None], (b, s, n1, h1.shape[-1]))
-    logits = None
+    logits = jnp.zeros(())  # set by the first pass (tree_depth >= 1)
     for _ in range(cfg.tree_depth):
         parent_h = jnp.take_along_axis(out_h, parent[..., None], 2)
         hidden_in = jnp.where((trees.parent <= 0)[..., None], root_h[:, :, None], parent_h)
@@ -153,7 +156,7 @@ def _frontier_pass(draft, embed_VxH, trees: Trees, ttt: TTTWork):
     b, s, n1 = trees.tokens.shape
     steps, r = len(ttt.keys), ttt.keys[0].shape[1]
     q_rows = s * n1
-    parent_h = _ttt_at_nodes(ttt.hidden, trees.replace(depth=trees.depth - 1))
+    parent_h = _ttt_at_nodes(ttt.hidden, dataclasses.replace(trees, depth=trees.depth - 1))
     rows = jnp.arange(r)[None, None, None]  # [1, 1, 1, R]
     root = trees.root_row[..., None, None]  # [B, S, 1, 1]
     d = trees.depth[..., None]  # [B, S, N1, 1]

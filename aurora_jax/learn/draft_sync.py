@@ -22,9 +22,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from aurora_jax.learn.periodic import Periodic
-from aurora_jax.models.eagle3_io import same_layout
+from aurora_jax.models.eagle3 import same_layout
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class DraftPublisher:
         (or the initial draft)."""
         return self._serving
 
-    def resume(self) -> tuple[int, object] | None:
+    def resume(self) -> tuple[int, nnx.State] | None:
         """(version, state) of the newest restorable version already in the directory, which
         becomes the serving draft; None when there is none."""
         for v in reversed(list_versions(self.directory)):

@@ -21,10 +21,10 @@ import optax
 from flax import nnx
 
 from aurora_jax.learn.losses import LearnBatch, LossConfig, draft_loss
-from aurora_jax.learn.pretrain import OptimizerSettings, make_optimizer
+from aurora_jax.learn.optimizer import OptimizerSettings, make_optimizer
 from aurora_jax.learn.vocab_refresh import VocabChange, remap_learner
-from aurora_jax.models.eagle3_io import Draft
-from aurora_jax.models.hf_io import Target
+from aurora_jax.models.eagle3 import Draft
+from aurora_jax.models.transformer import Target
 
 
 @flax.struct.dataclass
@@ -34,8 +34,7 @@ class LearnerState:
     opt_state: optax.OptState
 
 
-DEFAULT_OPTIMIZER = OptimizerSettings(learning_rate=1e-3, warmup_steps=20, total_steps=100_000,
-                                      min_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0)
+DEFAULT_OPTIMIZER = OptimizerSettings()
 
 
 def target_head(target: Target):

@@ -145,7 +145,12 @@ def ttt_loss(draft, embed_VxH, target_logits_fn, batch: LearnBatch, cfg: LossCon
     pad = lambda x, k: jnp.pad(x[:, k:], ((0, 0), (0, k - 1)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
 
     hidden = draft.project(batch.aux[:, :r])
-    ks, vs, hs, ls, metrics, correct_all = [], [], [], [], {}, []
+    ks: list = []
+    vs: list = []
+    hs: list = []
+    ls: list = []
+    metrics: dict = {}
+    correct_all: list = []
     eye = jnp.eye(r, dtype=bool)[None]
     causal = (pos[None, :] <= pos[:, None])[None] & row_ok[:, None, :]
     total = 0.0

@@ -4,7 +4,7 @@ The target runs over windows of the corpus inside the jitted step to make the sa
 the engine records while serving (aux hidden states and final hidden state at every position),
 and the draft trains on them with the same objective (training-time test; there are no
 rejected tree nodes offline, so the discard term is absent). The loop is the one that trains
-the built-in target (learn/pretrain.fit): a grain pipeline whose position is checkpointed with
+the built-in target (learn/fit.py): a grain pipeline whose position is checkpointed with
 orbax beside the learner state, a progress bar, and resumption from the last checkpoint. The
 result is written in the Hugging Face EAGLE-3 layout, servable here and by SGLang/vLLM.
 """
@@ -23,21 +23,31 @@ from flax import nnx
 from aurora_jax.data.pipeline import pack_documents, training_dataset, windows
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.errors import ConfigError
+from aurora_jax.learn.fit import fit
 from aurora_jax.learn.learner import Learner, learner_step_fn
 from aurora_jax.learn.losses import LearnBatch, LossConfig
-from aurora_jax.learn.pretrain import OptimizerSettings, fit, make_optimizer
+from aurora_jax.learn.optimizer import OptimizerSettings, make_optimizer
 from aurora_jax.models.attention import causal_mask
-from aurora_jax.models.eagle3 import DraftConfig, build_draft_vocab
-from aurora_jax.models.eagle3_io import Draft, init_draft, save_draft
-from aurora_jax.models.hf_io import Target
+from aurora_jax.models.config import DtypeName
+from aurora_jax.models.eagle3 import Draft, DraftConfig, build_draft_vocab, init_draft
+from aurora_jax.models.eagle3_io import save_draft
+from aurora_jax.models.transformer import Target
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
 
 
 @dataclasses.dataclass(frozen=True)
 class OfflineConfig:
-    """An offline draft-training run."""
+    """An offline draft-training run (`aurora-jax train-draft --config YAML key=value ...`)."""
 
+    target: str = "builtin"
+    """The target whose features the draft learns: "builtin", "builtin-scratch", a Hugging
+    Face checkpoint directory or a .gguf file (the command loads it)."""
+    data: str | None = None
+    """The corpus: a text file, a directory of .py/.txt/.md/.rst files, or a JSONL file with
+    a "text" field per line (the command reads it; required there)."""
+    dtype: DtypeName = "float32"
+    """Target and draft parameter dtype."""
     steps: int = 1000
     """Learner steps."""
     batch_size: int = 8
@@ -46,9 +56,9 @@ class OfflineConfig:
     """Tokens per window."""
     learning_rate: float = 1e-3
     """Peak AdamW learning rate (warmup then cosine decay)."""
-    draft_vocab_size: int | None = None
-    """Draft lm_head rows: the most frequent corpus tokens (None, or at least the target's
-    vocabulary size: the whole vocabulary)."""
+    draft_vocab_size: int | None = 8192
+    """Draft lm_head rows: the most frequent corpus tokens, stop tokens included (None, or at
+    least the target's vocabulary size: the whole vocabulary)."""
     ttt_steps: int = 5
     """Training-time-test unroll length."""
     checkpoint_every: int = 200

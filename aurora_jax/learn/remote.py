@@ -27,9 +27,10 @@ from aurora_jax.learn.draft_sync import DraftPublisher, DraftWatcher
 from aurora_jax.learn.learner import DEFAULT_OPTIMIZER, Learner
 from aurora_jax.learn.losses import LossConfig
 from aurora_jax.learn.online import OnlineConfig, OnlineLearner
-from aurora_jax.learn.pretrain import OptimizerSettings
+from aurora_jax.learn.optimizer import OptimizerSettings
 from aurora_jax.learn.trace_store import TraceFollower, TraceStore
-from aurora_jax.models.eagle3_io import Draft
+from aurora_jax.models.config import DtypeName
+from aurora_jax.models.eagle3 import Draft
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,30 @@ def shared_engine(target, draft: Draft, spec, workdir: str | Path, *, poll_s: fl
     watcher = DraftWatcher(engine, drafts, poll_s)
     watcher.poll()  # a learner that already published: start from its newest draft
     return engine, store, watcher.start()
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnJobConfig:
+    """`aurora-jax learn --workdir DIR --config YAML key=value ...`: a learner process that
+    trains on the traces an engine writes to DIR and publishes drafts there."""
+
+    target: str = "builtin"
+    """The engine's target: "builtin", "builtin-scratch", a checkpoint directory or a .gguf."""
+    draft: str = "scratch"
+    """The starting draft, the same the engine starts from: "scratch", "warm" or an EAGLE-3
+    directory; a workdir with published drafts resumes from the newest."""
+    draft_vocab_size: int | None = 8192
+    """A scratch or warm draft's head rows (engine and learner must agree; None: all)."""
+    dtype: DtypeName = "float32"
+    """Parameter dtype."""
+    seed: int = 0
+    """Seeds a scratch draft (the engine's must match)."""
+    online: OnlineConfig = OnlineConfig()
+    """Batches and publications (learn/online.py)."""
+    optimizer: OptimizerSettings = OptimizerSettings()
+    """AdamW and its schedule (learn/optimizer.py)."""
+    loss: LossConfig = LossConfig()
+    """The draft objective (learn/losses.py)."""
 
 
 def run_learner(target, draft: Draft, workdir: str | Path, cfg: OnlineConfig | None = None,

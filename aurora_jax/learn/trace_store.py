@@ -5,11 +5,11 @@ Layout under a store's root (one directory, local or shared):
 
     shard-<time_ns>-<pid>/      one committed shard of n sequences
       meta.json                 format, tree size, per sequence: request id, domain, version
-      tokens [L] int32, aux [L, A, H] f32, hidden [L, H] f32     sequences concatenated
+      tokens [T] int32, aux [T, A, H] f32, hidden [T, H] f32     sequences concatenated
       seq_offsets [n + 1] int64                                  where each sequence starts
-      tree_seq [R] int32, tree_root_pos [R] int32                owner and anchor of each tree
-      tree_tokens, tree_parent [R, N1] int32, tree_accepted [R, N1] bool,
-      tree_hidden [R, N1, H] f32
+      tree_seq [Nt] int32, tree_root_pos [Nt] int32                owner and anchor of each tree
+      tree_tokens, tree_parent [Nt, N1] int32, tree_accepted [Nt, N1] bool,
+      tree_hidden [Nt, N1, H] f32
 
 A shard is written under a `.tmp` name and renamed when complete, so readers (which list only
 committed names) never see half a shard, and a writer killed mid-shard leaves only a `.tmp`
@@ -33,7 +33,7 @@ import grain
 import numpy as np
 import tensorstore as ts
 
-from aurora_jax.learn.buffer import Sequence, Tree, collate_numpy, window
+from aurora_jax.learn.buffer import TracedSequence, VerifiedTree, collate_numpy, window
 from aurora_jax.learn.losses import LearnBatch
 from aurora_jax.learn.periodic import Periodic
 
@@ -63,7 +63,7 @@ def _read_array(path: Path) -> np.ndarray:
     return ts.open(_spec(path), open=True).result().read().result()
 
 
-def write_shard(root: Path, seqs: list[Sequence]) -> Path:
+def write_shard(root: Path, seqs: list[TracedSequence]) -> Path:
     """Write `seqs` as one committed shard under `root`; returns its path."""
     tree_sizes = {len(t.tokens) for s in seqs for t in s.trees}
     if len(tree_sizes) > 1:
@@ -71,7 +71,7 @@ def write_shard(root: Path, seqs: list[Sequence]) -> Path:
     n1 = tree_sizes.pop() if tree_sizes else 0
     h = seqs[0].hidden.shape[1]
     trees = [(i, t) for i, s in enumerate(seqs) for t in s.trees]
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "tokens": np.concatenate([s.tokens for s in seqs]).astype(np.int32),
         "aux": np.concatenate([s.aux for s in seqs]).astype(np.float32),
         "hidden": np.concatenate([s.hidden for s in seqs]).astype(np.float32),
@@ -119,7 +119,7 @@ def read_meta(shard: Path) -> dict:
     return meta
 
 
-def read_shard(shard: Path) -> list[Sequence]:
+def read_shard(shard: Path) -> list[TracedSequence]:
     """All sequences of one shard; a damaged shard raises TraceStoreError naming it."""
     meta = read_meta(shard)
     try:
@@ -130,11 +130,11 @@ def read_shard(shard: Path) -> list[Sequence]:
     off, rows = a["seq_offsets"], meta["sequences"]
     if len(off) != len(rows) + 1 or off[-1] != len(a["tokens"]):
         raise TraceStoreError(f"{shard}: sequence offsets do not match the data")
-    trees: list[list[Tree]] = [[] for _ in rows]
+    trees: list[list[VerifiedTree]] = [[] for _ in rows]
     for r, i in enumerate(a["tree_seq"]):
-        trees[i].append(Tree(int(a["tree_root_pos"][r]), a["tree_tokens"][r],
+        trees[i].append(VerifiedTree(int(a["tree_root_pos"][r]), a["tree_tokens"][r],
                              a["tree_parent"][r], a["tree_hidden"][r], a["tree_accepted"][r]))
-    return [Sequence(m["request_id"], m["domain"], m["draft_version"],
+    return [TracedSequence(m["request_id"], m["domain"], m["draft_version"],
                      a["tokens"][off[i]:off[i + 1]], a["aux"][off[i]:off[i + 1]],
                      a["hidden"][off[i]:off[i + 1]], trees[i])
             for i, m in enumerate(rows)]
@@ -150,10 +150,10 @@ class TraceStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.sequences_per_shard = sequences_per_shard
         self.shards_written = 0
-        self._pending: list[Sequence] = []
+        self._pending: list[TracedSequence] = []
         self._lock = threading.Lock()
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: TracedSequence) -> None:
         with self._lock:
             self._pending.append(seq)
             if len(self._pending) >= self.sequences_per_shard:
@@ -222,13 +222,13 @@ class StoredTraces:
         self.shards = list_shards(root)
         self.counts = [len(read_meta(s)["sequences"]) for s in self.shards]
         self._starts = np.cumsum([0] + self.counts).tolist()
-        self._cache: tuple[int, list[Sequence]] | None = None
+        self._cache: tuple[int, list[TracedSequence]] | None = None
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return self._starts[-1]
 
-    def __getitem__(self, i: int) -> Sequence:
+    def __getitem__(self, i: int) -> TracedSequence:
         if not 0 <= i < len(self):
             raise IndexError(i)
         k = bisect.bisect_right(self._starts, i) - 1
@@ -255,4 +255,4 @@ def replay_dataset(root: str | Path, batch_size: int, seq_len: int, trees: int,
 
 
 def _to_batch(examples) -> LearnBatch:
-    return LearnBatch(**collate_numpy(examples))
+    return LearnBatch(**collate_numpy(examples))  # type: ignore[arg-type]  # numpy leaves

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import jax.numpy as jnp
+
 from aurora_jax.errors import CheckpointError
 from pallas_kernels.dispatch import check_impl
 
@@ -23,6 +25,8 @@ SUPPORTED_ARCHITECTURES = {
 
 
 DtypeName = Literal["float32", "bfloat16", "float16", "auto"]
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+"""Weight dtype names (all of DtypeName but "auto", which means the checkpoint's own) -> dtype."""
 """Parameter dtypes a model loads in ("auto": the checkpoint's own)."""
 
 

@@ -23,9 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aurora_jax.models.eagle3 import draft_ids
-from aurora_jax.models.eagle3_io import Draft
-from aurora_jax.models.hf_io import Target
+from aurora_jax.models.eagle3 import Draft, draft_ids
+from aurora_jax.models.transformer import Target
 
 
 def _set(node, value) -> None:

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from aurora_jax.errors import CheckpointError
 from aurora_jax.models.attention import attend
-from aurora_jax.models.config import RopeScaling, TargetConfig
+from aurora_jax.models.config import DTYPES, RopeScaling, TargetConfig
 from aurora_jax.models.kv_cache import KVCache, write_block
 from aurora_jax.models.layers import Linear, RMSNorm, rope_cos_sin, rope_inv_freq
+from aurora_jax.models.sharding import make_mesh
 from aurora_jax.models.transformer import MLP, Attention
 from pallas_kernels.dispatch import check_impl
 
@@ -215,7 +218,7 @@ def top_tokens(counts_V: np.ndarray, size: int, always: tuple[int, ...] = (),
     v = len(counts_V)
     score = np.asarray(counts_V, np.float64).copy()
     score[list(always)] = np.inf
-    keys = (np.arange(v), -score)
+    keys: tuple[np.ndarray, ...] = (np.arange(v), -score)
     if prefer is not None:
         preferred = np.zeros(v, bool)
         preferred[prefer] = True
@@ -230,3 +233,55 @@ def build_draft_vocab(token_ids: np.ndarray, vocab_size: int, draft_vocab_size: 
     `always` (for example the stop tokens), as sorted target ids."""
     counts = np.bincount(np.asarray(token_ids, np.int64).ravel(), minlength=vocab_size)
     return top_tokens(counts, draft_vocab_size, always)
+
+
+# ---- the loaded draft -----------------------------------------------------------------
+def check_fits(cfg: DraftConfig, target: TargetConfig) -> None:
+    """Raises CheckpointError naming the mismatch when a draft cannot serve this target."""
+    problems = []
+    if cfg.target_hidden_size != target.hidden_size:
+        problems.append(f"draft expects target hidden size {cfg.target_hidden_size}, "
+                        f"target has {target.hidden_size}")
+    if cfg.hidden_size != target.hidden_size:
+        problems.append(f"draft hidden size {cfg.hidden_size} differs from the target's "
+                        f"{target.hidden_size} (the draft reads the target's embedding)")
+    if cfg.vocab_size != target.vocab_size:
+        problems.append(f"draft vocabulary {cfg.vocab_size} differs from the target's "
+                        f"{target.vocab_size}")
+    bad = [i for i in cfg.aux_layers if not 0 <= i < target.num_layers]
+    if bad:
+        problems.append(f"aux layers {bad} do not exist in a {target.num_layers}-layer target")
+    elif cfg.aux_layers and tuple(cfg.aux_layers) != target.resolved_aux_layers:
+        problems.append(f"draft reads target layers {list(cfg.aux_layers)} but the target "
+                        f"returns layers {list(target.resolved_aux_layers)} (load the target "
+                        f"with cfg_overrides={{'aux_layers': {tuple(cfg.aux_layers)}}})")
+    if problems:
+        raise CheckpointError("draft does not fit the target: " + "; ".join(problems))
+
+
+def same_layout(a, b) -> bool:
+    """Two draft states of identical structure, shapes and dtypes: one can replace the other
+    in a compiled step without recompiling it."""
+    la, ta = jax.tree.flatten(jax.tree.map(lambda x: (x.shape, x.dtype), a))
+    lb, tb = jax.tree.flatten(jax.tree.map(lambda x: (x.shape, x.dtype), b))
+    return str(ta) == str(tb) and la == lb
+
+
+@dataclasses.dataclass
+class Draft:
+    """A loaded draft model, split for jit: `nnx.merge(graphdef, state)` is the Eagle3Draft."""
+
+    cfg: DraftConfig
+    graphdef: nnx.GraphDef
+    state: nnx.State
+
+
+def init_draft(cfg: DraftConfig, seed: int = 0, dtype: str = "float32",
+               draft_to_target: np.ndarray | None = None, mesh=None) -> Draft:
+    """A randomly initialised draft (day 0), replicated on `mesh`."""
+    model = Eagle3Draft(cfg, dtype=DTYPES[dtype], rngs=nnx.Rngs(seed),
+                        draft_to_target=draft_to_target)
+    graphdef, state = nnx.split(model)
+    mesh = mesh or make_mesh(tp=1, devices=jax.devices()[:1])
+    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return Draft(cfg, graphdef, state)

@@ -18,9 +18,16 @@ import numpy as np
 from flax import nnx
 
 from aurora_jax.errors import CheckpointError
-from aurora_jax.models.config import TargetConfig, read_config_json
-from aurora_jax.models.eagle3 import DraftConfig, Eagle3Draft, check_draft_ids, draft_ids
-from aurora_jax.models.hf_io import DTYPES, TensorReader, weight_files, write_tensors
+from aurora_jax.models.config import DTYPES, TargetConfig, read_config_json
+from aurora_jax.models.eagle3 import (
+    Draft,
+    DraftConfig,
+    Eagle3Draft,
+    check_draft_ids,
+    check_fits,
+    draft_ids,
+)
+from aurora_jax.models.hf_io import TensorReader, weight_files, write_tensors
 from aurora_jax.models.layers import rope_inv_freq
 from aurora_jax.models.sharding import make_mesh, state_path
 
@@ -83,55 +90,6 @@ def draft_config_to_hf(cfg: DraftConfig, dtype: str) -> dict:
     }
 
 
-def check_fits(cfg: DraftConfig, target: TargetConfig) -> None:
-    """Raises CheckpointError naming the mismatch when a draft cannot serve this target."""
-    problems = []
-    if cfg.target_hidden_size != target.hidden_size:
-        problems.append(f"draft expects target hidden size {cfg.target_hidden_size}, "
-                        f"target has {target.hidden_size}")
-    if cfg.hidden_size != target.hidden_size:
-        problems.append(f"draft hidden size {cfg.hidden_size} differs from the target's "
-                        f"{target.hidden_size} (the draft reads the target's embedding)")
-    if cfg.vocab_size != target.vocab_size:
-        problems.append(f"draft vocabulary {cfg.vocab_size} differs from the target's "
-                        f"{target.vocab_size}")
-    bad = [i for i in cfg.aux_layers if not 0 <= i < target.num_layers]
-    if bad:
-        problems.append(f"aux layers {bad} do not exist in a {target.num_layers}-layer target")
-    elif cfg.aux_layers and tuple(cfg.aux_layers) != target.resolved_aux_layers:
-        problems.append(f"draft reads target layers {list(cfg.aux_layers)} but the target "
-                        f"returns layers {list(target.resolved_aux_layers)} (load the target "
-                        f"with cfg_overrides={{'aux_layers': {tuple(cfg.aux_layers)}}})")
-    if problems:
-        raise CheckpointError("draft does not fit the target: " + "; ".join(problems))
-
-
-def same_layout(a, b) -> bool:
-    """Two draft states of identical structure, shapes and dtypes: one can replace the other
-    in a compiled step without recompiling it."""
-    la = jax.tree.map(lambda x: (x.shape, x.dtype), a)
-    lb = jax.tree.map(lambda x: (x.shape, x.dtype), b)
-    return jax.tree.structure(la) == jax.tree.structure(lb) and la == lb
-
-
-@dataclasses.dataclass
-class Draft:
-    cfg: DraftConfig
-    graphdef: nnx.GraphDef
-    state: nnx.State
-
-
-def init_draft(cfg: DraftConfig, seed: int = 0, dtype: str = "float32",
-               draft_to_target: np.ndarray | None = None, mesh=None) -> Draft:
-    """A randomly initialised draft (day 0), replicated on `mesh`."""
-    model = Eagle3Draft(cfg, dtype=DTYPES[dtype], rngs=nnx.Rngs(seed),
-                        draft_to_target=draft_to_target)
-    graphdef, state = nnx.split(model)
-    mesh = mesh or make_mesh(tp=1, devices=jax.devices()[:1])
-    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    return Draft(cfg, graphdef, state)
-
-
 def read_draft_config(path: str | Path) -> DraftConfig:
     """The DraftConfig of an EAGLE-3 draft directory."""
     raw = read_config_json(path, "a draft checkpoint")
@@ -190,30 +148,3 @@ def save_draft(path: str | Path, draft: Draft, *, dtype: str | None = None) -> P
 
 
 
-def load_pair(target_dir: str | Path, draft: str | None, *, dtype: str = "float32",
-              seed: int = 0, mesh=None, draft_vocab=None):
-    """(target, draft) for serving on `mesh` (default one device): `draft` is None (target
-    only), "scratch" (a random draft: day 0), "warm" (a day-0 draft warm-started from the
-    target's head and top layer, models/draft_init.py) or an EAGLE-3 directory, whose recorded aux
-    layers the target is loaded to return. A scratch draft predicts over `draft_vocab`
-    (sorted target ids, or a callable of the target config returning them; None: the whole
-    target vocabulary)."""
-    from aurora_jax.models.hf_io import load_target
-
-    if draft in (None, "scratch", "warm"):
-        target = load_target(target_dir, dtype=dtype, mesh=mesh)
-        if draft is None:
-            return target, None
-        ids = draft_vocab(target.cfg) if callable(draft_vocab) else draft_vocab
-        dcfg = DraftConfig.for_target(target.cfg, None if ids is None else len(ids))
-        fresh = init_draft(dcfg, seed=seed, dtype=target.dtype, mesh=target.mesh,
-                           draft_to_target=ids)
-        if draft == "warm":
-            from aurora_jax.models.draft_init import warm_start
-
-            fresh = warm_start(fresh, target)
-        return target, fresh
-    aux = read_draft_config(draft).aux_layers
-    target = load_target(target_dir, dtype=dtype, mesh=mesh,
-                         cfg_overrides={"aux_layers": tuple(aux)} if aux else None)
-    return target, load_draft(draft, target=target.cfg, dtype=target.dtype, mesh=target.mesh)

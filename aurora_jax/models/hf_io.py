@@ -13,42 +13,24 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from aurora_jax.errors import CheckpointError
-from aurora_jax.models.config import TargetConfig, read_hf_config
+from aurora_jax.models.config import DTYPES, TargetConfig, read_hf_config
 from aurora_jax.models.gguf_io import GGUFCheckpoint, is_gguf
 from aurora_jax.models.layers import rope_inv_freq
 from aurora_jax.models.safetensors_io import SafetensorsFile, write_safetensors
 from aurora_jax.models.sharding import make_mesh, param_sharding, state_path
-from aurora_jax.models.transformer import Transformer
+from aurora_jax.models.transformer import Target, Transformer
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Checkpoint tensors that carry no weights of ours (old transformers saved RoPE buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-@dataclasses.dataclass
-class Target:
-    """A loaded target model, split for jit: `forward(graphdef, state, ...)`."""
-
-    cfg: TargetConfig
-    graphdef: nnx.GraphDef
-    state: nnx.State
-    mesh: jax.sharding.Mesh
-    dtype: str
-
-    def head_kernel(self) -> jax.Array:
-        """The lm_head as [H, V] (the embedding, transposed, when the two are tied)."""
-        if self.cfg.tie_word_embeddings:
-            return self.state["embed"][...].T
-        return self.state["lm_head"]["kernel"][...]
 
 
 def hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
@@ -143,6 +125,7 @@ def load_target(path: str | Path, *, dtype: str = "float32", mesh=None,
     """Loads a Llama/Qwen3 target onto `mesh` (default: 1 device) from a Hugging Face
     checkpoint directory or a GGUF file (dequantized tensor by tensor into `dtype`)."""
     path = Path(path)
+    reader: GGUFCheckpoint | TensorReader
     if is_gguf(path):
         reader = GGUFCheckpoint(path)
         cfg = reader.config()
@@ -186,10 +169,10 @@ def save_target(path: str | Path, cfg: TargetConfig, state: nnx.State, *, dtype:
     """Writes config.json, generation_config.json and safetensors (sharded past the limit)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    leaves = [(state_path(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(state)[0]]
-    leaves = [(hf_name(p), x) for p, x in leaves if p != ("inv_freq",)]
-    dtype = dtype or str(leaves[0][1].dtype)
-    write_tensors(path, [(name, tr, x, DTYPES[dtype]) for (name, tr), x in leaves],
+    flat = [(state_path(kp), x) for kp, x in jax.tree_util.tree_flatten_with_path(state)[0]]
+    named = [(hf_name(p), x) for p, x in flat if p != ("inv_freq",)]
+    dtype = dtype or str(named[0][1].dtype)
+    write_tensors(path, [(name, tr, x, DTYPES[dtype]) for (name, tr), x in named],
                   max_shard_bytes)
     (path / "config.json").write_text(json.dumps(cfg.to_hf_dict(dtype), indent=2))
     gen = {"bos_token_id": cfg.bos_token_id, "pad_token_id": cfg.pad_token_id,
@@ -199,7 +182,7 @@ def save_target(path: str | Path, cfg: TargetConfig, state: nnx.State, *, dtype:
     return path
 
 
-def write_tensors(path: Path, tensors: list[tuple[str, bool, jax.Array, object]],
+def write_tensors(path: Path, tensors: list[tuple[str, bool, jax.Array, Any]],
                   max_shard_bytes: int = 4 << 30) -> None:
     """Writes (name, transpose, array, dtype) as model.safetensors, or as numbered shards with
     an index past `max_shard_bytes`; only one shard is ever fetched to host memory."""

@@ -7,12 +7,14 @@ Parameter layouts follow x @ W (kernel [in, out]); Hugging Face stores [out, in]
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aurora_jax.models.config import TargetConfig
+from aurora_jax.models.config import RopeScaling
 
 
 class Linear(nnx.Module):
@@ -39,7 +41,18 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * x32.astype(x.dtype)
 
 
-def rope_inv_freq(cfg: TargetConfig) -> np.ndarray:
+class RopeSettings(Protocol):
+    """What RoPE reads from a model config (TargetConfig and DraftConfig both have it)."""
+
+    @property
+    def head_dim(self) -> int: ...
+    @property
+    def rope_theta(self) -> float: ...
+    @property
+    def rope_scaling(self) -> RopeScaling | None: ...
+
+
+def rope_inv_freq(cfg: RopeSettings) -> np.ndarray:
     """Inverse frequencies [D/2] in float32, with Llama-3.1 (`llama3`) or linear scaling."""
     d = cfg.head_dim
     exponent = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)

@@ -55,7 +55,7 @@ class SafetensorsFile:
             raise CheckpointError(
                 f"{self.path}: truncated safetensors file ({size} bytes, tensors need "
                 f"{self._data_start + end}); re-download or re-save it")
-        self._mmap = None
+        self._mmap: np.memmap | None = None
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -70,8 +70,9 @@ class SafetensorsFile:
                 f"{self.path}: tensor {name!r} has unsupported dtype {e['dtype']}")
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        mm = self._mmap
         begin, end = e["data_offsets"]
-        raw = self._mmap[self._data_start + begin: self._data_start + end]
+        raw = mm[self._data_start + begin: self._data_start + end]
         arr = raw.view(_DTYPES[e["dtype"]])
         if arr.size != int(np.prod(e["shape"], dtype=np.int64)):
             raise CheckpointError(

@@ -47,7 +47,7 @@ def _fit(mesh: Mesh, shape: tuple[int, ...], spec: tuple) -> P:
 
 def param_sharding(mesh: Mesh, path: tuple[str, ...], shape: tuple[int, ...]) -> NamedSharding:
     """Sharding of one parameter, chosen by its path in the model state."""
-    key = tuple(str(p) for p in path[-2:])
+    key = (str(path[-2]), str(path[-1])) if len(path) >= 2 else ("", "")
     if path and str(path[-1]) == "embed":
         spec = ("tp", None)
     else:

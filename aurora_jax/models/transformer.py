@@ -13,6 +13,8 @@ Use it split: `graphdef, state = nnx.split(model)` once, then jit plain function
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -147,3 +149,20 @@ def forward(graphdef, state, tokens_BxT, positions_BxT, block_mask_BxTxT, cache=
 def init_random(cfg: TargetConfig, seed: int = 0, dtype=jnp.float32):
     """A randomly initialised target, split: (graphdef, state)."""
     return nnx.split(Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))
+
+
+@dataclasses.dataclass
+class Target:
+    """A loaded target model, split for jit: `forward(graphdef, state, ...)`."""
+
+    cfg: TargetConfig
+    graphdef: nnx.GraphDef
+    state: nnx.State
+    mesh: jax.sharding.Mesh
+    dtype: str
+
+    def head_kernel(self) -> jax.Array:
+        """The lm_head as [H, V] (the embedding, transposed, when the two are tied)."""
+        if self.cfg.tie_word_embeddings:
+            return jnp.asarray(self.state["embed"][...]).T
+        return jnp.asarray(self.state["lm_head"]["kernel"][...])

@@ -40,7 +40,7 @@ def static_draft(cfg: RunConfig, target_dir: Path, out: Path) -> str:
     texts = [d.text for d in training_documents()]
     train_draft(load_target(target_dir), Tokenizer.load(target_dir), texts, out / "static",
                 OfflineConfig(steps=cfg.compare.static_steps, seq_len=cfg.compare.static_seq_len,
-                              learning_rate=cfg.learner.learning_rate,
+                              learning_rate=cfg.learner.optimizer.learning_rate,
                               draft_vocab_size=cfg.draft_vocab_size,
                               ttt_steps=cfg.learner.loss.ttt_steps, seed=cfg.seed))
     return str(out / "static" / "draft")

@@ -5,15 +5,16 @@ are refused, naming the key, before anything loads."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
-from aurora_jax.config_io import apply_overrides, from_dict, read_yaml
+from aurora_jax.config_io import load_config
 from aurora_jax.data.scenarios import ScenarioConfig
 from aurora_jax.engine.adaptive import AdaptiveConfig
 from aurora_jax.errors import ConfigError
 from aurora_jax.learn.losses import LossConfig
-from aurora_jax.learn.online import POLICIES, Policy
-from aurora_jax.learn.vocab_refresh import VocabRefreshConfig
+from aurora_jax.learn.online import OnlineConfig
+from aurora_jax.learn.optimizer import OptimizerSettings
 from aurora_jax.models.config import DtypeName
 from aurora_jax.speculative.config import SpecConfig
 
@@ -21,38 +22,25 @@ from aurora_jax.speculative.config import SpecConfig
 @dataclasses.dataclass(frozen=True)
 class LearnSettings:
     """The online learner; it trains between serving windows (on a shared CPU a learner
-    thread would slow serving by as much as it learns; its time is reported separately)."""
+    thread would slow serving by as much as it learns; its time is reported separately).
+    Its parts are the learner's own configs, with the run's defaults."""
 
     enabled: bool = True
     """False: the draft never changes (a static-draft or target-only arm)."""
     steps_per_window: int = 20
     """Learner steps after each window."""
-    every_steps: int = 10
-    """Learner steps between publication attempts."""
-    policy: Policy = "every"
-    """"every" or "better" (publish only if at least as good on the newest traffic)."""
-    batch_size: int = 8
-    """Sequences per learner batch."""
-    seq_len: int = 96
-    """Positions per sequence window."""
-    trees_per_seq: int = 8
-    """Verified trees per window (the rejected-node term's data)."""
-    learning_rate: float = 3e-3
-    """Peak AdamW learning rate."""
+    online: OnlineConfig = OnlineConfig(seq_len=96, every_steps=10, min_sequences=3)
+    """Batches and publication (learn/online.py): batch_size, seq_len, trees_per_seq,
+    every_steps, policy, holdout, vocab (re-choosing the draft vocabulary)."""
+    optimizer: OptimizerSettings = OptimizerSettings(learning_rate=3e-3)
+    """AdamW and its schedule (learn/optimizer.py)."""
     loss: LossConfig = LossConfig(ttt_steps=3)
     """The draft objective: the TTT unroll and the rejected-node term (learn/losses.py,
     learn/discard.py); its tree_depth follows spec.depth."""
-    vocab: VocabRefreshConfig = VocabRefreshConfig()
-    """Re-choosing the draft vocabulary from the served tokens (a hot swap like any other)."""
 
     def __post_init__(self):
-        if min(self.steps_per_window, self.every_steps, self.batch_size, self.seq_len,
-               self.trees_per_seq) < 1:
-            raise ConfigError("learner step counts and sizes must be >= 1")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.policy not in POLICIES:
-            raise ConfigError(f"policy must be 'every' or 'better', got {self.policy!r}")
+        if self.steps_per_window < 1:
+            raise ConfigError("learner.steps_per_window must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +108,5 @@ class RunConfig:
                               f"{self.draft_vocab_size}")
 
     @classmethod
-    def load(cls, path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-        raw = read_yaml(path) if path else {}
-        return from_dict(cls, apply_overrides(raw, list(overrides)),
-                         str(path) if path else "config")
+    def load(cls, path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+        return load_config(cls, path, overrides)

@@ -30,11 +30,13 @@ from aurora_jax.data.scenarios import build_scenario
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.data.vocab import scratch_draft_vocab
 from aurora_jax.engine.adaptive import UtilityMonitor
+from aurora_jax.engine.batcher import acceptance_length
 from aurora_jax.engine.engine import Engine, Request
 from aurora_jax.learn.buffer import TraceAssembler, TraceBuffer
-from aurora_jax.learn.learner import DEFAULT_OPTIMIZER, Learner
-from aurora_jax.learn.online import EnginePublisher, OnlineConfig, OnlineLearner
-from aurora_jax.models.eagle3_io import load_pair, save_draft
+from aurora_jax.learn.learner import Learner
+from aurora_jax.learn.online import EnginePublisher, OnlineLearner
+from aurora_jax.models.eagle3_io import save_draft
+from aurora_jax.models.loading import load_pair
 from aurora_jax.models.sharding import make_mesh
 from aurora_jax.run.config import RunConfig
 from aurora_jax.speculative.config import SpecConfig
@@ -80,8 +82,8 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
     max_len = max(len(r.prompt) for r in stream) + cfg.scenario.max_new_tokens
     buffer = TraceBuffer()
     sink = TraceAssembler(buffer.add) if cfg.learner.enabled else None
-    kw = dict(max_slots=cfg.max_slots, max_len=max_len, eos_ids=eos, seed=cfg.seed,
-              trace_sink=sink)
+    kw: dict = dict(max_slots=cfg.max_slots, max_len=max_len, eos_ids=eos, seed=cfg.seed,
+                    trace_sink=sink)
     specs = spec_modes(cfg) if draft is not None else {}
     # N-gram settings propose without the draft: their engines skip its passes entirely.
     engines = {name: Engine(target, draft if s.needs_draft else None, s, **kw)
@@ -197,7 +199,8 @@ def _outside_vocab(engine: Engine | None, results) -> float | None:
     if engine is None:
         return None
     t2d = np.asarray(engine.draft_state["t2d"][...])
-    ids = np.concatenate([np.asarray(r.token_ids, np.int64) for r in results] or [[]])
+    ids = np.concatenate([np.asarray(r.token_ids, np.int64) for r in results]
+                         or [np.zeros(0, np.int64)])
     return float(1.0 - t2d[ids.astype(np.int64)].mean()) if ids.size else None
 
 
@@ -206,12 +209,8 @@ def _online_learner(cfg: RunConfig, target, draft, buffer, spec_engines, stop_id
         return None
     s = cfg.learner
     loss = dataclasses.replace(s.loss, tree_depth=max(cfg.spec.max_depth, 1))
-    opt = dataclasses.replace(DEFAULT_OPTIMIZER, learning_rate=s.learning_rate)
-    online_cfg = OnlineConfig(batch_size=s.batch_size, seq_len=s.seq_len,
-                              trees_per_seq=s.trees_per_seq, min_sequences=3, holdout=2,
-                              every_steps=s.every_steps, policy=s.policy, vocab=s.vocab)
-    return OnlineLearner(Learner(draft, target, loss, opt), buffer,
-                         EnginePublisher(*spec_engines), cfg.spec.nodes + 1, online_cfg,
+    return OnlineLearner(Learner(draft, target, loss, s.optimizer), buffer,
+                         EnginePublisher(*spec_engines), cfg.spec.nodes + 1, s.online,
                          keep_ids=stop_ids)
 
 
@@ -249,9 +248,8 @@ def _vocab_report(online: OnlineLearner, draft, rows: list[dict]) -> dict:
 def _per_domain(results) -> dict:
     out = {}
     for d in sorted({r.domain for r in results}):
-        rs = [r for r in results if r.domain == d and r.steps]
-        steps = sum(r.steps for r in rs)
-        out[d] = (sum(r.accepted for r in rs) + steps) / steps if steps else 1.0
+        rs = [r for r in results if r.domain == d]
+        out[d] = acceptance_length(sum(r.accepted for r in rs), sum(r.steps for r in rs)) or 1.0
     return out
 
 
@@ -263,7 +261,7 @@ def _side_by_side(engines, chunk, cfg: RunConfig, first_id: int) -> dict:
             for i, r in enumerate(chunk)]
     for e in engines.values():  # the final check must not feed the learner
         e.traces = None
-    runs = {name: [] for name in engines}
+    runs: dict[str, list] = {name: [] for name in engines}
     for _ in range(2):
         for name, e in engines.items():
             e.forget_recent()  # n-gram lookups must not find this window's earlier outputs

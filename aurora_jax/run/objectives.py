@@ -31,6 +31,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aurora_jax.config_io import apply_overrides, from_dict, read_yaml
+from aurora_jax.config_io import load_config
 from aurora_jax.errors import ConfigError
 from aurora_jax.learn.losses import LossConfig
 from aurora_jax.speculative.config import SpecConfig
@@ -165,10 +166,8 @@ class ObjectivesConfig:
                                    tree_depth=self.spec.max_depth)
 
     @classmethod
-    def load(cls, path: str | Path | None, overrides: list[str] = ()) -> ObjectivesConfig:
-        raw = read_yaml(path) if path else {}
-        return from_dict(cls, apply_overrides(raw, list(overrides)),
-                         str(path or "exp_objectives"))
+    def load(cls, path: str | Path | None, overrides: Sequence[str] = ()) -> ObjectivesConfig:
+        return load_config(cls, path, overrides)
 
 
 def fingerprint(batch) -> str:
@@ -215,13 +214,15 @@ def record_traces(cfg: ObjectivesConfig, target, draft, tok, root: Path, say=pri
             engine = Engine(target, draft, cfg.spec, max_slots=1, eos_ids=(),
                             max_len=max(len(r.prompt) for r in reqs) + cfg.max_new_tokens,
                             trace_sink=TraceAssembler(store.add))
+            emitter = engine.traces
+            assert emitter is not None  # the engine has a trace sink
             for r in reqs:  # one at a time, flushed: the trace queue never overflows
                 engine.run([Request(r.prompt, cfg.max_new_tokens, domain=domain)])
-                engine.traces.flush()
+                emitter.flush()
             store.flush()
-            engine.traces.close()
-            if engine.traces.dropped:
-                raise RuntimeError(f"{engine.traces.dropped} traces dropped while recording")
+            emitter.close()
+            if emitter.dropped:
+                raise RuntimeError(f"{emitter.dropped} traces dropped while recording")
             store.root.rename(store_dir)
     prompts_file.write_text(json.dumps(prompts))
     return prompts
@@ -311,7 +312,7 @@ def run_objectives(cfg: ObjectivesConfig, target_dir: Path, out: Path, say=None)
     from aurora_jax.data.vocab import scratch_draft_vocab
     from aurora_jax.engine.engine import Engine
     from aurora_jax.learn.learner import DEFAULT_OPTIMIZER, Learner
-    from aurora_jax.models.eagle3_io import load_pair
+    from aurora_jax.models.loading import load_pair
 
     say = say or (lambda m: print(m, file=sys.stderr, flush=True))
     out.mkdir(parents=True, exist_ok=True)
@@ -395,9 +396,9 @@ def summarize(results: dict) -> dict:
         } for arm, runs in sc["runs"].items()}
         ref_name = next(iter(per_arm))
         ref = per_arm[ref_name]
-        rows = {}
+        rows: dict[str, dict] = {}
         for arm, v in per_arm.items():
-            row = {k: _stat(v[k]) for k in ("start", "equal_steps", "equal_seconds", "served",
+            row: dict = {k: _stat(v[k]) for k in ("start", "equal_steps", "equal_seconds", "served",
                                             "step_s")}
             row["seeds"] = len(v["seed"])
             for k in ("equal_steps", "equal_seconds", "served"):

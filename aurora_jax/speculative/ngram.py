@@ -23,6 +23,8 @@ Everything runs on device inside the engine step over a fixed-shape token histor
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -66,9 +68,8 @@ def lookup(history_BxS: jax.Array, length_B: jax.Array, depth: int, max_ngram: i
     length the sequence's own match wins. Returns (tokens [B, depth], valid [B, depth]):
     valid where a match was found and its continuation lies inside the known tokens."""
     b, s = history_BxS.shape
-    use_recent = recent_MxS is not None and recent_MxS.shape[0] > 0
     refs = [(history_BxS[:, None], length_B[:, None], 1)]
-    if use_recent:
+    if recent_MxS is not None and recent_len_M is not None and recent_MxS.shape[0] > 0:
         m = recent_MxS.shape[0]
         refs.append((jnp.broadcast_to(recent_MxS[None], (b, m, recent_MxS.shape[1])),
                      jnp.broadcast_to(recent_len_M[None], (b, m)), RECENT_MIN_NGRAM))
@@ -100,7 +101,7 @@ def ngram_tree(history_BxS, length_B, root_B, depth: int, max_ngram: int, recent
     tokens, valid = lookup(history_BxS, length_B, depth, max_ngram, recent_MxS, recent_len_M)
     tree = chain(root_B, tokens)
     ok = jnp.concatenate([jnp.ones_like(valid[:, :1]), valid], 1)
-    return tree.replace(valid=ok)
+    return dataclasses.replace(tree, valid=ok)
 
 
 def archive(recent_MxS, recent_len_M, next_row, history_BxS, length_B, done_B):

@@ -1,11 +1,10 @@
-"""Next-token pre-training of the target decoder: loss, optimizer, jitted step, resumable loop.
+"""A resumable training loop: a jitted step over an explicit `TrainState`, checkpointed.
 
-`aurora-jax prepare` uses it to train the built-in target from scratch on CPU. The model is
-split once (`graphdef`, trainable `params`, non-trainable `buffers` such as the RoPE
-frequencies); the step is a pure jitted function of an explicit `TrainState` that it donates.
-The loop saves orbax checkpoints of the train state together with the grain iterator's
-position and the loss history, so an interrupted run resumes where it stopped and sees the same
-batches it would have seen.
+Used by `train-draft` (learn/offline.py) and by `prepare --recipe scratch`, which pretrains the
+small built-in target (learn/train_target.py). The loop saves orbax checkpoints of the train
+state together with the grain iterator's position and the loss history, so an interrupted run
+resumes where it stopped and sees the same batches it would have seen. The host reads each
+step's loss one step late, so the loop never waits on the device.
 """
 
 from __future__ import annotations
@@ -17,16 +16,10 @@ from pathlib import Path
 
 import flax.struct
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
-
-from aurora_jax.models.attention import causal_mask
-from aurora_jax.models.config import TargetConfig
-from aurora_jax.models.transformer import Transformer
 
 
 @flax.struct.dataclass
@@ -41,84 +34,6 @@ class TrainState:
     """AdamW moments and schedule count."""
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimizerSettings:
-    """AdamW with global-norm clipping and a linear-warmup cosine schedule."""
-
-    learning_rate: float
-    """Peak learning rate, reached after warmup."""
-    warmup_steps: int
-    """Steps of linear warmup from 0."""
-    total_steps: int
-    """Length of the cosine decay (warmup included)."""
-    min_lr_ratio: float
-    """Final learning rate as a fraction of the peak."""
-    weight_decay: float
-    """Decoupled weight decay, applied to matrices only (not to norm weights)."""
-    grad_clip: float
-    """Global gradient-norm clipping threshold."""
-
-
-def make_optimizer(s: OptimizerSettings) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=s.learning_rate, warmup_steps=s.warmup_steps,
-        decay_steps=max(s.total_steps, s.warmup_steps + 1),
-        end_value=s.learning_rate * s.min_lr_ratio)
-    # b2=0.95: the usual LM setting; a short run has no time to wait for a slow second moment.
-    return optax.chain(
-        optax.clip_by_global_norm(s.grad_clip),
-        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=s.weight_decay,
-                    mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
-
-
-def init_model(cfg: TargetConfig, seed: int, tx: optax.GradientTransformation):
-    """A fresh model, split: (graphdef, buffers, TrainState)."""
-    graphdef, params, buffers = nnx.split(
-        Transformer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(seed)), nnx.Param, ...)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-    return graphdef, buffers, state
-
-
-def token_losses(graphdef, params, buffers, tokens_BxT1):
-    """Next-token cross-entropy [B, T] of windows of T + 1 tokens (causal, positions 0..T-1)."""
-    inputs_BxT, targets_BxT = tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]
-    b, t = inputs_BxT.shape
-    model = nnx.merge(graphdef, params, buffers)
-    positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    hidden_BxTxH, _, _ = model.hidden(inputs_BxT, positions_BxT,
-                                      causal_mask(jnp.full((b,), t, jnp.int32), t))
-    logits_BxTxV = model.logits(hidden_BxTxH)
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT)
-
-
-def make_train_step(graphdef, tx: optax.GradientTransformation):
-    """jit((state, buffers, batch [B, T+1]) -> (state, metrics)); the state is donated."""
-
-    def loss_fn(params, buffers, batch):
-        return token_losses(graphdef, params, buffers, batch).mean()
-
-    def step(state: TrainState, buffers, batch_BxT1):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, buffers, batch_BxT1)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state)
-        return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-    return jax.jit(step, donate_argnums=0)
-
-
-def make_eval_step(graphdef):
-    """jit((params, buffers, batch [B, T+1]) -> mean loss per row [B])."""
-    return jax.jit(lambda p, b, x: token_losses(graphdef, p, b, x).mean(axis=1))
-
-
-def mean_loss(eval_step, params, buffers, batches: list[tuple[np.ndarray, int]]) -> float | None:
-    """Mean next-token loss over (batch, valid rows) pairs; None when there is nothing to score."""
-    rows = [np.asarray(eval_step(params, buffers, x))[:n] for x, n in batches]
-    return float(np.concatenate(rows).mean()) if rows else None
-
-
-# ------------------------------------------------------------------ checkpointed training loop
 @dataclasses.dataclass
 class FitResult:
     """What a (possibly resumed) training run did."""

@@ -49,15 +49,34 @@ def randoms():
     return random_pair(tiny_cfg(), seed=5)
 
 
-_ENGINES: dict = {}
+class SharedEngines:
+    """Compiled engines and reference decoders for this module's tests, built on first use
+    and kept for the module (most tests then compile nothing): one engine per (pair fixture,
+    mode, slots, length), one reference decoder per pair fixture."""
+
+    def __init__(self, request: pytest.FixtureRequest):
+        self._request = request
+        self._engines: dict[tuple, Engine] = {}
+        self._references: dict[str, TargetGenerator] = {}
+
+    def engine(self, pair: str, mode: str, max_slots: int = 2, max_len: int = 64) -> Engine:
+        key = (pair, mode, max_slots, max_len)
+        if key not in self._engines:
+            target, draft = self._request.getfixturevalue(pair)[:2]
+            self._engines[key] = Engine(target, draft, _spec(mode), max_slots=max_slots,
+                                        max_len=max_len)
+        return self._engines[key]
+
+    def target_only(self, pair: str, prompts, max_new: int) -> list[list[int]]:
+        if pair not in self._references:
+            self._references[pair] = TargetGenerator(self._request.getfixturevalue(pair)[0])
+        gen = self._references[pair]
+        return [c.token_ids for c in gen.generate(prompts, max_new).completions]
 
 
-def _engine(target, draft, mode, max_slots=2, max_len=64):
-    """Engines are reusable across runs; sharing them keeps compilation out of most tests."""
-    key = (id(target), id(draft), mode, max_slots, max_len)
-    if key not in _ENGINES:
-        _ENGINES[key] = Engine(target, draft, _spec(mode), max_slots=max_slots, max_len=max_len)
-    return _ENGINES[key]
+@pytest.fixture(scope="module")
+def shared(request) -> SharedEngines:
+    return SharedEngines(request)
 
 
 def _prompts(lengths, vocab, seed=0):
@@ -65,22 +84,13 @@ def _prompts(lengths, vocab, seed=0):
     return [rs.randint(3, vocab, size=n).tolist() for n in lengths]
 
 
-_GENERATORS: dict = {}
-
-
-def _target_only(target, prompts, max_new):
-    gen = _GENERATORS.setdefault(id(target), TargetGenerator(target))
-    return [c.token_ids for c in gen.generate(prompts, max_new).completions]
-
-
 @pytest.mark.parametrize("mode", ["chain", "tree"])
 @pytest.mark.parametrize("pair", ["copycat", "randoms"])
-def test_greedy_equals_target_only(mode, pair, request):
-    target, draft = request.getfixturevalue(pair)[:2]
+def test_greedy_equals_target_only(mode, pair, shared):
     # Batch 1, then five prompts of different lengths through two slots (continuous batching).
     for prompts in (_prompts([7], 40, seed=1), _prompts([5, 9, 3, 12, 6], 40, seed=2)):
-        ref = _target_only(target, prompts, 30)
-        run = _engine(target, draft, mode).run([Request(p, 30) for p in prompts])
+        ref = shared.target_only(pair, prompts, 30)
+        run = shared.engine(pair, mode).run([Request(p, 30) for p in prompts])
         assert [r.token_ids for r in run.results] == ref
         for r in run.results:
             stopped = r.token_ids[-1] == EOS
@@ -90,22 +100,22 @@ def test_greedy_equals_target_only(mode, pair, request):
         assert run.acceptance_length == pytest.approx(5.0, abs=0.35)
 
 
-def test_stop_token_inside_an_accepted_path(copycat):
-    target, draft, f = copycat
+def test_stop_token_inside_an_accepted_path(copycat, shared):
+    f = copycat[2]
     # A prompt whose greedy continuation reaches the stop token after a few tokens.
     start = next(x for x in range(3, 40)
                  if EOS in greedy_path(f, x, 6)[2:] and EOS not in greedy_path(f, x, 6)[:2])
     expected = greedy_path(f, start, 6)
     expected = expected[: expected.index(EOS) + 1]
-    (res,) = _engine(target, draft, "chain").run([Request([5, start], 20)]).results
+    (res,) = shared.engine("copycat", "chain").run([Request([5, start], 20)]).results
     assert res.token_ids == expected and res.finish_reason == "stop"
     assert res.steps == 1  # the stop token came inside the first accepted path, then it ended
 
 
-def test_token_budget_cuts_an_accepted_path(copycat):
-    target, draft, f = copycat
+def test_token_budget_cuts_an_accepted_path(copycat, shared):
+    f = copycat[2]
     start = next(x for x in range(3, 40) if EOS not in greedy_path(f, x, 12))
-    (res,) = _engine(target, draft, "tree").run([Request([start], 7)]).results
+    (res,) = shared.engine("copycat", "tree").run([Request([start], 7)]).results
     assert res.token_ids == greedy_path(f, start, 7) and res.finish_reason == "length"
     assert res.steps == 2  # 1 from prefill + 5 + 1 (cut from 5)
 
@@ -119,7 +129,7 @@ def test_trained_checkpoint_greedy_equals_target_only(small_ckpt):
     tok = Tokenizer.load(small_ckpt)
     texts = ["def fibonacci(n):\n    ", "import os\nimport sys\n\n\nclass Config", "# sort"]
     prompts = [tok.encode(t) for t in texts]
-    ref = _target_only(target, prompts, 20)
+    ref = [c.token_ids for c in TargetGenerator(target).generate(prompts, 20).completions]
     draft = init_draft(DraftConfig.for_target(target.cfg), seed=3)
     for mode in ("chain", "tree"):
         engine = Engine(target, draft, _spec(mode), max_slots=2, max_len=128)
@@ -127,13 +137,13 @@ def test_trained_checkpoint_greedy_equals_target_only(small_ckpt):
 
 
 @pytest.mark.parametrize("pair", ["copycat", "randoms"])
-def test_caches_after_steps_equal_plain_decoding(pair, request):
+def test_caches_after_steps_equal_plain_decoding(pair, request, shared):
     """After prefill and three steps, the target cache holds exactly the keys/values a plain
     forward over the committed tokens gives, and the draft cache exactly what the draft gives
     over those tokens with the target's features."""
 
     target, draft, *f = request.getfixturevalue(pair)
-    engine = _engine(target, draft, "tree")
+    engine = shared.engine(pair, "tree")
     prompts = _prompts([6, 11], 40, seed=4)
     if f:  # end the prompts where the target's greedy path runs long without a stop token
         starts = [x for x in range(3, 40) if EOS not in greedy_path(f[0], x, 20)]
@@ -208,34 +218,34 @@ def _assert_cache_is_plain_forward(target, state, slot, seq):
 
 
 @pytest.mark.parametrize("mode", ["chain", "tree"])
-def test_a_draft_right_on_most_tokens_stays_lossless(noisy, mode):
+def test_a_draft_right_on_most_tokens_stays_lossless(noisy, mode, shared):
     """Mid-path rejections and bonus tokens at every depth: the output and the KV cache still
     equal target-only decoding, token for token and entry for entry."""
     target, draft = noisy
-    engine = _engine(target, draft, mode, max_slots=6, max_len=128)
+    engine = shared.engine("noisy", mode, max_slots=6, max_len=128)
     prompts = _prompts([5, 9, 13, 7, 11, 6], 40, seed=12)
     greedy = [SamplingParams()] * len(prompts)
     state, generated, accepted = _stepwise(engine, prompts, greedy, steps=12)
     depth = _spec(mode).depth
     assert 1 < 1 + accepted.mean() < depth + 1
     assert set(accepted.tolist()) == set(range(depth + 1))  # every accepted count occurs
-    ref = _target_only(target, prompts, max(map(len, generated)))
+    ref = shared.target_only("noisy", prompts, max(map(len, generated)))
     for slot, (p, g) in enumerate(zip(prompts, generated, strict=True)):
         assert g == ref[slot][: len(g)]
         _assert_cache_is_plain_forward(target, state, slot, p + g)
 
 
-def test_a_batch_mixing_greedy_and_sampled_requests_stays_lossless(noisy):
+def test_a_batch_mixing_greedy_and_sampled_requests_stays_lossless(noisy, shared):
     """Greedy rows equal target-only whatever their sampled neighbours do; every row's cache
     equals a plain forward over what it committed."""
     target, draft = noisy
-    engine = _engine(target, draft, "tree", max_slots=6, max_len=128)
+    engine = shared.engine("noisy", "tree", max_slots=6, max_len=128)
     prompts = _prompts([6, 10, 8, 12, 5, 9], 40, seed=13)
     hot = SamplingParams(temperature=20.0)  # the target is very peaked (logit margin ~64)
     sampling = [SamplingParams(), hot, SamplingParams(), hot, hot, SamplingParams()]
     state, generated, accepted = _stepwise(engine, prompts, sampling, steps=10)
     assert len(set(accepted.tolist())) >= 3
-    ref = _target_only(target, prompts, max(map(len, generated)))
+    ref = shared.target_only("noisy", prompts, max(map(len, generated)))
     for slot, (p, g) in enumerate(zip(prompts, generated, strict=True)):
         if sampling[slot].temperature == 0:
             assert g == ref[slot][: len(g)]
@@ -254,11 +264,11 @@ def _draft_prefill(tgraph, tstate, dgraph, dstate, tokens_1xN, aux_1xNxAxH):
     return cache
 
 
-def test_draft_swap_recompiles_nothing_and_stays_lossless(randoms, copycat):
+def test_draft_swap_recompiles_nothing_and_stays_lossless(randoms, copycat, shared):
     target, draft = randoms
     engine = Engine(target, draft, _spec("tree"), max_slots=2, max_len=64)
     prompts = _prompts([5, 8, 3, 10], 40, seed=6)
-    ref = _target_only(target, prompts, 24)
+    ref = shared.target_only("randoms", prompts, 24)
     assert [r.token_ids for r in engine.run([Request(p, 24) for p in prompts]).results] == ref
     compiled = engine.compilations
     swaps = iter(swap_state(draft, seed) for seed in (11, 12, 13, 14))
@@ -380,21 +390,20 @@ def test_traces_hold_what_the_target_computed(pair, mode, request):
         assert max(accepted) == spec.depth and min(accepted) < spec.depth
 
 
-def test_target_only_mode_equals_reference(randoms):
+def test_target_only_mode_equals_reference(randoms, shared):
     from aurora_jax.speculative.config import SpecConfig
 
     target, _ = randoms
     prompts = _prompts([5, 9, 3], 40, seed=9)
     engine = Engine(target, None, SpecConfig(mode="off"), max_slots=2, max_len=64)
     run = engine.run([Request(p, 20) for p in prompts])
-    assert [r.token_ids for r in run.results] == _target_only(target, prompts, 20)
+    assert [r.token_ids for r in run.results] == shared.target_only("randoms", prompts, 20)
     assert run.acceptance_length == 1.0
 
 
-def test_jit_is_not_rebuilt_per_step(randoms):
+def test_jit_is_not_rebuilt_per_step(shared):
     """Steady state: repeated steps reuse one compiled program."""
-    target, draft = randoms
-    engine = _engine(target, draft, "chain")
+    engine = shared.engine("randoms", "chain")
     state = engine.init_decode_state()
     state, _ = engine.generate(state)  # compiles the step unless an earlier test did
     compiled = engine.compilations
@@ -404,7 +413,7 @@ def test_jit_is_not_rebuilt_per_step(randoms):
     assert engine.compilations == compiled
 
 
-def test_bad_input_is_refused_with_a_clear_error(randoms):
+def test_bad_input_is_refused_with_a_clear_error(randoms, shared):
     from aurora_jax.errors import CheckpointError, ConfigError, PromptError
     from aurora_jax.models.eagle3 import DraftConfig, init_draft
 
@@ -424,7 +433,7 @@ def test_bad_input_is_refused_with_a_clear_error(randoms):
             SpecConfig(**bad)
     with pytest.raises(ConfigError, match="temperature"):
         SamplingParams(temperature=-0.5)
-    engine = _engine(target, draft, "tree")
+    engine = shared.engine("randoms", "tree")
     with pytest.raises(PromptError, match="max_len"):
         engine.run([Request([5] * 10, 10), Request([5] * 60, 10)])
     with pytest.raises(PromptError, match="empty"):

@@ -261,6 +261,7 @@ def cmd_learn(args) -> int:
     from tqdm import tqdm
 
     from aurora_jax.config_io import load_config
+    from aurora_jax.data.tokenizer import Tokenizer
     from aurora_jax.learn.remote import LearnJobConfig, run_learner
 
     cfg = load_config(LearnJobConfig, args.config, args.overrides)
@@ -280,8 +281,10 @@ def cmd_learn(args) -> int:
 
     print(f"learner: waiting for traces in {Path(args.workdir) / 'traces'}", file=sys.stderr)
     try:
+        stops = (Tokenizer.load(path).stop_ids(target.cfg.eos_token_ids)
+                 if Tokenizer.present(path) else None)  # the engine's stop tokens
         online = run_learner(target, draft, args.workdir, cfg.online, cfg.loss, cfg.optimizer,
-                             on_progress=progress)
+                             stop_ids=stops, on_progress=progress)
     finally:
         bar.close()
     if online.error is not None:

@@ -73,6 +73,15 @@ class Tokenizer:
             return self._b.decode(ids, skip_special_tokens=True)
         return self._b.decode(ids)
 
+    @staticmethod
+    def present(path: str | Path) -> bool:
+        """Whether `load(path)` finds a tokenizer (a learner, which reads no text, runs
+        without one)."""
+        path = Path(path)
+        if path.is_dir():
+            return any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
+        return path.is_file()
+
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
         """From a directory holding tokenizer.json or tokenizer.model (or either file), or from

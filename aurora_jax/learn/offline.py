@@ -153,7 +153,7 @@ def train_draft(target: Target, tokenizer: Tokenizer, texts: list[str], out: str
     ids = None
     if cfg.draft_vocab_size is not None and cfg.draft_vocab_size < vocab:  # else: every token
         ids = build_draft_vocab(stream, vocab, cfg.draft_vocab_size,
-                                always=tuple(target.cfg.eos_token_ids))
+                                always=tokenizer.stop_ids(target.cfg.eos_token_ids))
     dcfg = DraftConfig.for_target(target.cfg, draft_vocab_size=None if ids is None else len(ids))
     draft = init_draft(dcfg, seed=cfg.seed, dtype=target.dtype, draft_to_target=ids,
                        mesh=target.mesh)

@@ -83,11 +83,14 @@ def run_learner(target, draft: Draft, workdir: str | Path, cfg: OnlineConfig | N
                 loss: LossConfig | None = None,
                 optimizer: OptimizerSettings = DEFAULT_OPTIMIZER, *,
                 buffer_bytes: int = 1 << 30, poll_s: float = 0.5,
+                stop_ids: tuple[int, ...] | None = None,
                 should_stop: Callable[[], bool] = lambda: False,
                 on_progress: Callable[[OnlineLearner, TraceFollower], None] | None = None,
                 ) -> OnlineLearner:
     """Trains on the traces an engine writes to `workdir` and publishes drafts there, until
-    `cfg.max_steps`, `should_stop()` or a learner error; returns the (stopped) OnlineLearner."""
+    `cfg.max_steps`, `should_stop()` or a learner error; returns the (stopped) OnlineLearner.
+    `stop_ids` (default: the target config's) stay in the draft vocabulary when it is
+    re-chosen: pass the engine's, `Tokenizer.stop_ids(...)`."""
     cfg, loss = cfg or OnlineConfig(), loss or LossConfig()
     traces, drafts = workdir_paths(workdir)
     publisher = DraftPublisher(drafts, draft.state)
@@ -103,7 +106,8 @@ def run_learner(target, draft: Draft, workdir: str | Path, cfg: OnlineConfig | N
             time.sleep(poll_s)
         online = OnlineLearner(Learner(draft, target, loss, optimizer), buffer, publisher,
                                follower.tree_size or 1, cfg,
-                               keep_ids=target.cfg.eos_token_ids)
+                               keep_ids=(target.cfg.eos_token_ids if stop_ids is None
+                                         else stop_ids))
         if should_stop():
             return online
         online.start()

@@ -114,6 +114,7 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
                          "prompt_tokens": res.prompt_tokens, "token_ids": res.token_ids,
                          "text": tok.decode(res.token_ids), "finish_reason": res.finish_reason,
                          "acceptance_length": None if tau is None else round(tau, 4),
+                         "steps": res.steps, "accepted": res.accepted,
                          "draft_version": max(res.draft_versions, default=None)})
 
             run = engine.run(reqs, on_result=log_generation)

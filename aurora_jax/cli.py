@@ -11,6 +11,7 @@
                          [--depth D --topk K --num-draft-tokens N]
     aurora-jax learn     --workdir DIR [--config YAML] [draft=(scratch|warm|PATH) key=value ...]
     aurora-jax run       [--config YAML] [--out DIR] [key.sub=value ...]
+    aurora-jax serve     [--config YAML] [key.sub=value ...]   (OpenAI-compatible HTTP)
 
 Errors caused by input (a bad path, a malformed checkpoint, an over-long prompt, a config
 typo) are printed as one line naming the problem, with exit status 2.
@@ -319,6 +320,17 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from aurora_jax.config_io import load_config
+    from aurora_jax.serve.config import ServeConfig
+    from aurora_jax.serve.server import serve
+
+    cfg = load_config(ServeConfig, args.config, args.overrides)
+    path = _target_dir(argparse.Namespace(target=cfg.target, cache_dir=args.cache_dir))
+    serve(cfg, path, grace_s=args.grace)
+    return 0
+
+
 def cmd_train_draft(args) -> int:
     from aurora_jax.config_io import load_config
     from aurora_jax.data.tokenizer import Tokenizer
@@ -417,6 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--workdir", required=True, help="directory shared with the engine")
     _add_config_args(lp, "draft=warm online.every_steps=5 loss.ttt_steps=3")
     lp.set_defaults(func=cmd_learn)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible server whose draft learns from the "
+                                      "traffic it serves (settings: serve/config.ServeConfig)")
+    sv.add_argument("--grace", type=float, default=30.0,
+                    help="seconds in-flight requests get to finish on SIGTERM / Ctrl-C")
+    _add_config_args(sv, "port=8080 max_slots=8 learning.mode=off api_key=secret")
+    sv.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("run", help="serve a traffic scenario while the draft learns online; "
                                    "writes generations, metrics, a summary and plots")

@@ -44,6 +44,8 @@ def _coerce(tp, value, where: str):
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
     if origin is typing.Literal:
+        if isinstance(value, bool) and {True: "on", False: "off"}[value] in args:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off / on as a boolean
         if value not in args:
             near = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""

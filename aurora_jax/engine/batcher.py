@@ -8,9 +8,11 @@ A `Batcher` drives an `Engine` for a stream of requests. Each `step()`:
   4. frees the slots whose requests finished and reports them.
 
 Everything here is host-side Python over small numpy arrays; device work is the engine's.
-A request's result accumulates in a `RequestResult` (engine/engine.py); `on_result` is called
-once per request, when it finishes. `Engine.run` is a batcher fed every request up front;
-a server feeds one as requests arrive.
+A request's result accumulates in a `RequestResult`; `on_result` is called once per request,
+when it finishes, and `on_tokens` each time tokens are added to it (streaming). `cancel`
+ends a request early, queued or in a slot: its slot is free for the next admission (the device
+marks it idle before the next step). `Engine.run` is a batcher fed every request up front; a
+server feeds one as requests arrive.
 """
 
 from __future__ import annotations
@@ -58,12 +60,15 @@ class RequestResult:
     prompt_tokens: int
     token_ids: list[int] = dataclasses.field(default_factory=list)
     finish_reason: str = ""
-    """"stop" (a stop token ended it) or "length" (max_new_tokens reached)."""
+    """"stop" (a stop token ended it), "length" (max_new_tokens reached) or the reason given
+    to `Batcher.cancel` ("abort" by default)."""
     steps: int = 0
     """Verification steps (target forwards after the prefill)."""
     accepted: int = 0
     """Draft tokens accepted over all steps."""
     draft_versions: set = dataclasses.field(default_factory=set)
+    index: int = -1
+    """Position in its batcher's `results` (what `Batcher.cancel` takes)."""
 
     @property
     def acceptance_length(self) -> float | None:
@@ -88,8 +93,10 @@ class Batcher:
     """Admission queue, slot table and one-step-late reads for one engine."""
 
     def __init__(self, engine: Engine, state: DecodeState,
-                 on_result: Callable[[RequestResult], None] | None = None):
+                 on_result: Callable[[RequestResult], None] | None = None,
+                 on_tokens: Callable[[RequestResult], None] | None = None):
         self.engine, self.state, self.on_result = engine, state, on_result
+        self.on_tokens = on_tokens
         self.requests: list[Request] = []
         self.results: list[RequestResult] = []
         self.queue: collections.deque[int] = collections.deque()
@@ -105,9 +112,27 @@ class Batcher:
         i = len(self.requests)
         self.requests.append(request)
         self.results.append(RequestResult(request.id if request.id is not None else i,
-                                          request.domain, len(request.prompt)))
+                                          request.domain, len(request.prompt), index=i))
         self.queue.append(i)
         return i
+
+    def cancel(self, i: int, reason: str = "abort") -> None:
+        """Ends request `i` now with `finish_reason=reason` (reported through `on_result`);
+        a request that already finished is left alone. Its slot is free at once: the device
+        marks it idle before the next step, and tokens the step in flight still makes for
+        it are dropped."""
+        res = self.results[i]
+        if res.finish_reason:
+            return
+        if i in self.queue:
+            self.queue.remove(i)
+        elif i in self.slot_request:
+            slot = self.slot_request.index(i)
+            self.slot_request[slot] = None
+            self.state = self.engine.deactivate(self.state, slot)
+        res.finish_reason = reason
+        if self.on_result:
+            self.on_result(res)
 
     @property
     def idle(self) -> bool:
@@ -159,6 +184,8 @@ class Batcher:
         for j, (r, i) in enumerate(zip(reqs, ids, strict=True)):
             token = int(first[j])
             self.results[i].token_ids.append(token)
+            if self.on_tokens:
+                self.on_tokens(self.results[i])
             self.slot_request[slots[j]] = i
             # The device marked the slot idle at insert already when the first token ends it.
             done = token in engine.eos_set or r.max_new_tokens == 1
@@ -180,10 +207,14 @@ class Batcher:
             i = step.slot_request[s]
             assert i is not None  # an active slot serves a request
             res = self.results[i]
+            if res.finish_reason:  # cancelled while this step ran: its tokens are dropped
+                continue
             res.token_ids.extend(tokens[s, : emitted[s]].tolist())
             res.steps += 1
             res.accepted += int(accepted[s])
             res.draft_versions.add(step.draft_version)
+            if self.on_tokens:
+                self.on_tokens(res)
             if done[s]:
                 self.release(s)
         if self.engine.traces and step.out.trace is not None:

@@ -97,7 +97,11 @@ class Engine:
         self._insert = jax.jit(step.insert, donate_argnums=(1,))
         self._generate = jax.jit(functools.partial(step.generate, spec=spec, trace=tracing),
                                  donate_argnums=(4,))
+        self._deactivate = jax.jit(
+            lambda state, slot: dataclasses.replace(state, active=state.active.at[slot].set(False)),
+            donate_argnums=(0,))
         self._programs: dict[tuple, jax.stages.Compiled] = {}  # (name, shape bucket) -> program
+        self.swapped_at: float | None = None  # perf_counter() of the last set_draft
 
     # ---- JetStream-style API -------------------------------------------------------------
 
@@ -161,6 +165,11 @@ class Engine:
             raise ConfigError("new draft params differ in structure, shape or dtype from the "
                               "serving draft; a swap would recompile")
         self._serving = (draft_state, self.draft_version + 1 if version is None else version)
+        self.swapped_at = time.perf_counter()
+
+    def deactivate(self, state: step.DecodeState, slot: int) -> step.DecodeState:
+        """Marks `slot` idle (a cancelled request): the next step leaves it alone."""
+        return self._call(("deactivate",), self._deactivate, state, jnp.int32(slot))
 
     # ---- host loop -----------------------------------------------------------------------
 
@@ -174,14 +183,15 @@ class Engine:
                 f"prompt of {len(r.prompt)} tokens plus max_new_tokens={r.max_new_tokens} "
                 f"exceeds the engine's max_len of {self.max_len} tokens")
 
-    def batcher(self, on_result: Callable[[RequestResult], None] | None = None) -> Batcher:
+    def batcher(self, on_result: Callable[[RequestResult], None] | None = None,
+                on_tokens: Callable[[RequestResult], None] | None = None) -> Batcher:
         """A continuous-batching loop over a fresh decode state (engine/batcher.py). The
         n-gram references of the last run carry over into it."""
         state = self.init_decode_state()
         if self._recent is not None:
             # (steps donate them)
             state, self._recent = dataclasses.replace(state, **self._recent), None
-        return Batcher(self, state, on_result)
+        return Batcher(self, state, on_result, on_tokens)
 
     def keep_recent(self, state: step.DecodeState) -> None:
         """Keeps a finished loop's n-gram references for the next one (as a server would)."""

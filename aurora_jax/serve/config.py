@@ -1,0 +1,102 @@
+"""`aurora-jax serve`'s config: one YAML file (configs/serve.yaml documents every field) with
+`key.sub=value` overrides, checked before anything loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Literal
+
+from aurora_jax.errors import ConfigError
+from aurora_jax.learn.losses import LossConfig
+from aurora_jax.learn.online import OnlineConfig
+from aurora_jax.learn.optimizer import OptimizerSettings
+from aurora_jax.models.config import DtypeName
+from aurora_jax.speculative.config import SpecConfig
+
+Learning = Literal["off", "thread", "workdir"]
+API_KEY_ENV = "AURORA_JAX_API_KEY"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeLearning:
+    """How the draft keeps learning while the server serves."""
+
+    mode: Learning = "thread"
+    """off: the draft never changes; thread: an online learner thread in this process over the
+    engine's traces; workdir: traces go to `workdir` for an `aurora-jax learn --workdir`
+    process, whose drafts the server swaps in."""
+    workdir: str | None = None
+    """mode workdir: the directory shared with the learner process."""
+    online: OnlineConfig = OnlineConfig(seq_len=96, every_steps=10, min_sequences=3)
+    """mode thread: batches and publications (learn/online.py)."""
+    optimizer: OptimizerSettings = OptimizerSettings(learning_rate=3e-3)
+    """mode thread: AdamW and its schedule."""
+    loss: LossConfig = LossConfig(ttt_steps=3)
+    """mode thread: the draft objective; its tree_depth follows spec.depth."""
+
+    def __post_init__(self):
+        if self.mode == "workdir" and not self.workdir:
+            raise ConfigError("learning.mode workdir needs learning.workdir")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """An OpenAI-compatible server whose draft learns from the traffic it serves."""
+
+    target: str = "builtin"
+    """"builtin" (SmolLM2-135M-Instruct), "builtin-scratch", a Hugging Face checkpoint
+    directory or a .gguf file."""
+    draft: str = "warm"
+    """"warm" or "scratch" (day 0), an EAGLE-3 directory, or "none" (target only)."""
+    draft_vocab_size: int | None = 8192
+    """A scratch or warm draft's head rows (null: the whole target vocabulary)."""
+    dtype: DtypeName = "float32"
+    """Parameter dtype."""
+    tp: int = 1
+    """Tensor-parallel degree over local devices."""
+    seed: int = 0
+    """Seeds a scratch draft and sampling (a request's `seed` overrides it for its row)."""
+    spec: SpecConfig = SpecConfig(mode="tree", depth=4, topk=4, num_draft_tokens=12)
+    """Speculation (ngram, chain or tree; off with draft none)."""
+    max_slots: int = 4
+    """Requests decoded at once (continuous batching)."""
+    max_len: int = 1024
+    """Longest prompt plus completion, in tokens; longer requests are a 400."""
+    max_queue: int = 64
+    """Requests waiting for a slot; one more is answered 429 at once."""
+    default_max_tokens: int = 128
+    """max_tokens when a request gives none."""
+    host: str = "127.0.0.1"
+    """Interface to listen on; only this one."""
+    port: int = 8000
+    """TCP port (0: any free port, printed at start)."""
+    model_name: str | None = None
+    """The model id clients send and /v1/models lists (default: the target's folder name)."""
+    api_key: str | None = None
+    """When set (or $AURORA_JAX_API_KEY), every endpoint but /health needs
+    `Authorization: Bearer <key>`."""
+    max_body_bytes: int = 1 << 20
+    """Request bodies above this are a 413."""
+    learning: ServeLearning = ServeLearning()
+    """Online learning while serving."""
+
+    def __post_init__(self):
+        if min(self.max_slots, self.max_len, self.max_queue, self.default_max_tokens,
+               self.max_body_bytes, self.tp) < 1:
+            raise ConfigError("max_slots, max_len, max_queue, default_max_tokens, "
+                              "max_body_bytes and tp must be >= 1")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        if self.draft == "none" and self.spec.needs_draft:
+            raise ConfigError(f"draft none cannot speculate in mode {self.spec.mode}; set "
+                              "spec.mode: off or ngram")
+        if self.draft == "none" and self.learning.mode != "off":
+            raise ConfigError("draft none has nothing to learn; set learning.mode: off")
+        if self.learning.mode != "off" and not self.spec.needs_draft:
+            raise ConfigError("learning trains the draft from its speculation traces; use "
+                              "spec.mode chain or tree, or learning.mode: off")
+
+    @property
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get(API_KEY_ENV) or None

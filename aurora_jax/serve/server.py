@@ -1,0 +1,137 @@
+"""`aurora-jax serve`: the target and draft, the engine with its learning, the serving loop and
+the HTTP app, assembled from a `ServeConfig` and run under uvicorn.
+
+Learning while serving (`learning.mode`): "thread" trains an online learner in this process on
+the engine's traces and publishes into the engine (a hot swap between two steps); "workdir"
+writes traces to a directory for an `aurora-jax learn --workdir` process and swaps in the
+drafts it publishes there. SIGTERM or Ctrl-C: uvicorn stops accepting connections and gives
+open ones `grace_s` to finish; then the loop ends what is left with "abort", the learner
+finishes its step, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+from aurora_jax.data.tokenizer import Tokenizer
+from aurora_jax.data.vocab import scratch_draft_vocab
+from aurora_jax.engine.batcher import Request
+from aurora_jax.engine.engine import Engine
+from aurora_jax.errors import ConfigError
+from aurora_jax.learn.learner import Learner
+from aurora_jax.learn.online import OnlineLearner, online_engine
+from aurora_jax.learn.remote import shared_engine
+from aurora_jax.models.eagle3_io import load_draft
+from aurora_jax.models.loading import load_pair
+from aurora_jax.models.sharding import make_mesh
+from aurora_jax.serve.config import ServeConfig
+from aurora_jax.serve.loop import ServingLoop
+from aurora_jax.serve.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class Server:
+    """Everything `aurora-jax serve` runs, built and warm; `app` is the ASGI app."""
+
+    def __init__(self, cfg: ServeConfig, target_dir: str | Path, *, warm: bool = True):
+        self.cfg = cfg
+        self.tokenizer = Tokenizer.load(target_dir)
+        self.model_name = cfg.model_name or Path(target_dir).name
+        self.started = int(time.time())
+        mesh = make_mesh(tp=cfg.tp) if cfg.tp > 1 else None
+        draft_name = None if cfg.draft == "none" else cfg.draft
+        self.target, self.draft = load_pair(
+            target_dir, draft_name, dtype=cfg.dtype, seed=cfg.seed, mesh=mesh,
+            draft_vocab=scratch_draft_vocab(cfg.draft_vocab_size, self.tokenizer))
+        stops = self.tokenizer.stop_ids(self.target.cfg.eos_token_ids)
+        kw: dict = dict(max_slots=cfg.max_slots, max_len=cfg.max_len, eos_ids=stops,
+                        seed=cfg.seed)
+        self.online: OnlineLearner | None = None
+        watcher = None
+        learning = cfg.learning
+        if learning.mode == "thread":
+            loss = dataclasses.replace(learning.loss, tree_depth=max(cfg.spec.max_depth, 1))
+            learner = Learner(self.draft, self.target, loss, learning.optimizer)
+            self.engine, self.online = online_engine(self.target, self.draft, cfg.spec, learner,
+                                                     learning.online, **kw)
+        elif learning.mode == "workdir":
+            assert learning.workdir is not None
+            self.engine, self.store, watcher = shared_engine(self.target, self.draft, cfg.spec,
+                                                             learning.workdir, **kw)
+        else:
+            self.engine = Engine(self.target, self.draft if cfg.spec.needs_draft else None,
+                                 cfg.spec, **kw)
+        self.metrics = ServerMetrics(cfg.spec.max_depth)
+        self.loop = ServingLoop(self.engine, self.metrics, max_queue=cfg.max_queue,
+                                online=self.online, watcher=watcher)
+        warmup = Request(self.tokenizer.encode("Hello") or [0], 4) if warm else None
+        self.loop.start(warmup)
+        from aurora_jax.serve.app import create_app
+
+        self.app = create_app(self)
+
+    def draft_status(self) -> dict:
+        e = self.engine
+        return {"draft": self.cfg.draft, "serving_version": e.draft_version,
+                "spec": dataclasses.asdict(e.spec), "learning": self.cfg.learning.mode,
+                "learner_steps": self.online.steps if self.online else None,
+                "drafts_published": self.online.published if self.online else None,
+                "hot_swaps": self.metrics.swaps._value.get()}
+
+    def load_draft(self, path: str) -> int:
+        """Swaps in the EAGLE-3 draft at `path` (same layout as the serving one)."""
+        if self.draft is None:
+            raise ConfigError("this server serves without a draft")
+        new = load_draft(path, target=self.target.cfg, dtype=self.target.dtype,
+                         mesh=self.target.mesh)
+        self.engine.set_draft(new.state)
+        return self.engine.draft_version
+
+    def close(self, grace_s: float = 5.0) -> None:
+        self.loop.shutdown(grace_s)
+        if getattr(self, "store", None) is not None:
+            if self.engine.traces:
+                self.engine.traces.flush()
+            self.store.flush()
+
+
+def serve(cfg: ServeConfig, target_dir: str | Path, grace_s: float = 30.0) -> None:
+    """Builds the server, prints where it listens, and serves until SIGTERM or Ctrl-C."""
+    import uvicorn
+
+    print(f"serve: loading {target_dir} and compiling ...", file=sys.stderr, flush=True)
+    server = Server(cfg, target_dir)
+    server.loop.ready.wait()
+    if server.loop.error is not None:
+        raise server.loop.error
+    config = uvicorn.Config(server.app, host=cfg.host, port=cfg.port, log_level="warning",
+                            timeout_graceful_shutdown=int(grace_s), lifespan="off")
+    http = uvicorn.Server(config)
+
+    def announce():
+        while not http.started:
+            time.sleep(0.05)
+        port = http.servers[0].sockets[0].getsockname()[1] if http.servers else cfg.port
+        print(f"serving {server.model_name!r} on http://{cfg.host}:{port}/v1 "
+              f"(OpenAI-compatible; /metrics, /health)", flush=True)
+
+    import signal
+    import threading
+
+    threading.Thread(target=announce, daemon=True).start()
+    # uvicorn handles SIGTERM / SIGINT while it serves (a graceful shutdown), then raises the
+    # signal again for the handler that was there before: this one, so that the loop and the
+    # learner still get stopped below and the process exits 0.
+    stopped: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: stopped.append(signum))
+    try:
+        http.run()
+    finally:
+        server.close(grace_s=min(grace_s, 5.0))
+        print("serve: stopped", file=sys.stderr, flush=True)

@@ -1,0 +1,372 @@
+"""`aurora-jax serve` end to end: a real server on 127.0.0.1, driven by the official `openai`
+client (and httpx where a client must misbehave). Outputs are checked against target-only
+greedy decoding token for token; metrics against the responses' usage."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from aurora_jax.engine.target_only import TargetGenerator
+from aurora_jax.serve.config import ServeConfig, ServeLearning
+from aurora_jax.serve.text import TextStream
+from aurora_jax.speculative.config import SpecConfig
+
+openai = pytest.importorskip("openai")
+
+KEY = "test-key"
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+                 "<assistant>")
+
+
+@pytest.fixture(scope="module")
+def ckpt(small_ckpt, tmp_path_factory) -> Path:
+    """The small checkpoint with a chat template."""
+    out = tmp_path_factory.mktemp("serve") / "tiny"
+    shutil.copytree(small_ckpt, out)
+    (out / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(ckpt):
+    """(server, base url, reference decoder): a scratch draft speculating in tree mode, no
+    learning (so outputs and metrics are deterministic), on a free port."""
+    import uvicorn
+
+    from aurora_jax.serve.server import Server
+
+    cfg = ServeConfig(target=str(ckpt), draft="scratch", draft_vocab_size=None,
+                      spec=SpecConfig(mode="tree", depth=3, topk=2, num_draft_tokens=6),
+                      max_slots=4, max_len=192, max_queue=32, port=0, api_key=KEY,
+                      model_name="tiny", learning=ServeLearning(mode="off"))
+    server = Server(cfg, ckpt)
+    assert server.loop.ready.wait(120) and server.loop.error is None
+    http = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=0,
+                                         log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    while not http.started:
+        time.sleep(0.02)
+    port = http.servers[0].sockets[0].getsockname()[1]
+    reference = TargetGenerator(server.target, eos_ids=server.engine.eos_ids)
+    yield server, f"http://127.0.0.1:{port}", reference
+    http.should_exit = True
+    thread.join(10)
+    server.close()
+
+
+def client(url: str, key: str = KEY):
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+
+
+def reference_text(server, reference, prompt_ids: list[int], max_tokens: int):
+    (c,) = reference.generate([prompt_ids], max_tokens).completions
+    return server.tokenizer.decode(c.token_ids), c
+
+
+PROMPTS = ["def fibonacci(n):\n    ", "import os\nimport sys\n", "class Config:\n    def",
+           "The standard library", "for i in range(10):", "# sort a list\n"]
+
+
+def test_greedy_completions_equal_target_only_streamed_and_not(served):
+    server, url, reference = served
+    c = client(url)
+    for prompt in PROMPTS[:3]:
+        want, ref = reference_text(server, reference, server.tokenizer.encode(prompt), 24)
+        got = c.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0)
+        assert got.choices[0].text == want
+        assert got.choices[0].finish_reason == ref.finish_reason
+        assert got.usage.completion_tokens == len(ref.token_ids)
+        assert got.usage.prompt_tokens == len(server.tokenizer.encode(prompt))
+        extra = got.usage.model_extra
+        assert extra["target_forwards"] >= 1 and extra["acceptance_length"] >= 1.0
+        assert extra["draft_version"] == 0
+        chunks = list(c.completions.create(model="tiny", prompt=prompt, max_tokens=24,
+                                           temperature=0, stream=True,
+                                           stream_options={"include_usage": True}))
+        assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == \
+            ref.finish_reason
+        assert chunks[-1].usage.completion_tokens == len(ref.token_ids)
+
+
+def test_chat_uses_the_chat_template(served):
+    server, url, reference = served
+    messages = [{"role": "user", "content": "write a loop"}]
+    ids = server.tokenizer.encode_chat(messages)
+    assert server.tokenizer.decode(ids).startswith("<user>write a loop")
+    want, _ = reference_text(server, reference, ids, 16)
+    got = client(url).chat.completions.create(model="tiny", messages=messages, max_tokens=16,
+                                              temperature=0)
+    assert got.choices[0].message.content == want
+    assert got.choices[0].message.role == "assistant"
+    stream = client(url).chat.completions.create(model="tiny", messages=messages, max_tokens=16,
+                                                 temperature=0, stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream) == want
+
+
+def test_sixteen_concurrent_requests_all_complete_correctly(served):
+    server, url, reference = served
+    prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(16)]
+    c = client(url)
+
+    def ask(p):
+        return c.completions.create(model="tiny", prompt=p, max_tokens=20, temperature=0)
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(ask, prompts))
+    for p, g in zip(prompts, got, strict=True):
+        want, _ = reference_text(server, reference, server.tokenizer.encode(p), 20)
+        assert g.choices[0].text == want
+
+
+def test_stop_strings_that_span_tokens_are_honoured(served):
+    server, url, reference = served
+    prompt = PROMPTS[0]
+    ids = server.tokenizer.encode(prompt)
+    _, ref = reference_text(server, reference, ids, 40)
+    pieces = [server.tokenizer.decode(ref.token_ids[:k]) for k in range(len(ref.token_ids) + 1)]
+    full = pieces[-1]
+    # A stop string from the middle of token k's text into token k+1's: it spans a boundary.
+    k = next(k for k in range(3, len(pieces) - 2)
+             if len(pieces[k]) - len(pieces[k - 1]) >= 2 and len(pieces[k + 1]) > len(pieces[k]))
+    start = len(pieces[k]) - 1
+    stop = full[start:len(pieces[k]) + 1]
+    assert full.find(stop) == start  # its first occurrence
+    for stream in (False, True):
+        got = client(url).completions.create(model="tiny", prompt=prompt, max_tokens=40,
+                                             temperature=0, stop=[stop, "\x00never"],
+                                             stream=stream)
+        if stream:
+            chunks = [ch for ch in got if ch.choices]
+            text = "".join(ch.choices[0].text for ch in chunks)
+            reason = chunks[-1].choices[0].finish_reason
+        else:
+            text, reason = got.choices[0].text, got.choices[0].finish_reason
+        assert text == full[:start] and reason == "stop"
+
+
+def test_text_stream_holds_back_a_possible_stop_string():
+    """Unit: a stop string split across two updates is never partly sent."""
+    pieces = ["ab", "abc", "abcXY", "abcXYZ"]
+    s = TextStream(lambda ids: pieces[len(ids) - 1], ("cXYZ",))
+    sent = [s.update([0] * n, final=False) for n in range(1, 5)]
+    assert "".join(sent) == "ab" and s.stopped
+
+
+def _metrics(url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    return out
+
+
+def test_metrics_parse_and_match_the_usage(served):
+    server, url, _ = served
+    before = _metrics(url)
+    c = client(url)
+    usages = [c.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0).usage
+              for p in PROMPTS[3:6]]
+    after = _metrics(url)
+
+    def delta(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta("aurora_jax:generation_tokens_total") == sum(u.completion_tokens for u in usages)
+    assert delta("aurora_jax:prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
+    assert delta("aurora_jax:request_success_total{finished_reason=length}") + \
+        delta("aurora_jax:request_success_total{finished_reason=stop}") == 3
+    steps = sum(u.model_extra["target_forwards"] - 1 for u in usages)
+    accepted = sum(round((u.model_extra["acceptance_length"] - 1) *
+                         (u.model_extra["target_forwards"] - 1)) for u in usages)
+    assert delta("aurora_jax:spec_decode_num_drafts_total") == steps
+    assert delta("aurora_jax:spec_decode_num_accepted_tokens_total") == accepted
+    assert delta("aurora_jax:spec_decode_num_draft_tokens_total") == steps * 3
+    per_pos = sum(delta(f"aurora_jax:spec_decode_num_accepted_tokens_per_pos_total"
+                        f"{{position={p}}}") for p in range(3))
+    assert per_pos == accepted
+    assert delta("aurora_jax:e2e_request_latency_seconds_count") == 3
+    assert after["aurora_jax:num_requests_running"] == 0
+
+
+def test_a_cancelled_stream_frees_its_slot(served):
+    server, url, _ = served
+    before = _metrics(url)
+    body = {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 150, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # one chunk, then the client goes away
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        m = _metrics(url)
+        aborted = m.get("aurora_jax:request_success_total{finished_reason=abort}", 0) - \
+            before.get("aurora_jax:request_success_total{finished_reason=abort}", 0)
+        if aborted == 1 and m["aurora_jax:num_requests_running"] == 0:
+            break
+        time.sleep(0.1)
+    assert aborted == 1 and m["aurora_jax:num_requests_running"] == 0
+    assert all(i is None for i in server.loop.batcher.slot_request)
+
+
+def test_a_hot_swap_during_traffic_stays_lossless_and_raises_the_version(served, tmp_path):
+    from aurora_jax.models.eagle3 import DraftConfig, init_draft
+    from aurora_jax.models.eagle3_io import save_draft
+
+    server, url, reference = served
+    other = init_draft(DraftConfig.for_target(server.target.cfg), seed=7)
+    save_draft(tmp_path / "draft", other)
+    c = client(url)
+    version = _metrics(url)["aurora_jax:draft_version"]
+
+    def ask(p):
+        return c.completions.create(model="tiny", prompt=p, max_tokens=30, temperature=0)
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(ask, p) for p in PROMPTS[:4]]
+        time.sleep(0.05)
+        r = httpx.post(url + "/admin/draft", json={"path": str(tmp_path / "draft")},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        assert r.status_code == 200, r.text
+        got = [f.result() for f in futures]
+    for p, g in zip(PROMPTS[:4], got, strict=True):
+        want, _ = reference_text(server, reference, server.tokenizer.encode(p), 30)
+        assert g.choices[0].text == want
+    ask(PROMPTS[5])  # at least one step with the new draft
+    m = _metrics(url)
+    assert m["aurora_jax:draft_version"] == version + 1 == r.json()["version"]
+    assert m["aurora_jax:draft_hot_swaps_total"] >= 1
+    status = httpx.get(url + "/admin/draft", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert status["serving_version"] == version + 1
+
+
+BAD = [
+    (b'{"model": "tiny", "prompt": "x"', 400, None),  # malformed JSON
+    ({"model": "gpt-4", "prompt": "x"}, 404, "model"),
+    ({"model": "tiny", "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "x", "temperature": math.nan}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "x " * 400, "max_tokens": 8}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": "tiny", "prompt": "x", "logprobs": 5}, 400, "logprobs"),
+    ({"model": "tiny", "prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
+    ({"model": "tiny", "prompt": 7}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "x", "stop": ["a"] * 100}, 400, "stop"),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD)
+def test_bad_bodies_get_openai_errors_and_the_server_stays_up(served, body, status, param):
+    _, url, _ = served
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(url + "/v1/completions", content=raw, headers=headers, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] and err["param"] == param
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+
+
+def test_the_api_key_is_required_everywhere_but_health(served):
+    _, url, _ = served
+    with pytest.raises(openai.AuthenticationError):
+        client(url, key="wrong").completions.create(model="tiny", prompt="x", max_tokens=2)
+    assert httpx.get(url + "/v1/models").status_code == 401
+    assert httpx.get(url + "/metrics").status_code == 401
+    assert httpx.get(url + "/health").status_code == 200
+    models = client(url).models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_a_full_queue_answers_429_at_once(served):
+    from aurora_jax.engine.batcher import Request
+    from aurora_jax.serve.loop import Job, ServerBusy
+
+    server, _, _ = served
+    loop = server.loop
+    saved = loop.max_queue
+    loop.max_queue = -server.engine.max_slots  # nothing more fits
+    try:
+        job = Job(Request([1, 2], 2), TextStream(str), None, None)  # type: ignore[arg-type]
+        with pytest.raises(ServerBusy):
+            loop.submit(job)
+    finally:
+        loop.max_queue = saved
+
+
+def test_sigterm_answers_in_flight_requests_and_exits_cleanly(ckpt, tmp_path):
+    port_file = tmp_path / "out.txt"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    with open(port_file, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "aurora_jax.cli", "serve", "--grace", "30",
+             f"target={ckpt}", "draft=none", "spec.mode=off", "learning.mode=off", "port=0",
+             "max_len=192", "model_name=tiny"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 180
+        url = None
+        while url is None and time.time() < deadline and proc.poll() is None:
+            for line in port_file.read_text().splitlines():
+                if line.startswith("serving "):
+                    url = line.split(" on ")[1].split()[0].removesuffix("/v1")
+            time.sleep(0.1)
+        assert url, port_file.read_text()[-2000:]
+        chunks: list[str] = []
+
+        def stream():
+            body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 120, "temperature": 0,
+                    "stream": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+                chunks.extend(line for line in r.iter_lines() if line.startswith("data: "))
+
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        t.join(60)
+        assert proc.wait(60) == 0, port_file.read_text()[-2000:]
+        assert chunks and chunks[-1] == "data: [DONE]"
+        last = json.loads(chunks[-2][6:])
+        assert last["choices"][0]["finish_reason"] in ("length", "stop", "abort")
+        assert "serve: stopped" in port_file.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serve_config_refuses_bad_settings():
+    from aurora_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="learning"):
+        ServeConfig(draft="none", spec=SpecConfig(mode="off"))
+    with pytest.raises(ConfigError, match="workdir"):
+        ServeLearning(mode="workdir")
+    with pytest.raises(ConfigError, match="port"):
+        ServeConfig(port=70000)
+    from aurora_jax.config_io import load_config
+
+    # YAML 1.1 reads a bare `off` as false: a Literal field with "off" takes it back.
+    cfg = load_config(ServeConfig, None, ["draft=none", "spec.mode=off", "learning.mode=off"])
+    assert (cfg.spec.mode, cfg.learning.mode) == ("off", "off")
+    root = Path(__file__).parents[1]
+    assert load_config(ServeConfig, root / "configs" / "serve.yaml") == ServeConfig()

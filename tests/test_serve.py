@@ -370,3 +370,58 @@ def test_serve_config_refuses_bad_settings():
     assert (cfg.spec.mode, cfg.learning.mode) == ("off", "off")
     root = Path(__file__).parents[1]
     assert load_config(ServeConfig, root / "configs" / "serve.yaml") == ServeConfig()
+
+
+def test_the_draft_learns_while_serving_and_swaps_stay_lossless(ckpt):
+    """learning.mode thread: the learner trains on the served traffic and publishes; each
+    publication is a hot swap the metrics count, and outputs stay target-only's."""
+    import uvicorn
+
+    from aurora_jax.learn.online import OnlineConfig
+    from aurora_jax.serve.server import Server
+
+    cfg = ServeConfig(target=str(ckpt), draft="scratch", draft_vocab_size=None,
+                      spec=SpecConfig(mode="chain", depth=3), max_slots=2, max_len=160,
+                      port=0, model_name="tiny",
+                      learning=ServeLearning(mode="thread", online=OnlineConfig(
+                          batch_size=2, seq_len=16, trees_per_seq=2, min_sequences=2,
+                          every_steps=2)))
+    server = Server(cfg, ckpt)
+    assert server.loop.ready.wait(120) and server.loop.error is None
+    http = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=0,
+                                         log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    try:
+        while not http.started:
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{http.servers[0].sockets[0].getsockname()[1]}"
+        reference = TargetGenerator(server.target, eos_ids=server.engine.eos_ids)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        deadline, versions = time.time() + 120, set()
+        while time.time() < deadline:
+            for p in PROMPTS:
+                got = c.completions.create(model="tiny", prompt=p, max_tokens=24,
+                                           temperature=0)
+                want, _ = reference_text(server, reference, server.tokenizer.encode(p), 24)
+                assert got.choices[0].text == want
+                versions.add(got.usage.model_extra["draft_version"])
+            if max(versions) >= 2:
+                break
+        m = _metrics_open(url)
+        assert max(versions) >= 2 and m["aurora_jax:draft_version"] >= 2
+        assert m["aurora_jax:draft_hot_swaps_total"] >= 1
+        assert m["aurora_jax:learner_steps"] >= 4
+        assert m["aurora_jax:draft_hot_swap_latency_seconds_count"] >= 1
+    finally:
+        http.should_exit = True
+        thread.join(10)
+        server.close()
+
+
+def _metrics_open(url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics").text
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if not s.labels}

@@ -372,6 +372,25 @@ def test_serve_config_refuses_bad_settings():
     assert load_config(ServeConfig, root / "configs" / "serve.yaml") == ServeConfig()
 
 
+def test_load_generator_measures_what_the_server_served(served):
+    import asyncio
+
+    from aurora_jax.serve.loadgen import drive, summarize
+
+    server, url, reference = served
+    rows = asyncio.run(drive(url, "tiny", PROMPTS[:4], rate=20.0, max_tokens=12, api_key=KEY))
+    s = summarize(rows)
+    want = [len(reference.generate([server.tokenizer.encode(p)], 12).completions[0].token_ids)
+            for p in PROMPTS[:4]]
+    assert [r["tokens"] for r in rows] == want and s["tokens"] == sum(want)
+    assert s["requests"] == 4 and s["tokens_per_s"] > 0
+    assert 0 < s["ttft_p50_s"] <= s["ttft_p99_s"] and s["e2e_p50_s"] <= s["e2e_p99_s"]
+    assert all(r["ttft_s"] <= r["e2e_s"] for r in rows)
+    steps = [r["target_forwards"] - 1 for r in rows]
+    tau = sum(r["acceptance_length"] * n for r, n in zip(rows, steps, strict=True)) / sum(steps)
+    assert s["acceptance_length"] == pytest.approx(tau)
+
+
 def test_the_draft_learns_while_serving_and_swaps_stay_lossless(ckpt):
     """learning.mode thread: the learner trains on the served traffic and publishes; each
     publication is a hot swap the metrics count, and outputs stay target-only's."""

@@ -41,7 +41,7 @@ class Server:
     def __init__(self, cfg: ServeConfig, target_dir: str | Path, *, warm: bool = True):
         self.cfg = cfg
         self.tokenizer = Tokenizer.load(target_dir)
-        self.model_name = cfg.model_name or Path(target_dir).name
+        self.model_name = cfg.model_name or _model_name(Path(target_dir))
         self.started = int(time.time())
         mesh = make_mesh(tp=cfg.tp) if cfg.tp > 1 else None
         draft_name = None if cfg.draft == "none" else cfg.draft
@@ -98,6 +98,13 @@ class Server:
             if self.engine.traces:
                 self.engine.traces.flush()
             self.store.flush()
+
+
+def _model_name(target_dir: Path) -> str:
+    """The target's folder name (the built-in ones live in <name>/hf, or are a .gguf file)."""
+    if target_dir.suffix.lower() == ".gguf":
+        return target_dir.stem
+    return target_dir.parent.name if target_dir.name == "hf" else target_dir.name
 
 
 def serve(cfg: ServeConfig, target_dir: str | Path, grace_s: float = 30.0) -> None:

@@ -15,6 +15,7 @@ from aurora_jax.models.config import DtypeName
 from aurora_jax.speculative.config import SpecConfig
 
 Learning = Literal["off", "thread", "workdir"]
+Schedule = Literal["idle", "always"]
 API_KEY_ENV = "AURORA_JAX_API_KEY"
 
 
@@ -28,6 +29,11 @@ class ServeLearning:
     process, whose drafts the server swaps in."""
     workdir: str | None = None
     """mode workdir: the directory shared with the learner process."""
+    schedule: Schedule = "idle"
+    """mode thread: "idle" steps the learner on the serving thread while no request is in
+    flight (a request that arrives waits for at most one learner step); "always" runs it on
+    its own thread beside serving (right where the learner has cores or devices of its own:
+    on a shared CPU it slows every decoding step by about as much as it learns)."""
     online: OnlineConfig = OnlineConfig(seq_len=96, every_steps=10, min_sequences=3)
     """mode thread: batches and publications (learn/online.py)."""
     optimizer: OptimizerSettings = OptimizerSettings(learning_rate=3e-3)

@@ -65,9 +65,10 @@ class ServingLoop:
     """Owns the engine on its own thread."""
 
     def __init__(self, engine: Engine, metrics: ServerMetrics, *, max_queue: int,
-                 online=None, watcher=None):
+                 online=None, watcher=None, learn_when_idle: bool = False):
         self.engine, self.metrics, self.max_queue = engine, metrics, max_queue
         self.online, self.watcher = online, watcher
+        self.learn_when_idle = learn_when_idle and online is not None
         self.batcher = engine.batcher(on_result=self._finished, on_tokens=self._tokens)
         self._inbox: queue.Queue = queue.Queue()
         self._jobs: dict[int, Job] = {}  # batcher index -> job
@@ -76,6 +77,7 @@ class ServingLoop:
         self._admitting = True
         self._stop_deadline: float | None = None
         self._version = engine.draft_version
+        self.swaps = 0  # drafts swapped in while serving
         self._learner_read = 0.0
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -126,11 +128,13 @@ class ServingLoop:
                 self.engine.run([self._warmup])  # compiles the steady-state step
                 self.batcher = self.engine.batcher(on_result=self._finished,
                                                    on_tokens=self._tokens)
-            if self.online is not None:
+            if self.online is not None and not self.learn_when_idle:
                 self.online.start()
             self.ready.set()
             while True:
                 idle = self.batcher.idle
+                if idle and self._inbox.empty() and self._learn_one():
+                    continue
                 self._drain(block=idle)
                 if self._stop_deadline is not None:
                     if self.batcher.idle:
@@ -147,6 +151,24 @@ class ServingLoop:
             for job in list(self._jobs.values()):
                 job.post("error", f"the engine failed: {e}")
             self.ready.set()
+
+    def _learn_one(self) -> bool:
+        """One learner step while nothing is served (schedule "idle"); False if none ran."""
+        online = self.online
+        if (not self.learn_when_idle or self._stop_deadline is not None or online is None
+                or not online.ready()
+                or (online.cfg.max_steps is not None and online.steps >= online.cfg.max_steps)):
+            return False
+        try:
+            online.train_step()
+            jax.block_until_ready(online.last_metrics)  # a request waits at most this step
+        except Exception:  # noqa: BLE001 - keep serving with the last good draft
+            log.exception("online learner failed; serving draft version %d from now on",
+                          self.engine.draft_version)
+            self.learn_when_idle = False
+            return False
+        self._after_step()
+        return True
 
     def _drain(self, block: bool) -> None:
         while True:
@@ -225,6 +247,7 @@ class ServingLoop:
             latency = (time.perf_counter() - self.engine.swapped_at
                        if self.engine.swapped_at is not None else 0.0)
             self._version = version
+            self.swaps += 1
             self.metrics.swaps.inc()
             self.metrics.swap_latency.observe(latency)
             self.metrics.draft_version.set(version)
@@ -232,9 +255,10 @@ class ServingLoop:
                      version, latency * 1e3)
         self._update_gauges()
         now = time.perf_counter()
-        if self.online is not None and now - self._learner_read > 1.0:
-            self._learner_read = now
+        if self.online is not None:
             self.metrics.learner_steps.set(self.online.steps)
+        if self.online is not None and now - self._learner_read > 1.0:
+            self._learner_read = now  # the loss is a device value: read it now and then
             m = self.online.last_metrics
             if m:
                 loss, tau = jax.device_get((m["loss"], m["sim_acceptance_length"]))

@@ -68,7 +68,8 @@ class Server:
                                  cfg.spec, **kw)
         self.metrics = ServerMetrics(cfg.spec.max_depth)
         self.loop = ServingLoop(self.engine, self.metrics, max_queue=cfg.max_queue,
-                                online=self.online, watcher=watcher)
+                                online=self.online, watcher=watcher,
+                                learn_when_idle=learning.schedule == "idle")
         warmup = Request(self.tokenizer.encode("Hello") or [0], 4) if warm else None
         self.loop.start(warmup)
         from aurora_jax.serve.app import create_app
@@ -81,7 +82,7 @@ class Server:
                 "spec": dataclasses.asdict(e.spec), "learning": self.cfg.learning.mode,
                 "learner_steps": self.online.steps if self.online else None,
                 "drafts_published": self.online.published if self.online else None,
-                "hot_swaps": self.metrics.swaps._value.get()}
+                "hot_swaps": self.loop.swaps}
 
     def load_draft(self, path: str) -> int:
         """Swaps in the EAGLE-3 draft at `path` (same layout as the serving one)."""

@@ -373,3 +373,30 @@ def test_a_batch_drawn_with_another_generator_leaves_the_training_order_alone():
     b.batch(4, 4, 1, 3, recent=3, held_out=True, rng=np.random.default_rng(9))
     np.testing.assert_array_equal(np.asarray(a.batch(4, 4, 1, 3).tokens),
                                   np.asarray(b.batch(4, 4, 1, 3).tokens))
+
+
+def test_a_cancelled_request_still_becomes_a_training_sequence(pair):
+    """A request ended early (a client gone, a stop string) closes its traced sequence with
+    what it committed, instead of leaving it open in the assembler for ever."""
+    target, draft = pair
+    sequences: list[TracedSequence] = []
+    assembler = TraceAssembler(sequences.append)
+    engine = Engine(target, draft, SPEC, max_slots=2, max_len=64, eos_ids=(),
+                    trace_sink=assembler)
+    loop = engine.batcher()
+    long, short = loop.submit(Request([5, 6, 7, 8], 40, id="long")), \
+        loop.submit(Request([9, 10, 11], 6, id="short"))
+    while len(loop.results[long].token_ids) < 10:
+        loop.step()
+    loop.cancel(long, "stop")
+    loop.run_until_idle()
+    engine.traces.flush()
+    assert loop.results[long].finish_reason == "stop"
+    assert loop.results[short].finish_reason == "length"
+    assert sorted(s.request_id for s in sequences) == ["long", "short"]
+    cut = next(s for s in sequences if s.request_id == "long")
+    committed = loop.results[long].token_ids
+    # The prompt, then what was committed before the cancel (the features of each position).
+    assert cut.tokens.tolist() == ([5, 6, 7, 8] + committed)[:len(cut.tokens)]
+    assert len(cut.tokens) >= 4 + 10 - 1 and len(cut.aux) == len(cut.tokens)
+    assert not assembler._open

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from aurora_jax.engine.step import DecodeState, StepOutput
-from aurora_jax.engine.trace import PrefillTrace, TraceEmitter, VerifyTrace
+from aurora_jax.engine.trace import EndTrace, PrefillTrace, TraceEmitter, VerifyTrace
 from aurora_jax.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -130,6 +130,8 @@ class Batcher:
             slot = self.slot_request.index(i)
             self.slot_request[slot] = None
             self.state = self.engine.deactivate(self.state, slot)
+            if self.engine.traces:  # its trace so far is a whole training sequence
+                self.engine.traces.submit(EndTrace(res.id))
         res.finish_reason = reason
         if self.on_result:
             self.on_result(res)

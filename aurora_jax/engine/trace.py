@@ -82,6 +82,14 @@ class PrefillTrace:
     done: bool  # the request ended with its first token
 
 
+@dataclasses.dataclass
+class EndTrace:
+    """A request ended before its stop token or budget (cancelled, or cut by a stop string):
+    what was traced of it is all there will be."""
+
+    request_id: object
+
+
 class TraceEmitter:
     """Hands traces to `sink` on a worker thread, at most `max_pending` waiting."""
 

@@ -18,7 +18,7 @@ import threading
 import jax.numpy as jnp
 import numpy as np
 
-from aurora_jax.engine.trace import PrefillTrace, VerifyRecord, VerifyTrace
+from aurora_jax.engine.trace import EndTrace, PrefillTrace, VerifyRecord, VerifyTrace
 from aurora_jax.learn.losses import LearnBatch
 
 
@@ -72,6 +72,8 @@ class TraceAssembler:
         elif isinstance(trace, VerifyTrace):
             for row in trace.rows():
                 self._add(row)
+        elif isinstance(trace, EndTrace) and trace.request_id in self._open:
+            self._close(trace.request_id)  # ended early: what it committed is still data
 
     def _add(self, r: VerifyRecord) -> None:
         seq = self._open.get(r.request_id)

@@ -32,8 +32,14 @@ class SamplingParams:
     """Keep the smallest set of most likely tokens whose probability reaches top_p."""
     top_k: int = 0
     """Keep only the k most likely tokens; 0 keeps all."""
+    seed: int | None = None
+    """Seeds this request's draws: the same seed, settings and prompt give the same tokens
+    whatever else shares the batch (with the same speculation setting). None: the engine's
+    own random stream."""
 
     def __post_init__(self):
+        if self.seed is not None and not 0 <= self.seed < 2**31:
+            raise ConfigError(f"seed must be in [0, 2**31), got {self.seed}")
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -50,6 +56,7 @@ class SamplingRows:
     temperature: jax.Array | np.ndarray  # [B] float32, 0 = greedy
     top_p: jax.Array | np.ndarray  # [B] float32
     top_k: jax.Array | np.ndarray  # [B] int32, 0 = no top-k
+    seed: jax.Array | np.ndarray  # [B] int32, -1 = none (the step's key)
 
     @classmethod
     def stack(cls, params: list[SamplingParams], rows: int | None = None) -> SamplingRows:
@@ -57,12 +64,26 @@ class SamplingRows:
         params = list(params) + [SamplingParams()] * ((rows or len(params)) - len(params))
         return cls(temperature=np.array([p.temperature for p in params], np.float32),
                    top_p=np.array([p.top_p for p in params], np.float32),
-                   top_k=np.array([p.top_k for p in params], np.int32))
+                   top_k=np.array([p.top_k for p in params], np.int32),
+                   seed=np.array([-1 if p.seed is None else p.seed for p in params], np.int32))
 
     @property
     def sampled(self) -> jax.Array | np.ndarray:
         """[B] bool: the rows that sample (temperature > 0)."""
         return self.temperature > 0
+
+    def keys(self, key: jax.Array, position_B: jax.Array | None = None) -> jax.Array:
+        """One PRNG key per row [B]. A seeded row's key depends only on its seed and
+        `position_B` (tokens the row has generated), so its draws never depend on its batch
+        neighbours; the other rows' keys are the step's `key` folded with the row index."""
+        b = self.seed.shape[0]
+        position_B = jnp.zeros((b,), jnp.int32) if position_B is None else position_B
+        shared = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(b))
+        own = jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(
+            jnp.maximum(jnp.asarray(self.seed), 0), position_B)
+        data_s, data_o = jax.random.key_data(shared), jax.random.key_data(own)
+        pick = (jnp.asarray(self.seed) >= 0).reshape((b,) + (1,) * (data_s.ndim - 1))
+        return jax.random.wrap_key_data(jnp.where(pick, data_o, data_s))
 
     def repeat(self, n: int) -> SamplingRows:
         """Each row's settings n times in a row ([B] -> [B * n]), for n positions per row."""
@@ -92,13 +113,15 @@ def filtered_logprobs(logits_BxV, rows: SamplingRows):
     return jax.nn.log_softmax(x, axis=-1)
 
 
-def sample(key, logits_BxV, rows: SamplingRows):
-    """Next token per row [B] int32: argmax where temperature is 0, else a filtered sample."""
+def sample(key, logits_BxV, rows: SamplingRows, position_B=None):
+    """Next token per row [B] int32: argmax where temperature is 0, else a filtered sample
+    drawn with the row's key (`SamplingRows.keys`; `position_B`: tokens generated so far)."""
     greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
 
     def draw():
         logp = filtered_logprobs(logits_BxV, rows)
-        drawn = jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
+        keys_B = rows.keys(key, position_B)
+        drawn = jax.vmap(jax.random.categorical)(keys_B, logp).astype(jnp.int32)
         return jnp.where(rows.sampled, drawn, greedy_B)
 
     # The vocabulary sort costs more than a small model's decode step; skip it when all

@@ -440,3 +440,26 @@ def test_bad_input_is_refused_with_a_clear_error(randoms, shared):
         engine.run([Request([], 10)])
     with pytest.raises(ConfigError, match="structure, shape or dtype"):
         engine.set_draft(other.state)
+
+
+def test_a_seeded_request_samples_the_same_tokens_whatever_shares_its_batch(noisy, shared):
+    """SamplingParams.seed keys a row's draws by its seed and position alone: the same seeded
+    request gives the same tokens alone and beside other sampled requests; another seed
+    gives other tokens."""
+    engine = shared.engine("noisy", "tree", max_slots=6, max_len=128)
+    prompt = _prompts([7], 40, seed=21)[0]
+    hot = dict(temperature=20.0)  # the noisy target is very peaked (logit margin ~64)
+
+    def run(seed, neighbours):
+        reqs = [Request(prompt, 24, SamplingParams(**hot, seed=seed))]
+        reqs += [Request(p, 24, SamplingParams(**hot)) for p in neighbours]
+        return engine.run(reqs).results[0].token_ids
+
+    alone = run(5, [])
+    crowded = run(5, _prompts([4, 9, 6, 11], 40, seed=22))
+    again = run(5, _prompts([8, 5], 40, seed=23))
+    assert alone == crowded == again
+    others = {tuple(run(s, [])) for s in (6, 7, 8)}
+    assert len(others | {tuple(alone)}) > 1  # the seed matters
+    with pytest.raises(Exception, match="seed"):
+        SamplingParams(temperature=1.0, seed=-1)

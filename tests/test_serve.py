@@ -118,6 +118,19 @@ def test_chat_uses_the_chat_template(served):
     assert "".join(ch.choices[0].delta.content or "" for ch in stream) == want
 
 
+def test_a_seed_makes_a_sampled_completion_repeatable(served):
+    _, url, _ = served
+    c = client(url)
+
+    def ask(seed):
+        return c.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=16,
+                                    temperature=1.5, seed=seed).choices[0].text
+
+    first = ask(11)
+    assert ask(11) == first
+    assert len({first, ask(12), ask(13), ask(14)}) > 1
+
+
 def test_sixteen_concurrent_requests_all_complete_correctly(served):
     server, url, reference = served
     prompts = [PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)) for i in range(16)]
@@ -267,6 +280,7 @@ BAD = [
     ({"model": "tiny", "prompt": "x", "temperature": math.nan}, 400, "temperature"),
     ({"model": "tiny", "prompt": "x " * 400, "max_tokens": 8}, 400, "prompt"),
     ({"model": "tiny", "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": "tiny", "prompt": "x", "seed": -4}, 400, "seed"),
     ({"model": "tiny", "prompt": "x", "logprobs": 5}, 400, "logprobs"),
     ({"model": "tiny", "prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
     ({"model": "tiny", "prompt": 7}, 400, "prompt"),

@@ -93,7 +93,7 @@ def test_speculative_sampling_is_lossless():
     probs = rs.dirichlet(np.ones(vocab), size=(1, 5)).astype(np.float32)
     n = 60000
     keys = jax.random.split(jax.random.key(1), n)
-    run = jax.jit(jax.vmap(lambda k: sample_accept(k, tree, jnp.asarray(probs), max_depth=2)))
+    run = jax.jit(jax.vmap(lambda k: sample_accept(k[None], tree, jnp.asarray(probs), max_depth=2)))
     path, count, bonus = (np.asarray(x)[:, 0] for x in run(keys))  # batch of one
     toks = np.asarray(tree.tokens[0])
     first = np.where(count >= 1, toks[path[:, 1].clip(0)], bonus)

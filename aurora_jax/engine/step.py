@@ -109,7 +109,8 @@ def init_state(target_cfg, draft_cfg, spec: SpecConfig, batch: int, max_len: int
         recent_next=jnp.zeros((), jnp.int32), generated=zeros_i(), max_new=zeros_i(),
         active=jnp.zeros((batch,), bool),
         sampling=SamplingRows(temperature=jnp.zeros((batch,), jnp.float32),
-                              top_p=jnp.ones((batch,), jnp.float32), top_k=zeros_i()),
+                              top_p=jnp.ones((batch,), jnp.float32), top_k=zeros_i(),
+                              seed=jnp.full((batch,), -1, jnp.int32)),
         key=jax.random.key(seed))
 
 
@@ -219,7 +220,9 @@ def generate(tgraph, tstate, dgraph, dstate, state: DecodeState, eos_E, *, spec:
         logits, h, aux, cache = jax.lax.cond(has_proposal, verify, lambda _: root_only(), tree)
     else:
         logits, h, aux, cache = verify(tree)
-    path, n_acc, bonus = accept(k_accept, tree, logits, spec.max_depth, state.sampling)
+    # A seeded row's draws are keyed by its seed and its position (tokens generated so far).
+    path, n_acc, bonus = accept(k_accept, tree, logits, spec.max_depth, state.sampling,
+                                state.generated)
 
     # Committed this step: the accepted nodes' tokens, then the bonus.
     r = spec.max_depth + 1

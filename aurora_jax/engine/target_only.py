@@ -88,7 +88,7 @@ def _decode(graphdef, state, tokens_BxT, lengths_B, key, sampling: SamplingRows,
         h, _, cache = model.hidden(last_B[:, None], cache_len_B[:, None], mask, cache,
                                    cache_len_B)
         key, sub = jax.random.split(key)
-        nxt_B = sample(sub, model.logits(h[:, 0]), sampling)
+        nxt_B = sample(sub, model.logits(h[:, 0]), sampling, jnp.full((b,), step, jnp.int32))
         out_BxN = out_BxN.at[:, step].set(jnp.where(done_B, 0, nxt_B))
         count_B = count_B + (~done_B).astype(jnp.int32)
         done_B = done_B | jnp.isin(nxt_B, eos_E)

@@ -20,10 +20,10 @@ MAX_STOP_CHARS = 256
 # Fields accepted only at the value that means "not used" (clients send them by default).
 _NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None,
             "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "suffix": None,
-            "seed": None, "tools": None, "tool_choice": None, "response_format": None,
+            "tools": None, "tool_choice": None, "response_format": None,
             "parallel_tool_calls": None, "functions": None, "function_call": None}
 _COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "stop", "stream",
-           "stream_options", "user"}
+           "stream_options", "user", "seed"}
 _COMPLETION = _COMMON | {"prompt"}
 _CHAT = _COMMON | {"messages", "max_completion_tokens"}
 
@@ -118,6 +118,9 @@ def _common(body: dict, max_key: str) -> Parsed:
         raise APIError(400, f"temperature must be >= 0, got {temperature}", "temperature")
     if not 0 < top_p <= 1:
         raise APIError(400, f"top_p must be in (0, 1], got {top_p}", "top_p")
+    seed = body.get("seed")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**31):
+        raise APIError(400, f"seed must be an integer in [0, 2**31), got {seed!r}", "seed")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, "stream must be true or false", "stream")
@@ -125,7 +128,7 @@ def _common(body: dict, max_key: str) -> Parsed:
     if not isinstance(options, dict) or set(options) - {"include_usage"}:
         raise APIError(400, "stream_options may only hold include_usage", "stream_options")
     return Parsed(model=model, max_tokens=max_tokens,
-                  sampling=SamplingParams(temperature, top_p, max(int(top_k), 0)),
+                  sampling=SamplingParams(temperature, top_p, max(int(top_k), 0), seed),
                   stops=_stops(body.get("stop")), stream=stream,
                   include_usage=bool(options.get("include_usage", False)))
 

@@ -42,16 +42,18 @@ def greedy_accept(tree: Tree, target_argmax_BxT: jax.Array, max_depth: int):
     return path, n_B, bonus_B
 
 
-def sample_accept(key, tree: Tree, target_probs_BxTxV: jax.Array, max_depth: int):
-    """Speculative sampling over a tree with deterministic candidates. `target_probs` are the
-    target's filtered (temperature/top-p/top-k) distributions at every slot. Same outputs as
-    greedy_accept."""
+def sample_accept(keys_B, tree: Tree, target_probs_BxTxV: jax.Array, max_depth: int):
+    """Speculative sampling over a tree with deterministic candidates, each row with its own
+    PRNG key (`keys_B` [B]). `target_probs` are the target's filtered (temperature/top-p/top-k)
+    distributions at every slot. Same outputs as greedy_accept."""
     b, t = tree.tokens.shape
+    k_walk_B, k_bonus_B = jnp.moveaxis(jax.vmap(jax.random.split)(keys_B), 1, 0)
 
-    def step(carry, key_d):
+    def step(carry, d):
         cur_B, n_B, alive_B, p_BxV = carry
         cand_BxT = (tree.parent == cur_B[:, None]) & tree.valid & alive_B[:, None]
-        u_BxT = jax.random.uniform(key_d, (b, t))
+        u_BxT = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, d), (t,)))(
+            k_walk_B)
 
         def try_child(c, j):
             accepted_B, pick_B, p = c
@@ -74,17 +76,16 @@ def sample_accept(key, tree: Tree, target_probs_BxTxV: jax.Array, max_depth: int
         p_carry = jnp.where(acc_B[:, None], p_next, p_res)
         return (nxt_B, n_B + acc_B, acc_B, p_carry), jnp.where(acc_B, nxt_B, -1)
 
-    k_walk, k_bonus = jax.random.split(key)
     p_root = target_probs_BxTxV[:, 0]
     init = (jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool), p_root)
-    (last_B, n_B, _, p_final), path_DxB = jax.lax.scan(
-        step, init, jax.random.split(k_walk, max_depth))
+    (last_B, n_B, _, p_final), path_DxB = jax.lax.scan(step, init, jnp.arange(max_depth))
     path = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), path_DxB.T], axis=1)
-    bonus_B = jax.random.categorical(k_bonus, jnp.log(jnp.maximum(p_final, 1e-38)), axis=-1)
+    bonus_B = jax.vmap(jax.random.categorical)(k_bonus_B, jnp.log(jnp.maximum(p_final, 1e-38)))
     return path, n_B, bonus_B.astype(jnp.int32)
 
 
-def accept(key, tree: Tree, logits_BxTxV: jax.Array, max_depth: int, rows: SamplingRows):
+def accept(key, tree: Tree, logits_BxTxV: jax.Array, max_depth: int, rows: SamplingRows,
+           position_B: jax.Array | None = None):
     """Accepts per row under its own sampling settings: greedy rows follow the argmax, sampled
     rows speculative sampling over the filtered target distribution. An all-greedy batch skips
     the vocabulary sort. Returns (path, num_accepted, bonus) as `greedy_accept`."""
@@ -98,7 +99,7 @@ def accept(key, tree: Tree, logits_BxTxV: jax.Array, max_depth: int, rows: Sampl
         # exactly the argmax children and the bonus is the argmax, as in greedy_accept.
         probs = jnp.where(rows.sampled[:, None, None], jnp.exp(logp),
                           jax.nn.one_hot(argmax_BxT, v, dtype=jnp.float32))
-        return sample_accept(key, tree, probs, max_depth)
+        return sample_accept(rows.keys(key, position_B), tree, probs, max_depth)
 
     return jax.lax.cond(jnp.any(rows.sampled), sampled,
                         lambda: greedy_accept(tree, argmax_BxT, max_depth))

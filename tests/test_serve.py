@@ -220,8 +220,15 @@ def test_metrics_parse_and_match_the_usage(served):
     assert after["aurora_jax:num_requests_running"] == 0
 
 
-def test_a_cancelled_stream_frees_its_slot(served):
+def test_a_cancelled_stream_frees_its_slot(served, monkeypatch):
     server, url, _ = served
+    real = server.engine.generate
+
+    def slow(state):  # decoding slower than the client hangs up, on any machine
+        time.sleep(0.05)
+        return real(state)
+
+    monkeypatch.setattr(server.engine, "generate", slow)
     before = _metrics(url)
     body = {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": 150, "temperature": 0,
             "stream": True}

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -45,34 +44,21 @@ def setting_config(name: str, args, target: str) -> ServeConfig:
 
 
 def run_setting(cfg: ServeConfig, target_dir: Path, prompts: list[str], args) -> dict:
-    import uvicorn
+    import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    from aurora_jax.serve.server import Server
+    from aurora_jax.serve.server import Server, serving_in_thread
 
     t0 = time.perf_counter()
     server = Server(cfg, target_dir)
     server.loop.ready.wait()
     startup = time.perf_counter() - t0
-    http = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=0,
-                                         log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=http.run, daemon=True)
-    thread.start()
-    while not http.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{http.servers[0].sockets[0].getsockname()[1]}"
-    try:
+    with serving_in_thread(server) as url:
         rows = asyncio.run(drive(url, "bench", prompts, rate=args.rate,
                                  max_tokens=args.max_tokens, seed=args.seed))
-        import httpx
-
         metrics = {s.name: s.value
                    for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)
                    for s in f.samples if not s.labels}
-    finally:
-        http.should_exit = True
-        thread.join(30)
-        server.close()
     out = {"summary": summarize(rows), "rows": rows, "startup_s": startup,
            "hot_swaps": metrics.get("aurora_jax:draft_hot_swaps_total", 0.0),
            "learner_steps": metrics.get("aurora_jax:learner_steps", 0.0)}

@@ -44,28 +44,15 @@ def ckpt(small_ckpt, tmp_path_factory) -> Path:
 def served(ckpt):
     """(server, base url, reference decoder): a scratch draft speculating in tree mode, no
     learning (so outputs and metrics are deterministic), on a free port."""
-    import uvicorn
-
-    from aurora_jax.serve.server import Server
+    from aurora_jax.serve.server import Server, serving_in_thread
 
     cfg = ServeConfig(target=str(ckpt), draft="scratch", draft_vocab_size=None,
                       spec=SpecConfig(mode="tree", depth=3, topk=2, num_draft_tokens=6),
                       max_slots=4, max_len=192, max_queue=32, port=0, api_key=KEY,
                       model_name="tiny", learning=ServeLearning(mode="off"))
     server = Server(cfg, ckpt)
-    assert server.loop.ready.wait(120) and server.loop.error is None
-    http = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=0,
-                                         log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=http.run, daemon=True)
-    thread.start()
-    while not http.started:
-        time.sleep(0.02)
-    port = http.servers[0].sockets[0].getsockname()[1]
-    reference = TargetGenerator(server.target, eos_ids=server.engine.eos_ids)
-    yield server, f"http://127.0.0.1:{port}", reference
-    http.should_exit = True
-    thread.join(10)
-    server.close()
+    with serving_in_thread(server) as url:
+        yield server, url, TargetGenerator(server.target, eos_ids=server.engine.eos_ids)
 
 
 def client(url: str, key: str = KEY):
@@ -415,10 +402,8 @@ def test_load_generator_measures_what_the_server_served(served):
 def test_the_draft_learns_while_serving_and_swaps_stay_lossless(ckpt):
     """learning.mode thread: the learner trains on the served traffic and publishes; each
     publication is a hot swap the metrics count, and outputs stay target-only's."""
-    import uvicorn
-
     from aurora_jax.learn.online import OnlineConfig
-    from aurora_jax.serve.server import Server
+    from aurora_jax.serve.server import Server, serving_in_thread
 
     cfg = ServeConfig(target=str(ckpt), draft="scratch", draft_vocab_size=None,
                       spec=SpecConfig(mode="chain", depth=3), max_slots=2, max_len=160,
@@ -427,15 +412,7 @@ def test_the_draft_learns_while_serving_and_swaps_stay_lossless(ckpt):
                           batch_size=2, seq_len=16, trees_per_seq=2, min_sequences=2,
                           every_steps=2)))
     server = Server(cfg, ckpt)
-    assert server.loop.ready.wait(120) and server.loop.error is None
-    http = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=0,
-                                         log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=http.run, daemon=True)
-    thread.start()
-    try:
-        while not http.started:
-            time.sleep(0.02)
-        url = f"http://127.0.0.1:{http.servers[0].sockets[0].getsockname()[1]}"
+    with serving_in_thread(server) as url:
         reference = TargetGenerator(server.target, eos_ids=server.engine.eos_ids)
         c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         deadline, versions = time.time() + 120, set()
@@ -453,10 +430,6 @@ def test_the_draft_learns_while_serving_and_swaps_stay_lossless(ckpt):
         assert m["aurora_jax:draft_hot_swaps_total"] >= 1
         assert m["aurora_jax:learner_steps"] >= 4
         assert m["aurora_jax:draft_hot_swap_latency_seconds_count"] >= 1
-    finally:
-        http.should_exit = True
-        thread.join(10)
-        server.close()
 
 
 def _metrics_open(url: str) -> dict[str, float]:

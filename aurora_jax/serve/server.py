@@ -11,10 +11,12 @@ finishes its step, and the process exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from aurora_jax.data.tokenizer import Tokenizer
@@ -99,6 +101,32 @@ class Server:
             if self.engine.traces:
                 self.engine.traces.flush()
             self.store.flush()
+
+
+@contextlib.contextmanager
+def serving_in_thread(server: Server) -> Iterator[str]:
+    """Serves `server.app` on a free 127.0.0.1 port from a background thread (tests,
+    benchmarks, notebooks); yields the base URL, then stops uvicorn and closes the server."""
+    import threading
+
+    import uvicorn
+
+    if not server.loop.ready.wait(600) or server.loop.error is not None:
+        raise RuntimeError(f"the server did not start: {server.loop.error}")
+    http = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=0,
+                                         log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    try:
+        while not http.started:
+            if not thread.is_alive():
+                raise RuntimeError("uvicorn stopped before it started serving")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{http.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        http.should_exit = True
+        thread.join(30)
+        server.close()
 
 
 def _model_name(target_dir: Path) -> str:

@@ -15,3 +15,11 @@ class ConfigError(AuroraError):
 
 class PromptError(AuroraError):
     """A prompt cannot be served (too long, empty)."""
+
+
+class DraftRefused(AuroraError):
+    """A draft of the right layout that must not serve: non-finite, zeroed, or stale."""
+
+
+class SwapError(AuroraError):
+    """A hot swap that did not take: the engine still serves the old draft."""

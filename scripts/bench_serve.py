@@ -1,14 +1,19 @@
 """Load benchmark of `aurora-jax serve`: the same Poisson traffic against target-only, a
-static draft and a draft learning online, one server per setting, measured by a client.
+static draft, a draft learning online, and the server's default (the adaptive policy over
+the tree, prompt lookup and target-only, with online learning), one server per setting,
+measured by a client.
 
     python scripts/bench_serve.py --out runs/bench_serve            # built-in SmolLM2
     python scripts/bench_serve.py --target PATH --requests 48 --rate 2 --settings online
 
 Per setting: throughput (generated tokens / wall time of the run), time to first token and
 inter-token latency p50/p99, end-to-end p50/p99, acceptance length (from the responses'
-usage), and for the online setting the draft versions served, hot swaps and their latency
-(from /metrics). Writes results.json, results.md (one table) and serve_bench.png (acceptance
-of each request over time, and tokens/s per setting).
+usage), the share of requests each speculation setting served, and the draft versions
+served, hot swaps and their latency (from /metrics, over the measured requests only).
+`--warmup N` requests are sent first and not measured: a server's first requests compile the
+shapes they need, which says nothing of its speed afterwards. Writes results.json,
+results.md (one table) and serve_bench.png (acceptance of each request over time, and
+tokens/s per setting).
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ from aurora_jax.builtin import resolve_target
 from aurora_jax.data.scenarios import ScenarioConfig, build_scenario
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.serve.config import ServeConfig, ServeLearning
-from aurora_jax.serve.loadgen import drive, summarize
+from aurora_jax.serve.loadgen import drive, scrape, summarize
 from aurora_jax.speculative.config import SpecConfig
 
-SETTINGS = ("target-only", "static", "online")
+SETTINGS = ("target-only", "static", "online", "adaptive")
 
 
 def setting_config(name: str, args, target: str) -> ServeConfig:
@@ -38,15 +43,18 @@ def setting_config(name: str, args, target: str) -> ServeConfig:
         return ServeConfig(draft="none", spec=SpecConfig(mode="off"),
                            learning=ServeLearning(mode="off"), **common)
     if name == "static":
-        return ServeConfig(draft=args.static_draft, spec=spec,
+        return ServeConfig(draft=args.static_draft, spec=spec, window_steps=None,
                            learning=ServeLearning(mode="off"), **common)
+    if name == "online":
+        return ServeConfig(draft="warm", spec=spec, window_steps=None,
+                           learning=ServeLearning(mode="thread"), **common)
+    # The server's defaults: windows choose among the tree, prompt lookup and target-only by
+    # measured tokens/s, while the draft learns in idle time.
     return ServeConfig(draft="warm", spec=spec, learning=ServeLearning(mode="thread"), **common)
 
 
-def run_setting(cfg: ServeConfig, target_dir: Path, prompts: list[str], args) -> dict:
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
+def run_setting(cfg: ServeConfig, target_dir: Path, prompts: list[str], warmup: list[str],
+                args) -> dict:
     from aurora_jax.serve.server import Server, serving_in_thread
 
     t0 = time.perf_counter()
@@ -54,14 +62,19 @@ def run_setting(cfg: ServeConfig, target_dir: Path, prompts: list[str], args) ->
     server.loop.ready.wait()
     startup = time.perf_counter() - t0
     with serving_in_thread(server) as url:
+        if warmup:  # all at once: compiles the prompt shapes a burst and a trickle need
+            asyncio.run(drive(url, "bench", warmup, rate=1e3, max_tokens=args.max_tokens,
+                              seed=args.seed + 1))
+        before = scrape(url)
         rows = asyncio.run(drive(url, "bench", prompts, rate=args.rate,
                                  max_tokens=args.max_tokens, seed=args.seed))
-        metrics = {s.name: s.value
-                   for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)
-                   for s in f.samples if not s.labels}
+        after = scrape(url)
+    metrics = {k: v - before.get(k, 0.0) for k, v in after.items()}
     out = {"summary": summarize(rows), "rows": rows, "startup_s": startup,
            "hot_swaps": metrics.get("aurora_jax:draft_hot_swaps_total", 0.0),
-           "learner_steps": metrics.get("aurora_jax:learner_steps", 0.0)}
+           "rollbacks": metrics.get("aurora_jax:draft_rollbacks_total", 0.0),
+           "learner_steps": metrics.get("aurora_jax:learner_steps", 0.0),
+           "adaptive": server.loop.policy.status()}
     n = metrics.get("aurora_jax:draft_hot_swap_latency_seconds_count", 0.0)
     out["hot_swap_latency_mean_s"] = (metrics["aurora_jax:draft_hot_swap_latency_seconds_sum"]
                                       / n if n else None)
@@ -70,7 +83,8 @@ def run_setting(cfg: ServeConfig, target_dir: Path, prompts: list[str], args) ->
 
 def table(results: dict) -> str:
     lines = ["| setting | tokens/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | e2e p50 / p99 (s) "
-             "| acceptance | hot swaps (mean latency) |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| acceptance | hot swaps (mean latency) | served by |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in results.items():
         s = r["summary"]
         swap = (f"{r['hot_swaps']:.0f} ({r['hot_swap_latency_mean_s'] * 1e3:.1f} ms)"
@@ -79,7 +93,8 @@ def table(results: dict) -> str:
             f"| {name} | {s['tokens_per_s']:.1f} | {s['ttft_p50_s']:.2f} / "
             f"{s['ttft_p99_s']:.2f} | {s['itl_p50_s'] * 1e3:.0f} / {s['itl_p99_s'] * 1e3:.0f} | "
             f"{s['e2e_p50_s']:.1f} / {s['e2e_p99_s']:.1f} | "
-            f"{(s['acceptance_length'] or 1.0):.2f} | {swap} |")
+            f"{(s['acceptance_length'] or 1.0):.2f} | {swap} | "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(s["speculation"].items())) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -111,6 +126,10 @@ def main() -> None:
                          "or warm (the day-0 draft, never trained)")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     ap.add_argument("--requests", type=int, default=24)
+    ap.add_argument("--warmup", type=int, default=8,
+                    help="requests sent at once before the measured ones (not measured): they "
+                         "compile the prompt shapes, and the adaptive policy makes its first "
+                         "trials on them; 0: measure from a cold server")
     ap.add_argument("--rate", type=float, default=0.5, help="mean arrivals per second")
     ap.add_argument("--slots", type=int, default=4)
     ap.add_argument("--prompt-tokens", type=int, default=64)
@@ -120,7 +139,7 @@ def main() -> None:
     args = ap.parse_args()
     target_dir = resolve_target(args.target, None, log=lambda m: print(m, file=sys.stderr))
     tok = Tokenizer.load(target_dir)
-    stream = build_scenario(ScenarioConfig(requests=args.requests, order="mixed",
+    stream = build_scenario(ScenarioConfig(requests=args.warmup + args.requests, order="mixed",
                                            prompt_tokens=args.prompt_tokens, chat_domains=()),
                             tok.encode)
     prompts = [tok.decode(r.prompt) for r in stream]
@@ -131,7 +150,7 @@ def main() -> None:
         print(f"{name}: serving {len(prompts)} requests at {args.rate}/s ...", file=sys.stderr,
               flush=True)
         results[name] = run_setting(setting_config(name, args, str(target_dir)), target_dir,
-                                    prompts, args)
+                                    prompts[args.warmup:], prompts[:args.warmup], args)
         print(table({name: results[name]}), flush=True)
     meta = {k: v for k, v in vars(args).items()}
     (out / "results.json").write_text(json.dumps({"args": meta, "results": results}, indent=2))

@@ -21,6 +21,7 @@ from spec_models import random_pair, swap_state, tiny_cfg
 
 from aurora_jax.engine.engine import Request
 from aurora_jax.engine.target_only import TargetGenerator
+from aurora_jax.errors import DraftRefused
 from aurora_jax.learn.draft_sync import DraftPublisher, list_versions
 from aurora_jax.learn.remote import shared_engine
 from aurora_jax.models.eagle3 import DraftConfig, init_draft
@@ -43,7 +44,7 @@ def _equal(a, b) -> bool:
 # Orbax's reader leaves coroutines of the damaged version's failed reads unawaited; Python
 # reports them at garbage collection. The refusal itself is asserted below.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_watcher_swaps_good_versions_and_refuses_bad_ones(tmp_path, caplog):
+def test_watcher_swaps_good_versions_and_refuses_bad_ones(tmp_path, caplog, monkeypatch):
     target, draft = random_pair(tiny_cfg(eos=()), seed=3)
     engine, store, watcher = shared_engine(target, draft, SPEC, tmp_path, poll_s=3600,
                                            max_slots=2, max_len=32)
@@ -55,14 +56,19 @@ def test_watcher_swaps_good_versions_and_refuses_bad_ones(tmp_path, caplog):
     assert _equal(engine.draft_state, good)
 
     caplog.set_level(logging.WARNING)
+    nan = jax.tree.map(lambda x: x.at[0].set(jnp.nan) if x.dtype == jnp.float32 else x,
+                       swap_state(draft, seed=3))
+    with pytest.raises(DraftRefused, match="non-finite"):  # this publisher checks first
+        pub.publish(nan)
+    # The bad versions below come from a learner that does not check (or a disk that
+    # damaged them): the watcher must refuse them on its own.
+    monkeypatch.setattr("aurora_jax.learn.draft_sync.draft_problem", lambda *a: None)
     # 2: damaged array files (as if the disk or a copy went wrong after the commit).
     pub.publish(swap_state(draft, seed=2))
     for f in (drafts / "2" / "draft").rglob("*"):
         if f.is_file() and f.parent.name == "d":
             f.write_bytes(b"\0garbage")
     # 3: a NaN in one matrix (a diverged learner).
-    nan = jax.tree.map(lambda x: x.at[0].set(jnp.nan) if x.dtype == jnp.float32 else x,
-                       swap_state(draft, seed=3))
     pub.publish(nan)
     # 4: a draft for another vocabulary (a misconfigured learner).
     other = init_draft(DraftConfig.for_target(target.cfg, draft_vocab_size=20), seed=4)

@@ -21,6 +21,7 @@ import pytest
 
 from aurora_jax.engine.target_only import TargetGenerator
 from aurora_jax.serve.config import ServeConfig, ServeLearning
+from aurora_jax.serve.loadgen import scrape
 from aurora_jax.serve.text import TextStream
 from aurora_jax.speculative.config import SpecConfig
 
@@ -49,7 +50,7 @@ def served(ckpt):
     cfg = ServeConfig(target=str(ckpt), draft="scratch", draft_vocab_size=None,
                       spec=SpecConfig(mode="tree", depth=3, topk=2, num_draft_tokens=6),
                       max_slots=4, max_len=192, max_queue=32, port=0, api_key=KEY,
-                      model_name="tiny", learning=ServeLearning(mode="off"))
+                      model_name="tiny", learning=ServeLearning(mode="off"), window_steps=None)
     server = Server(cfg, ckpt)
     with serving_in_thread(server) as url:
         yield server, url, TargetGenerator(server.target, eos_ids=server.engine.eos_ids)
@@ -168,15 +169,7 @@ def test_text_stream_holds_back_a_possible_stop_string():
 
 
 def _metrics(url: str) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
-    return out
+    return scrape(url, KEY)
 
 
 def test_metrics_parse_and_match_the_usage(served):
@@ -233,7 +226,7 @@ def test_a_cancelled_stream_frees_its_slot(served, monkeypatch):
             break
         time.sleep(0.1)
     assert aborted == 1 and m["aurora_jax:num_requests_running"] == 0
-    assert all(i is None for i in server.loop.batcher.slot_request)
+    assert all(i is None for i in server.loop.batchers["spec"].slot_request)
 
 
 def test_a_hot_swap_during_traffic_stays_lossless_and_raises_the_version(served, tmp_path):
@@ -407,7 +400,7 @@ def test_the_draft_learns_while_serving_and_swaps_stay_lossless(ckpt):
 
     cfg = ServeConfig(target=str(ckpt), draft="scratch", draft_vocab_size=None,
                       spec=SpecConfig(mode="chain", depth=3), max_slots=2, max_len=160,
-                      port=0, model_name="tiny",
+                      port=0, model_name="tiny", window_steps=None,
                       learning=ServeLearning(mode="thread", online=OnlineConfig(
                           batch_size=2, seq_len=16, trees_per_seq=2, min_sequences=2,
                           every_steps=2)))
@@ -425,16 +418,79 @@ def test_the_draft_learns_while_serving_and_swaps_stay_lossless(ckpt):
                 versions.add(got.usage.model_extra["draft_version"])
             if max(versions) >= 2:
                 break
-        m = _metrics_open(url)
+        m = scrape(url)
         assert max(versions) >= 2 and m["aurora_jax:draft_version"] >= 2
         assert m["aurora_jax:draft_hot_swaps_total"] >= 1
         assert m["aurora_jax:learner_steps"] >= 4
         assert m["aurora_jax:draft_hot_swap_latency_seconds_count"] >= 1
 
 
-def _metrics_open(url: str) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(url + "/metrics").text
-    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
-            if not s.labels}
+
+def test_the_adaptive_policy_switches_engines_losslessly_and_decides_from_what_it_measured(ckpt):
+    """Windows of a few steps each choose among the chain draft, prompt lookup and the target
+    alone: every engine serves, every output is target-only's, at most max_slots requests
+    run over all engines at once, and each window's mode is exactly what the utility
+    monitor chooses when fed, in order, what the earlier windows measured."""
+    from aurora_jax.engine.adaptive import AdaptiveConfig, UtilityMonitor
+    from aurora_jax.serve.server import Server, serving_in_thread
+
+    adaptive = AdaptiveConfig(probe_every=2, alternatives=(SpecConfig(mode="ngram", depth=3),))
+    cfg = ServeConfig(target=str(ckpt), draft="scratch", draft_vocab_size=None,
+                      spec=SpecConfig(mode="chain", depth=3), adaptive=adaptive, window_steps=4,
+                      max_slots=3, max_len=160, port=0, model_name="tiny",
+                      learning=ServeLearning(mode="off"))
+    server = Server(cfg, ckpt)
+    loop = server.loop
+    assert list(server.engines) == ["spec", "alt1", "off"]
+    held, admit = [], loop._admit
+
+    def admit_and_count():
+        admit()
+        held.append(sum(len(b.queue) + sum(i is not None for i in b.slot_request)
+                        for b in loop.batchers.values()))
+
+    loop._admit = admit_and_count
+    with serving_in_thread(server) as url:
+        reference = TargetGenerator(server.target, eos_ids=server.engine.eos_ids)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        want = {p: reference_text(server, reference, server.tokenizer.encode(p), 20)[0]
+                for p in PROMPTS}
+
+        def ask(p):
+            return c.completions.create(model="tiny", prompt=p, max_tokens=20, temperature=0)
+
+        usages = []
+        for _ in range(3):  # concurrent rounds (hand-overs mid-flight) and a sequential one
+            with ThreadPoolExecutor(4) as pool:
+                got = list(pool.map(ask, PROMPTS))
+            got += [ask(p) for p in PROMPTS[:2]]
+            for p, g in zip(PROMPTS + PROMPTS[:2], got, strict=True):
+                assert g.choices[0].text == want[p]
+            usages += [g.usage.model_extra for g in got]
+        m = scrape(url)
+    served = {u["speculation"] for u in usages}
+    assert served == {"chain 3", "ngram 3", "off"}
+    assert all(u["draft_version"] is None for u in usages if u["speculation"] != "chain 3")
+    assert all(u["acceptance_length"] == 1.0 for u in usages if u["speculation"] == "off")
+    assert max(held) <= 3
+    # The speculative counters count the speculative engines' steps only.
+    assert m["aurora_jax:spec_decode_num_drafts_total"] == sum(
+        u["target_forwards"] - 1 for u in usages if u["speculation"] != "off")
+    # Replay: the same choices from the same measurements.
+    windows = list(loop.policy.history)
+    assert len(windows) >= 6 and {w.mode for w in windows} == {"spec", "alt1", "off"}
+    assert sum(m[f"aurora_jax:adaptive_windows_total{{mode={x}}}"] for x in server.engines) \
+        == len(windows)
+    monitor = UtilityMonitor(adaptive, modes=("spec", "alt1", "off"))
+    for w in windows:
+        assert monitor.choose(w.load) == w.mode
+        if w.timed >= loop.policy.min_steps:
+            monitor.record(w.mode, w.tokens, w.seconds, w.load)
+    assert all(w.steps == 4 and w.timed <= w.steps for w in windows)
+    timed = [w for w in windows if w.timed >= loop.policy.min_steps]
+    assert timed and all(w.tokens > 0 and w.seconds > 0 for w in timed)
+    shown = [x for x in server.engines
+             if m[f"aurora_jax:spec_mode_info{{mode={x},setting="
+                  f"{server.engines[x].spec.label}}}"] == 1.0]
+    assert shown == [loop.policy.last_mode]

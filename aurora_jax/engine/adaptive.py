@@ -46,6 +46,12 @@ class AdaptiveConfig:
                               "ngram); target-only is always measured")
 
 
+def spec_modes(primary: SpecConfig, cfg: AdaptiveConfig) -> dict[str, SpecConfig]:
+    """The speculation settings a policy chooses among, by mode name: "spec" (the primary
+    one), then "alt1", "alt2", ... (`cfg.alternatives`); "off" (target-only) is not one."""
+    return {"spec": primary, **{f"alt{i + 1}": a for i, a in enumerate(cfg.alternatives)}}
+
+
 def load_bucket(load: int) -> int:
     """Concurrent requests rounded up to a power of two: loads measured together."""
     return 1 << (max(int(load), 1) - 1).bit_length()
@@ -68,6 +74,10 @@ class UtilityMonitor:
     def rates(self, load: int = 1) -> dict[str, float | None]:
         """Smoothed tokens/s per mode at this load (None where not measured yet)."""
         return self._rates.setdefault(load_bucket(load), dict.fromkeys(self.modes))
+
+    def loads(self) -> list[int]:
+        """The load buckets seen so far."""
+        return sorted(self._rates)
 
     def record(self, mode: str, tokens: int, seconds: float, load: int = 1) -> None:
         if seconds <= 0 or tokens <= 0:

@@ -102,6 +102,9 @@ class Batcher:
         self.queue: collections.deque[int] = collections.deque()
         self.slot_request: list[int | None] = [None] * engine.max_slots
         self.steps = 0
+        self.by_version: dict[int, list[int]] = {}
+        """Draft version -> [rows verified, draft tokens accepted] over the steps it served
+        (rows: one per busy slot per step; what the collapse guard judges a version by)."""
         self._in_flight: _InFlight | None = None
 
     # ---- the loop -------------------------------------------------------------------------
@@ -205,9 +208,12 @@ class Batcher:
         tokens, emitted, accepted, active, done = jax.device_get(
             (step.out.tokens, step.out.emitted, step.out.accepted, step.out.active,
              step.out.done))
+        counts = self.by_version.setdefault(step.draft_version, [0, 0])
         for s in map(int, np.nonzero(active)[0]):
             i = step.slot_request[s]
             assert i is not None  # an active slot serves a request
+            counts[0] += 1
+            counts[1] += int(accepted[s])
             res = self.results[i]
             if res.finish_reason:  # cancelled while this step ran: its tokens are dropped
                 continue

@@ -86,6 +86,7 @@ class Engine:
         # started on another thread always sees a matching pair.
         self._serving = (None if draft is None else draft.state, 0)
         self.last_step_version = 0
+        self.last_step_draft = self._serving  # (state, version) the last step proposed with
         self.compile_s = 0.0
         self.seed = seed
         self._prefills = 0
@@ -144,6 +145,7 @@ class Engine:
     def generate(self, state: step.DecodeState) -> tuple[step.DecodeState, step.StepOutput]:
         """One speculative step for every slot; `state` is consumed."""
         dgraph = self.draft and self.draft.graphdef
+        self.last_step_draft = self._serving
         draft_state, self.last_step_version = self._serving
         return self._call(("generate",), self._generate, self.target.graphdef,
                           self.target.state, dgraph, draft_state, state, self.eos)

@@ -55,13 +55,20 @@ class TracedSequence:
 
 
 class TraceAssembler:
-    """Engine trace sink that emits one TracedSequence per finished request to `sink`."""
+    """Engine trace sink that emits one TracedSequence per finished request to `sink`.
+    Several engines may share one (their emitter threads take turns); request ids must be
+    unique among them."""
 
     def __init__(self, sink):
         self.sink = sink
         self._open: dict = {}
+        self._lock = threading.Lock()
 
     def __call__(self, trace) -> None:
+        with self._lock:
+            self._take(trace)
+
+    def _take(self, trace) -> None:
         if isinstance(trace, PrefillTrace):
             seq = {"domain": trace.domain, "tokens": list(trace.tokens) + [trace.first],
                    "aux": list(trace.aux), "hidden": list(trace.hidden), "trees": [],

@@ -15,6 +15,7 @@ serving draft stays, and the watcher goes on to the next version.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -24,8 +25,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from aurora_jax.errors import DraftRefused, SwapError
 from aurora_jax.learn.periodic import Periodic
-from aurora_jax.models.eagle3 import same_layout
+from aurora_jax.models.eagle3 import draft_problem, same_layout
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,30 @@ def restore_draft(directory: str | Path, version: int, like) -> tuple:
     return state, meta
 
 
+def _rejected_dir(directory: str | Path) -> Path:
+    d = Path(directory).absolute()
+    return d.with_name(d.name + ".rejected")  # beside the orbax directory, not inside it
+
+
+def mark_rejected(directory: str | Path, version: int, reason: str) -> None:
+    """Records that the engine rolled `version` back (one small JSON file, written whole)."""
+    d = _rejected_dir(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{version}.json.tmp"
+    tmp.write_text(json.dumps({"version": version, "reason": reason, "time": time.time()}))
+    tmp.replace(d / f"{version}.json")
+
+
+def rejected_versions(directory: str | Path) -> dict[int, str]:
+    """Versions the engine rolled back -> why."""
+    d = _rejected_dir(directory)
+    out = {}
+    for p in d.glob("*.json") if d.is_dir() else ():
+        if p.stem.isdigit():
+            out[int(p.stem)] = json.loads(p.read_text()).get("reason", "")
+    return out
+
+
 class DraftPublisher:
     """Learner side. `publish(state)` writes the next version synchronously (the learner's
     next step donates its buffers, so nothing may read them after publish returns)."""
@@ -73,7 +99,8 @@ class DraftPublisher:
             max_to_keep=max_to_keep, enable_async_checkpointing=False))
         versions = list_versions(self.directory)
         self.version = versions[-1] if versions else 0
-        self._serving = initial_state
+        self._initial = self._serving = initial_state
+        self._rejected_seen = set(rejected_versions(self.directory))
 
     def serving(self):
         """The draft the engine serves now, as far as this learner knows: its last publication
@@ -81,9 +108,13 @@ class DraftPublisher:
         return self._serving
 
     def resume(self) -> tuple[int, nnx.State] | None:
-        """(version, state) of the newest restorable version already in the directory, which
-        becomes the serving draft; None when there is none."""
+        """(version, state) of the newest restorable version already in the directory that
+        the engine did not roll back, which becomes the serving draft; None when there is
+        none."""
+        rejected = rejected_versions(self.directory)
         for v in reversed(list_versions(self.directory)):
+            if v in rejected:  # the engine rolled it back: never train on from it
+                continue
             try:
                 self._serving = restore_draft(self.directory, v, self._serving)[0]
                 return v, self._serving
@@ -91,7 +122,23 @@ class DraftPublisher:
                 log.warning("cannot resume from draft version %d: %s", v, e)
         return None
 
+    def take_rejections(self) -> list[tuple[int, nnx.State]]:
+        """(version, draft to train on from) for each version the engine rolled back since
+        the last call: the newest version it did not roll back (or the initial draft)."""
+        new = sorted(set(rejected_versions(self.directory)) - self._rejected_seen)
+        if not new:
+            return []
+        self._rejected_seen.update(new)
+        if self.resume() is None:
+            self._serving = self._initial
+        return [(v, self._serving) for v in new]
+
     def publish(self, state, meta: dict | None = None) -> int:
+        """Writes `state` as the next version; raises DraftRefused for a draft that must not
+        serve (non-finite, zeroed, stale: models/eagle3.draft_problem)."""
+        problem = draft_problem(state, self._serving)
+        if problem is not None:
+            raise DraftRefused(f"draft not published: {problem}")
         version = self.version + 1
         self._mgr.save(version, args=ocp.args.Composite(
             draft=ocp.args.StandardSave(state),
@@ -125,7 +172,13 @@ class DraftWatcher:
                 continue
             try:
                 state, _ = restore_draft(self.directory, v, self.engine.draft_state)
+                problem = draft_problem(state, self.engine.draft_state)
+                if problem is not None:
+                    raise DraftRefused(problem)
                 self.engine.set_draft(state, version=v)
+                if self.engine.draft_version != v:
+                    raise SwapError(f"the swap did not take: the engine serves version "
+                                    f"{self.engine.draft_version}")
             except Exception as e:  # noqa: BLE001 (refuse anything that does not restore)
                 self.refused[v] = f"{type(e).__name__}: {e}"
                 log.warning("refusing draft version %d from %s: %s; serving version %d stays",
@@ -135,6 +188,12 @@ class DraftWatcher:
             log.info("serving draft version %d", v)
             return v
         return None
+
+    def refuse(self, version: int, reason: str) -> None:
+        """Never swaps `version` in again (the engine rolled it back), and leaves a note for
+        the learner process (`rejected_versions`), which then trains on from a good draft."""
+        self.refused[version] = reason
+        mark_rejected(self.directory, version, reason)
 
     def start(self) -> DraftWatcher:
         self._loop = Periodic(self.poll, self.poll_s, "aurora-draft-watcher").start()

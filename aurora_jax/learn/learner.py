@@ -94,8 +94,9 @@ class Learner:
         # Built by a jitted function: fresh buffers (never aliasing the serving draft's, which
         # the step will donate) typed and placed exactly like the states the step returns,
         # so the second step does not compile again.
-        self.state = jax.jit(lambda p: LearnerState(jnp.zeros((), jnp.int32),
-                                                    jax.tree.map(jnp.copy, p), tx.init(p)))(params)
+        self._init = jax.jit(lambda p, step: LearnerState(step, jax.tree.map(jnp.copy, p),
+                                                          tx.init(p)))
+        self.state = self._init(params, jnp.zeros((), jnp.int32))
         self.embed, self.head = target_head(self.target)
 
     def step(self, batch: LearnBatch) -> dict:
@@ -109,6 +110,14 @@ class Learner:
         self.state, self.buffers, change = remap_learner(self.state, self.buffers, self.head,
                                                          np.asarray(new_ids, np.int64))
         return change
+
+    def reset_to(self, draft_state: nnx.State) -> None:
+        """Trains on from `draft_state` (shaped like `publish()`'s: say a draft the engine
+        rolled back to) with fresh optimizer moments, the step count kept (the schedule goes
+        on); the moments of the trajectory being abandoned go with it."""
+        model = nnx.merge(self.draft.graphdef, draft_state)
+        _, params, self.buffers = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
+        self.state = self._init(params, self.state.step)
 
     def publish(self) -> nnx.State:
         """A copy of the current draft state, shaped like the serving draft's (for

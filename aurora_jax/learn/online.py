@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from aurora_jax.engine.engine import Engine
-from aurora_jax.errors import ConfigError
+from aurora_jax.errors import ConfigError, DraftRefused, SwapError
 from aurora_jax.learn.buffer import TraceAssembler, TraceBuffer
 from aurora_jax.learn.learner import Learner
 from aurora_jax.learn.losses import draft_loss
@@ -41,6 +41,7 @@ from aurora_jax.learn.vocab_refresh import (
     draft_ids,
     outside_share,
 )
+from aurora_jax.models.eagle3 import draft_problem
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class EnginePublisher:
 
     def __init__(self, *engines: Engine):
         self.engines = engines
+        self._last = engines[0].draft_version  # versions are never reused, rollbacks or not
 
     @property
     def version(self) -> int:
@@ -102,9 +104,21 @@ class EnginePublisher:
         return self.engines[0].draft_state
 
     def publish(self, state, meta: dict | None = None) -> int:
-        version = self.version + 1
+        """Swaps `state` in as the next version. Raises DraftRefused for a draft that must
+        not serve (non-finite, zeroed, stale: models/eagle3.draft_problem) and SwapError if
+        an engine still serves another draft afterwards (a swap that silently did not take,
+        SGLang #27718)."""
+        problem = draft_problem(state, self.serving())
+        if problem is not None:
+            raise DraftRefused(f"draft not published: {problem}")
+        version = max(self._last, self.version) + 1
         for e in self.engines:
             e.set_draft(state, version=version)
+        for e in self.engines:
+            if e.draft_version != version or e.draft_state is not state:
+                raise SwapError(f"the swap to draft version {version} did not take: the engine "
+                                f"serves version {e.draft_version}")
+        self._last = version
         return version
 
 
@@ -125,7 +139,10 @@ class OnlineLearner:
         self._score_rng = np.random.default_rng(0)  # scoring never moves the training order
         self.steps = 0
         self.published = 0
-        self.rejected = 0
+        self.rejected = 0  # candidates the "better" policy kept back
+        self.refused = 0  # candidates refused as unfit to serve (DraftRefused)
+        self.rollbacks = 0  # published drafts the engine's collapse guard rolled back
+        self._reset_to = None  # a rolled-back-to draft to train on from, at the next step
         self.last_metrics: dict = {}
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -154,6 +171,15 @@ class OnlineLearner:
         return self.buffer.batch(c.batch_size, c.seq_len, c.trees_per_seq, self.tree_size,
                                  recent=c.held_out, held_out=held_out)
 
+    def roll_back(self, state, bad_version: int) -> None:
+        """The engine rolled draft `bad_version` back to `state` (engine/guard.py): the next
+        step trains on from `state` with fresh optimizer moments, so nothing is published
+        from the state that collapsed again. Safe to call from the serving thread."""
+        self.rollbacks += 1
+        self._reset_to = state
+        log.warning("draft version %d was rolled back; training on from the draft serving now",
+                    bad_version)
+
     def ready(self) -> bool:
         """Enough sequences in the buffer to train (and, for "better", to hold out)."""
         return len(self.buffer) >= max(self.cfg.min_sequences, self.cfg.held_out + 1)
@@ -162,6 +188,9 @@ class OnlineLearner:
         """One learner step, and a publication attempt every `every_steps` steps. The thread
         calls this in a loop; a caller that interleaves serving and learning calls it
         directly."""
+        reset, self._reset_to = self._reset_to, None
+        if reset is not None:
+            self.learner.reset_to(reset)
         self.last_metrics = self.learner.step(self._batch())
         self.steps += 1
         if self.steps % self.cfg.every_steps == 0:
@@ -235,8 +264,13 @@ class OnlineLearner:
                 self.rejected += 1
                 return
         metrics = {k: float(v) for k, v in self.last_metrics.items()}
-        version = self.publisher.publish(candidate, {"learner_step": self.steps,
-                                                     "metrics": metrics})
+        try:
+            version = self.publisher.publish(candidate, {"learner_step": self.steps,
+                                                         "metrics": metrics})
+        except DraftRefused as e:  # (a non-finite loss gets here too): train on, serve on
+            self.refused += 1
+            log.warning("learner step %d: %s", self.steps, e)
+            return
         self.published += 1
         self.buffer.drop_stale(version)
 

@@ -267,6 +267,43 @@ def same_layout(a, b) -> bool:
     return str(ta) == str(tb) and la == lb
 
 
+@jax.jit
+def _health(state):
+    """Per floating-point leaf: all finite, and all zero."""
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return (jnp.stack([jnp.isfinite(x).all() for x in leaves]),
+            jnp.stack([(x == 0).all() for x in leaves]))
+
+
+@jax.jit
+def _equal(a, b):
+    return jnp.stack([jnp.array_equal(x, y) for x, y in
+                      zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]).all()
+
+
+def draft_problem(new, serving=None) -> str | None:
+    """Why `new` must not replace `serving` although it may have the layout (None if it
+    may): a different layout; a non-finite value; weight arrays all zero that the serving
+    draft has non-zero (a draft zeroed by a memory release, SGLang #13268); or weights equal
+    to the serving draft's (a publication that carried stale weights, SGLang #27718)."""
+    if serving is not None and not same_layout(new, serving):
+        return "its structure, shapes or dtypes differ from the serving draft's"
+    finite, zero = jax.device_get(_health(new))
+    if not finite.all():
+        paths = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(new)
+                 if jnp.issubdtype(x.dtype, jnp.floating)]
+        return f"non-finite values in {paths[int(np.argmin(finite))]}"
+    # A zeroed draft: every array zero, or most of them newly so (a draft may hold a zero
+    # array or two by construction, as the copycat drafts of the tests do).
+    was_zero = jax.device_get(_health(serving)[1]) if serving is not None else zero
+    if zero.all() or 2 * (zero & ~was_zero).sum() > zero.size:
+        return (f"{int(zero.sum())} of its {zero.size} weight arrays are all zero (the serving "
+                f"draft has {int(was_zero.sum())}): a zeroed draft")
+    if serving is not None and bool(_equal(new, serving)):
+        return "its weights equal the serving draft's: a stale publication"
+    return None
+
+
 @dataclasses.dataclass
 class Draft:
     """A loaded draft model, split for jit: `nnx.merge(graphdef, state)` is the Eagle3Draft."""

@@ -29,7 +29,7 @@ import numpy as np
 from aurora_jax.data.scenarios import build_scenario
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.data.vocab import scratch_draft_vocab
-from aurora_jax.engine.adaptive import UtilityMonitor
+from aurora_jax.engine.adaptive import UtilityMonitor, spec_modes
 from aurora_jax.engine.batcher import acceptance_length
 from aurora_jax.engine.engine import Engine, Request
 from aurora_jax.learn.buffer import TraceAssembler, TraceBuffer
@@ -84,7 +84,7 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
     sink = TraceAssembler(buffer.add) if cfg.learner.enabled else None
     kw: dict = dict(max_slots=cfg.max_slots, max_len=max_len, eos_ids=eos, seed=cfg.seed,
                     trace_sink=sink)
-    specs = spec_modes(cfg) if draft is not None else {}
+    specs = spec_modes(cfg.spec, cfg.adaptive) if draft is not None else {}
     # N-gram settings propose without the draft: their engines skip its passes entirely.
     engines = {name: Engine(target, draft if s.needs_draft else None, s, **kw)
                for name, s in specs.items()}
@@ -167,22 +167,8 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     from aurora_jax.run.report import plot_run
 
-    plot_run(rows, out, {n: setting_label(s) for n, s in specs.items()})
+    plot_run(rows, out, {n: s.label for n, s in specs.items()})
     return summary
-
-
-def setting_label(s: SpecConfig) -> str:
-    """A short name of a speculation setting for plots and tables."""
-    if s.mode == "tree":
-        return f"tree {s.depth}/{s.topk}/{s.num_draft_tokens}"
-    return f"{s.mode} {s.depth}"
-
-
-def spec_modes(cfg: RunConfig) -> dict[str, SpecConfig]:
-    """The speculation settings the run may serve with: "spec" (the primary one), then
-    "alt1", "alt2", ... (adaptive.alternatives)."""
-    return {"spec": cfg.spec, **{f"alt{i + 1}": a
-                                 for i, a in enumerate(cfg.adaptive.alternatives)}}
 
 
 def _break_even(run, mode: str, rates: dict) -> float | None:

@@ -144,7 +144,8 @@ async def _serve(server: Server, http: Request, parsed: Parsed, chat: bool) -> R
                             f"{max_tokens}", "max_tokens" if room >= 1 and parsed.max_tokens
                        else "prompt",
                        code="context_length_exceeded")
-    job = Job(EngineRequest(prompt, max_tokens, parsed.sampling),
+    ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex  # also its trace's id
+    job = Job(EngineRequest(prompt, max_tokens, parsed.sampling, id=ident),
               TextStream(server.tokenizer.decode, parsed.stops), asyncio.Queue(),
               asyncio.get_running_loop())
     try:
@@ -153,7 +154,8 @@ async def _serve(server: Server, http: Request, parsed: Parsed, chat: bool) -> R
         raise APIError(429, str(e), kind="rate_limit_error") from e
     except ShuttingDown as e:
         raise APIError(503, str(e), kind="server_error") from e
-    ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    except AuroraError as e:
+        raise APIError(400, str(e), "prompt") from e
     if parsed.stream:
         return StreamingResponse(_stream(server, http, job, parsed, chat, ident),
                                  media_type="text/event-stream")
@@ -165,7 +167,7 @@ async def _serve(server: Server, http: Request, parsed: Parsed, chat: bool) -> R
             reason, res = event[1], event[2]
     body = _envelope(server, ident, chat, final=True)
     body["choices"] = [_choice(chat, "".join(text), reason, final=True)]
-    body["usage"] = _usage(res, len(prompt))
+    body["usage"] = _usage(server, job, res)
     return JSONResponse(body)
 
 
@@ -207,7 +209,7 @@ async def _stream(server: Server, http: Request, job: Job, parsed: Parsed, chat:
             if parsed.include_usage:
                 usage = _envelope(server, ident, chat, final=False)
                 usage["choices"] = []
-                usage["usage"] = _usage(res, len(job.request.prompt))
+                usage["usage"] = _usage(server, job, res)
                 yield f"data: {json.dumps(usage)}\n\n"
     yield "data: [DONE]\n\n"
 
@@ -231,11 +233,19 @@ def _choice(chat: bool, text: str, reason: str | None, final: bool, role: bool =
     return {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
 
 
-def _usage(res: RequestResult | None, prompt_tokens: int) -> dict:
+def _usage(server: Server, job: Job, res: RequestResult | None) -> dict:
+    """OpenAI's usage, and how the request was served: its acceptance length, target
+    forwards, the draft version that proposed (None when no draft model did) and the
+    speculation setting (the adaptive policy's choice for it; "off": target-only)."""
+    prompt_tokens = len(job.request.prompt)
     completion = len(res.token_ids) if res is not None else 0
     tau = res.acceptance_length if res is not None else None
+    engine = server.engines.get(job.mode) if job.mode is not None else None
+    drafted = engine is not None and engine.draft is not None
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
             "acceptance_length": None if tau is None else round(tau, 4),
             "target_forwards": res.target_forwards if res is not None else 0,
-            "draft_version": max(res.draft_versions) if res and res.draft_versions else None}
+            "draft_version": max(res.draft_versions) if drafted and res and res.draft_versions
+            else None,
+            "speculation": engine.spec.label if engine is not None else None}

@@ -7,6 +7,8 @@ import dataclasses
 import os
 from typing import Literal
 
+from aurora_jax.engine.adaptive import AdaptiveConfig
+from aurora_jax.engine.guard import GuardConfig
 from aurora_jax.errors import ConfigError
 from aurora_jax.learn.losses import LossConfig
 from aurora_jax.learn.online import OnlineConfig
@@ -65,8 +67,16 @@ class ServeConfig:
     """Seeds a scratch draft and sampling (a request's `seed` overrides it for its row)."""
     spec: SpecConfig = SpecConfig(mode="tree", depth=4, topk=4, num_draft_tokens=12)
     """Speculation (ngram, chain or tree; off with draft none)."""
+    adaptive: AdaptiveConfig = AdaptiveConfig(alternatives=(SpecConfig(mode="ngram", depth=3),))
+    """When to speculate, from measured tokens/s (engine/adaptive.py): each window serves
+    the target alone, `spec` or one of `adaptive.alternatives`; one engine per setting."""
+    window_steps: int | None = 32
+    """Engine steps per adaptive window (null: no adaptive policy; every request is served
+    with `spec` and nothing else is compiled)."""
+    guard: GuardConfig = GuardConfig()
+    """When a hot-swapped draft counts as collapsed and is rolled back (engine/guard.py)."""
     max_slots: int = 4
-    """Requests decoded at once (continuous batching)."""
+    """Requests decoded at once (continuous batching), over all engines together."""
     max_len: int = 1024
     """Longest prompt plus completion, in tokens; longer requests are a 400."""
     max_queue: int = 64
@@ -92,6 +102,11 @@ class ServeConfig:
                self.max_body_bytes, self.tp) < 1:
             raise ConfigError("max_slots, max_len, max_queue, default_max_tokens, "
                               "max_body_bytes and tp must be >= 1")
+        if self.window_steps is not None and self.window_steps < 1:
+            raise ConfigError(f"window_steps must be >= 1 or null, got {self.window_steps}")
+        if self.draft == "none" and any(a.needs_draft for a in self.adaptive.alternatives):
+            raise ConfigError("draft none cannot speculate with a draft; adaptive.alternatives "
+                              "may only hold ngram settings")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
         if self.draft == "none" and self.spec.needs_draft:

@@ -3,7 +3,8 @@
 Each request is sent at its arrival time (exponential gaps at `rate` requests/s, seeded) by
 the official `openai` async client and streamed; per request it records the time to the first
 token, the mean gap between tokens after it ((end - first) / (tokens - 1)), the end-to-end
-latency, and what the server's usage reports (tokens, acceptance length, draft version).
+latency, and what the server's usage reports (tokens, acceptance length, draft version,
+the speculation setting that served it).
 `summarize` gives throughput and latency percentiles; the rows keep the time order, so
 acceptance can be followed over the run.
 """
@@ -11,6 +12,7 @@ acceptance can be followed over the run.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 
 import numpy as np
@@ -36,7 +38,24 @@ async def _one(client, model: str, prompt: str, max_tokens: int, t0: float) -> d
             "itl_s": (end - first) / (tokens - 1) if tokens > 1 else None, "tokens": tokens,
             "acceptance_length": extra.get("acceptance_length"),
             "target_forwards": extra.get("target_forwards"),
-            "draft_version": extra.get("draft_version"), "done_s": end - t0}
+            "draft_version": extra.get("draft_version"),
+            "speculation": extra.get("speculation"), "done_s": end - t0}
+
+
+def scrape(url: str, api_key: str | None = None) -> dict[str, float]:
+    """The server's /metrics, parsed by prometheus_client: sample name (with its labels, as
+    `name{k=v,...}` sorted by key) -> value."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    text = httpx.get(url.rstrip("/") + "/metrics", headers=headers).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    return out
 
 
 async def drive(url: str, model: str, prompts: list[str], *, rate: float, max_tokens: int,
@@ -78,4 +97,5 @@ def summarize(rows: list[dict]) -> dict:
             "itl_p50_s": pct("itl_s", 50), "itl_p99_s": pct("itl_s", 99),
             "e2e_p50_s": pct("e2e_s", 50), "e2e_p99_s": pct("e2e_s", 99),
             "acceptance_length": committed / steps if steps else None,
-            "target_forwards": forwards}
+            "target_forwards": forwards,
+            "speculation": dict(collections.Counter(str(r.get("speculation")) for r in rows))}

@@ -1,12 +1,20 @@
-"""The serving loop: one thread owns the engine and steps it; HTTP handlers only enqueue.
+"""The serving loop: one thread owns the engines and steps them; HTTP handlers only enqueue.
 
 Handlers call `submit` (a bounded admission count: a full server refuses at once, it never
 queues without bound) and `cancel` (a client that went away); both only post to an inbox
-that the loop drains between steps, so the engine is touched by one thread alone. Each step
-the loop admits new requests into free slots (`Batcher`, continuous batching), and for every
+that the loop drains between steps, so the engines are touched by one thread alone. The
+loop keeps the waiting requests itself and hands them, up to `max_slots` running in all, to
+the engine of the current adaptive window's mode (serve/policy.py; one engine when there is
+no policy), whose `Batcher` admits them into free slots (continuous batching). For every
 request that received tokens it posts the new text, cut at stop strings, to that request's
 asyncio queue on the server's event loop. A stop string ends the request like a stop token:
 the slot is freed before the next step.
+
+Drafts: the first engine is the one the learner (or the draft watcher, or /admin/draft)
+publishes into; the loop hands each new version to the other draft engines before they step.
+Each new version is on probation with the collapse guard (engine/guard.py), which the loop
+asks after every step; a collapsed version is rolled back to the trusted draft, the watcher
+refuses it from then on and the learner trains on from the trusted draft.
 
 Stopping (`shutdown`): no new admissions; requests in slots finish (up to a deadline, then
 they end with `finish_reason` "abort"), queued ones end with "abort" at once.
@@ -15,7 +23,9 @@ they end with `finish_reason` "abort"), queued ones end with "abort" at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -24,9 +34,12 @@ from typing import Any
 
 import jax
 
+from aurora_jax.engine.adaptive import AdaptiveConfig
 from aurora_jax.engine.batcher import Request, RequestResult
 from aurora_jax.engine.engine import Engine
+from aurora_jax.engine.guard import CollapseGuard, GuardConfig
 from aurora_jax.serve.metrics import ServerMetrics
+from aurora_jax.serve.policy import WindowPolicy
 from aurora_jax.serve.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -51,7 +64,8 @@ class Job:
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     first_token: float | None = None
     last_token: float | None = None
-    index: int | None = None  # the batcher's
+    mode: str | None = None  # the engine serving it, once admitted
+    index: int | None = None  # in that engine's batcher
     tokens: int = 0  # tokens received so far
     steps: int = 0  # what the metrics have counted of it
     accepted: int = 0
@@ -62,28 +76,47 @@ class Job:
 
 
 class ServingLoop:
-    """Owns the engine on its own thread."""
+    """Owns the engines on its own thread. `engines` maps mode names to engines over one
+    target ("spec" first when there is a draft, "off" for target-only); with `adaptive` set
+    and more than one engine, windows of `window_steps` steps choose among them."""
 
-    def __init__(self, engine: Engine, metrics: ServerMetrics, *, max_queue: int,
-                 online=None, watcher=None, learn_when_idle: bool = False):
-        self.engine, self.metrics, self.max_queue = engine, metrics, max_queue
+    def __init__(self, engines: dict[str, Engine], metrics: ServerMetrics, *, max_queue: int,
+                 adaptive: AdaptiveConfig | None = None, window_steps: int = 32,
+                 guard: GuardConfig | None = None, online=None, watcher=None,
+                 learn_when_idle: bool = False):
+        self.engines, self.metrics, self.max_queue = engines, metrics, max_queue
+        self.engine = next(iter(engines.values()))  # drafts are published into this one
+        self.max_slots = self.engine.max_slots
+        self.policy = WindowPolicy(tuple(engines), adaptive, window_steps)
+        self.guard = CollapseGuard(guard or GuardConfig(), self.engine.last_step_draft)
+        self._draft_modes = [m for m, e in engines.items() if e.draft is not None]
+        self.rollbacks = 0
         self.online, self.watcher = online, watcher
         self.learn_when_idle = learn_when_idle and online is not None
-        self.batcher = engine.batcher(on_result=self._finished, on_tokens=self._tokens)
+        self.batchers = self._new_batchers()
         self._inbox: queue.Queue = queue.Queue()
-        self._jobs: dict[int, Job] = {}  # batcher index -> job
+        self._waiting: collections.deque[Job] = collections.deque()  # not yet in a batcher
+        self._jobs: dict[tuple[str, int], Job] = {}  # (mode, batcher index) -> job
         self._pending = 0  # submitted and not yet ended (admission bound)
         self._lock = threading.Lock()
         self._admitting = True
         self._stop_deadline: float | None = None
-        self._version = engine.draft_version
+        self._judged_version = self.engine.draft_version
+        self._swap_seen = self.engine.swapped_at
+        self._step_tokens = 0  # tokens delivered by the step being booked
+        self._last_busy: list[str] = []  # the engines the last iteration stepped
         self.swaps = 0  # drafts swapped in while serving
         self._learner_read = 0.0
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="aurora-jax-engine", daemon=True)
-        metrics.draft_version.set(self._version)
-        metrics.spec_mode.labels(mode=engine.spec.mode).set(1)
+        metrics.draft_version.set(self.engine.draft_version)
+        self._show_mode()
+
+    def _new_batchers(self) -> dict:
+        return {m: e.batcher(on_result=functools.partial(self._finished, m),
+                             on_tokens=functools.partial(self._tokens, m))
+                for m, e in self.engines.items()}
 
     # ---- called from HTTP handlers (any thread) ----------------------------------------------
 
@@ -93,10 +126,13 @@ class ServingLoop:
         return self
 
     def submit(self, job: Job) -> None:
+        """Queues `job`; raises PromptError for a request no engine can take, ServerBusy when
+        full, ShuttingDown after `shutdown`."""
+        self.engine.check_request(job.request)  # the engines share max_len
         with self._lock:
             if not self._admitting:
                 raise ShuttingDown("the server is shutting down")
-            if self._pending >= self.max_queue + self.engine.max_slots:
+            if self._pending >= self.max_queue + self.max_slots:
                 raise ServerBusy(f"the server is full ({self._pending} requests in flight); "
                                  "retry later")
             self._pending += 1
@@ -120,37 +156,86 @@ class ServingLoop:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def idle(self) -> bool:
+        return not self._waiting and all(b.idle for b in self.batchers.values())
+
     # ---- the loop thread ------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
             if self._warmup is not None:
-                self.engine.run([self._warmup])  # compiles the steady-state step
-                self.batcher = self.engine.batcher(on_result=self._finished,
-                                                   on_tokens=self._tokens)
+                for engine in self.engines.values():  # compiles each steady-state step
+                    engine.run([dataclasses.replace(self._warmup, id=f"warmup-{id(engine)}")])
+                self.batchers = self._new_batchers()
             if self.online is not None and not self.learn_when_idle:
                 self.online.start()
             self.ready.set()
             while True:
-                idle = self.batcher.idle
+                self._take_swap()
+                idle = self.idle
                 if idle and self._inbox.empty() and self._learn_one():
                     continue
                 self._drain(block=idle)
+                t0 = time.perf_counter()
                 if self._stop_deadline is not None:
-                    if self.batcher.idle:
+                    if self.idle:
                         return
                     if time.perf_counter() > self._stop_deadline:
-                        for i in list(self._jobs):
-                            self.batcher.cancel(i, "abort")
-                if not self.batcher.idle:
-                    self.batcher.step()
-                    self._after_step()
+                        for mode, i in list(self._jobs):
+                            self.batchers[mode].cancel(i, "abort")
+                self._admit()
+                self._step_all(t0)
         except BaseException as e:  # noqa: BLE001 - every waiting client must hear of it
             log.exception("the serving loop failed")
             self.error = e
-            for job in list(self._jobs.values()):
+            for job in [*self._jobs.values(), *self._waiting]:
                 job.post("error", f"the engine failed: {e}")
             self.ready.set()
+
+    def _step_all(self, t0: float) -> None:
+        """Steps every engine with work; an engine that stepped alone is timed for the
+        policy from `t0` (this iteration's start)."""
+        busy = [m for m, b in self.batchers.items() if not b.idle]
+        # Timed only when this engine also stepped alone the iteration before (the step
+        # whose output it waited for then ran on an otherwise idle device), and compiled
+        # nothing (a new prefill shape's first use is no measure of its speed).
+        timed, self._last_busy = busy == self._last_busy and len(busy) == 1, busy
+        for mode in busy:
+            batcher, engine = self.batchers[mode], self.engines[mode]
+            self._follow_draft(engine)
+            self._step_tokens = 0
+            compiled = engine.compilations
+            batcher.step()
+            self._after_step(engine)
+            timed = timed and engine.compilations == compiled
+            alone = time.perf_counter() - t0 if timed else None
+            closed = self.policy.stepped(mode, self._step_tokens, alone)
+            if closed is not None:
+                self._window_closed(closed)
+
+    def _follow_draft(self, engine: Engine) -> None:
+        """Hands the primary engine's draft version to another draft engine before it steps."""
+        primary = self.engine
+        if engine is not primary and engine.draft is not None \
+                and engine.draft_version != primary.draft_version:
+            engine.set_draft(primary.draft_state, version=primary.draft_version)
+
+    def _admit(self) -> None:
+        """Hands waiting requests to the current window's engine, up to max_slots running in
+        all (a draining engine's requests count until they end)."""
+        if not self._waiting:
+            return
+        held = sum(len(b.queue) + sum(i is not None for i in b.slot_request)
+                   for b in self.batchers.values())
+        while self._waiting and held < self.max_slots:
+            mode = self.policy.current(min(self.max_slots, held + len(self._waiting)))
+            job = self._waiting.popleft()
+            job.mode, job.index = mode, self.batchers[mode].submit(job.request)
+            self._jobs[mode, job.index] = job
+            held += 1
+        self._show_mode()
+        self._update_gauges()
 
     def _learn_one(self) -> bool:
         """One learner step while nothing is served (schedule "idle"); False if none ran."""
@@ -167,7 +252,7 @@ class ServingLoop:
                           self.engine.draft_version)
             self.learn_when_idle = False
             return False
-        self._after_step()
+        self._read_learner()
         return True
 
     def _drain(self, block: bool) -> None:
@@ -180,46 +265,61 @@ class ServingLoop:
             kind = item[0]
             if kind == "submit":
                 job = item[1]
-                job.index = self.batcher.submit(job.request)
-                self._jobs[job.index] = job
+                self._waiting.append(job)
                 self.metrics.prompt_tokens.inc(len(job.request.prompt))
             elif kind == "cancel":
                 job, reason = item[1], item[2]
-                if job.index is not None and not job.ended:
-                    self.batcher.cancel(job.index, reason)
+                if job.ended:
+                    pass
+                elif job.mode is None:  # still waiting here
+                    self._waiting.remove(job)
+                    self._end(job, RequestResult(job.request.id, job.request.domain,
+                                                 len(job.request.prompt),
+                                                 finish_reason=reason))
+                else:
+                    self.batchers[job.mode].cancel(job.index, reason)
             elif kind == "shutdown":
                 self._stop_deadline = time.perf_counter() + item[1]
-                for i in list(self.batcher.queue):
-                    self.batcher.cancel(i, "abort")
+                while self._waiting:
+                    job = self._waiting.popleft()
+                    self._end(job, RequestResult(job.request.id, job.request.domain,
+                                                 len(job.request.prompt),
+                                                 finish_reason="abort"))
+                for batcher in self.batchers.values():
+                    for i in list(batcher.queue):
+                        batcher.cancel(i, "abort")
             self._update_gauges()
 
-    def _tokens(self, res: RequestResult) -> None:
-        job = self._jobs.get(res.index)
+    def _tokens(self, mode: str, res: RequestResult) -> None:
+        job = self._jobs.get((mode, res.index))
         if job is None:
             return
         now = time.perf_counter()
+        new = len(res.token_ids) - job.tokens
+        self._step_tokens += new
         if job.first_token is None:
             job.first_token = now
             self.metrics.ttft.observe(now - job.submitted)
         elif job.last_token is not None:  # a step's tokens arrive together: per token, the
-            new = max(1, len(res.token_ids) - job.tokens)  # step's time over their count
-            self.metrics.inter_token.observe((now - job.last_token) / new)
+            self.metrics.inter_token.observe((now - job.last_token) / max(1, new))  # gap/count
         job.last_token, job.tokens = now, len(res.token_ids)
         self._count_speculation(job, res)
         delta = job.text.update(res.token_ids, final=False)
         if delta:
             job.post("delta", delta)
         if job.text.stopped:  # a stop string: end it like a stop token
-            self.batcher.cancel(job.index, "stop")  # type: ignore[arg-type]
+            self.batchers[mode].cancel(res.index, "stop")
 
-    def _finished(self, res: RequestResult) -> None:
-        job = self._jobs.pop(res.index, None)
-        if job is None:
-            return
+    def _finished(self, mode: str, res: RequestResult) -> None:
+        job = self._jobs.pop((mode, res.index), None)
+        if job is not None:
+            self._count_speculation(job, res)
+            self._end(job, res)
+
+    def _end(self, job: Job, res: RequestResult) -> None:
         job.ended = True
         with self._lock:
             self._pending -= 1
-        self._count_speculation(job, res)
         delta = job.text.update(res.token_ids, final=True)
         if delta:
             job.post("delta", delta)
@@ -231,29 +331,59 @@ class ServingLoop:
     def _count_speculation(self, job: Job, res: RequestResult) -> None:
         steps, accepted = res.steps - job.steps, res.accepted - job.accepted
         job.steps, job.accepted = res.steps, res.accepted
-        if steps <= 0 or self.engine.spec.mode == "off":
+        spec = self.engines[job.mode].spec  # type: ignore[index]
+        if steps <= 0 or spec.mode == "off":
             return
         m = self.metrics
         m.drafts.inc(steps)
-        m.draft_tokens.inc(steps * self.engine.spec.depth)
+        m.draft_tokens.inc(steps * spec.depth)
         m.accepted_tokens.inc(accepted)
         if steps == 1:  # one step: its accepted tokens sit at positions 0 .. accepted-1
             for pos in range(accepted):
                 m.accepted_per_pos.labels(position=str(pos)).inc()
 
-    def _after_step(self) -> None:
-        version = self.engine.last_step_version
-        if version != self._version:
-            latency = (time.perf_counter() - self.engine.swapped_at
-                       if self.engine.swapped_at is not None else 0.0)
-            self._version = version
-            self.swaps += 1
-            self.metrics.swaps.inc()
-            self.metrics.swap_latency.observe(latency)
-            self.metrics.draft_version.set(version)
-            log.info("hot swap: serving draft version %d, %.1f ms after its publication",
-                     version, latency * 1e3)
+    def _take_swap(self) -> None:
+        """Counts a draft published (or rolled back to) since the last look: the next step
+        of any engine uses it, so the swap latency is publication to this step boundary."""
+        at = self.engine.swapped_at
+        if at is None or at == self._swap_seen:
+            return
+        self._swap_seen = at
+        latency = time.perf_counter() - at
+        version = self.engine.draft_version
+        self.swaps += 1
+        self.metrics.swaps.inc()
+        self.metrics.swap_latency.observe(latency)
+        self.metrics.draft_version.set(version)
+        log.info("hot swap: serving draft version %d, %.1f ms after its publication",
+                 version, latency * 1e3)
+
+    def _after_step(self, engine: Engine) -> None:
+        if engine.draft is not None:
+            self._judge(engine)
         self._update_gauges()
+        self._read_learner()
+
+    def _judge(self, engine: Engine) -> None:
+        """Hands a newly swapped-in draft to the collapse guard, and rolls the draft back
+        when the guard finds it collapsed (engine/guard.py)."""
+        if engine.last_step_version != self._judged_version:
+            self._judged_version = engine.last_step_version
+            self.guard.swapped(engine.last_step_draft)
+        rollback = self.guard.check({m: self.batchers[m] for m in self._draft_modes})
+        if rollback is None:
+            return
+        self.engine.set_draft(rollback.state, version=rollback.version)
+        self.rollbacks += 1
+        self.metrics.rollbacks.inc()
+        log.warning("draft version %d rolled back to version %d: %s", rollback.bad_version,
+                    rollback.version, rollback.reason)
+        if self.watcher is not None:
+            self.watcher.refuse(rollback.bad_version, rollback.reason)
+        if self.online is not None:
+            self.online.roll_back(rollback.state, rollback.bad_version)
+
+    def _read_learner(self) -> None:
         now = time.perf_counter()
         if self.online is not None:
             self.metrics.learner_steps.set(self.online.steps)
@@ -265,7 +395,22 @@ class ServingLoop:
                 self.metrics.learner_loss.set(float(loss))
                 self.metrics.learner_sim_acceptance.set(float(tau))
 
+    def _window_closed(self, window) -> None:
+        m = self.metrics
+        m.adaptive_windows.labels(mode=window.mode).inc()
+        for mode, rate in self.policy.rates(window.load).items():
+            if rate is not None:
+                m.adaptive_rate.labels(mode=mode).set(rate)
+        log.debug("window %d served %s at load %d: %d tokens in %.3f s over %d timed steps",
+                  window.index, window.mode, window.load, window.tokens, window.seconds,
+                  window.timed)
+
+    def _show_mode(self) -> None:
+        for mode, engine in self.engines.items():
+            self.metrics.spec_mode.labels(mode=mode, setting=engine.spec.label).set(
+                float(mode == self.policy.last_mode))
+
     def _update_gauges(self) -> None:
-        b = self.batcher
-        self.metrics.waiting.set(len(b.queue))
-        self.metrics.running.set(sum(i is not None for i in b.slot_request))
+        bs = self.batchers.values()
+        self.metrics.waiting.set(len(self._waiting) + sum(len(b.queue) for b in bs))
+        self.metrics.running.set(sum(i is not None for b in bs for i in b.slot_request))

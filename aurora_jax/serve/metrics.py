@@ -52,13 +52,24 @@ class ServerMetrics:
         self.swaps = Counter(p + "draft_hot_swaps", "Drafts swapped in while serving",
                              registry=r)
         self.swap_latency = Histogram(p + "draft_hot_swap_latency_seconds",
-                                      "From a draft's publication to the first step using it",
+                                      "From a draft's publication to the serving loop's next step "
+                                      "boundary, where it takes effect",
                                       buckets=_TOKEN_GAP + (5.0, 10.0), registry=r)
+        self.rollbacks = Counter(p + "draft_rollbacks",
+                                 "Swapped-in drafts the collapse guard rolled back", registry=r)
         self.learner_steps = Gauge(p + "learner_steps", "Online learner steps taken",
                                    registry=r)
         self.learner_loss = Gauge(p + "learner_loss", "Online learner's last loss", registry=r)
         self.learner_sim_acceptance = Gauge(
             p + "learner_sim_acceptance_length",
             "Acceptance length the learner simulates on its last batch", registry=r)
-        self.spec_mode = Gauge(p + "spec_mode_info", "Speculation mode in use (1 = this one)",
-                               ["mode"], registry=r)
+        self.spec_mode = Gauge(p + "spec_mode_info",
+                               "Engine new requests go to (1 = this one): the adaptive "
+                               "policy's choice for the current window",
+                               ["mode", "setting"], registry=r)
+        self.adaptive_windows = Counter(p + "adaptive_windows",
+                                        "Adaptive windows served, by mode", ["mode"],
+                                        registry=r)
+        self.adaptive_rate = Gauge(p + "adaptive_tokens_per_second",
+                                   "Measured tokens/s per mode (moving average) at the load "
+                                   "of the last window", ["mode"], registry=r)

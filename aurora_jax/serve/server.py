@@ -21,11 +21,12 @@ from pathlib import Path
 
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.data.vocab import scratch_draft_vocab
+from aurora_jax.engine.adaptive import spec_modes
 from aurora_jax.engine.batcher import Request
 from aurora_jax.engine.engine import Engine
 from aurora_jax.errors import ConfigError
 from aurora_jax.learn.learner import Learner
-from aurora_jax.learn.online import OnlineLearner, online_engine
+from aurora_jax.learn.online import EnginePublisher, OnlineLearner, online_engine
 from aurora_jax.learn.remote import shared_engine
 from aurora_jax.models.eagle3_io import load_draft
 from aurora_jax.models.loading import load_pair
@@ -33,6 +34,7 @@ from aurora_jax.models.sharding import make_mesh
 from aurora_jax.serve.config import ServeConfig
 from aurora_jax.serve.loop import ServingLoop
 from aurora_jax.serve.metrics import ServerMetrics
+from aurora_jax.speculative.config import SpecConfig
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +70,14 @@ class Server:
         else:
             self.engine = Engine(self.target, self.draft if cfg.spec.needs_draft else None,
                                  cfg.spec, **kw)
-        self.metrics = ServerMetrics(cfg.spec.max_depth)
-        self.loop = ServingLoop(self.engine, self.metrics, max_queue=cfg.max_queue,
+        self.engines = self._other_engines(kw)
+        # What /admin/draft publishes through: the learner's own where there is one, so that
+        # version numbers stay unique (rollbacks included).
+        self.publisher = self.online.publisher if self.online else EnginePublisher(self.engine)
+        self.metrics = ServerMetrics(max(e.spec.max_depth for e in self.engines.values()))
+        self.loop = ServingLoop(self.engines, self.metrics, max_queue=cfg.max_queue,
+                                adaptive=cfg.adaptive if cfg.window_steps else None,
+                                window_steps=cfg.window_steps or 1, guard=cfg.guard,
                                 online=self.online, watcher=watcher,
                                 learn_when_idle=learning.schedule == "idle")
         warmup = Request(self.tokenizer.encode("Hello") or [0], 4) if warm else None
@@ -78,13 +86,34 @@ class Server:
 
         self.app = create_app(self)
 
+    def _other_engines(self, kw: dict) -> dict[str, Engine]:
+        """Mode name -> engine: `self.engine` first ("spec", or "off" when it does not
+        speculate), then with an adaptive policy one per alternative setting and target-only,
+        all over the same target and draft, writing traces to the same sink."""
+        cfg = self.cfg
+        first = "off" if cfg.spec.mode == "off" else "spec"
+        engines = {first: self.engine}
+        if cfg.window_steps is None or first == "off":
+            return engines
+        sink = self.engine.traces.sink if self.engine.traces else None
+        settings = spec_modes(cfg.spec, cfg.adaptive)
+        for name, s in list(settings.items())[1:]:
+            engines[name] = Engine(self.target, self.draft if s.needs_draft else None, s,
+                                   trace_sink=sink, **kw)
+        engines["off"] = Engine(self.target, None, SpecConfig(mode="off"), trace_sink=sink,
+                                **kw)
+        return engines
+
     def draft_status(self) -> dict:
         e = self.engine
         return {"draft": self.cfg.draft, "serving_version": e.draft_version,
                 "spec": dataclasses.asdict(e.spec), "learning": self.cfg.learning.mode,
                 "learner_steps": self.online.steps if self.online else None,
                 "drafts_published": self.online.published if self.online else None,
-                "hot_swaps": self.loop.swaps}
+                "hot_swaps": self.loop.swaps, "rollbacks": self.loop.rollbacks,
+                "judged_versions": {str(v): why for v, why in self.loop.guard.judged.items()},
+                "engines": {m: x.spec.label for m, x in self.engines.items()},
+                "adaptive": self.loop.policy.status()}
 
     def load_draft(self, path: str) -> int:
         """Swaps in the EAGLE-3 draft at `path` (same layout as the serving one)."""
@@ -92,14 +121,14 @@ class Server:
             raise ConfigError("this server serves without a draft")
         new = load_draft(path, target=self.target.cfg, dtype=self.target.dtype,
                          mesh=self.target.mesh)
-        self.engine.set_draft(new.state)
-        return self.engine.draft_version
+        return self.publisher.publish(new.state)
 
     def close(self, grace_s: float = 5.0) -> None:
         self.loop.shutdown(grace_s)
         if getattr(self, "store", None) is not None:
-            if self.engine.traces:
-                self.engine.traces.flush()
+            for engine in self.engines.values():
+                if engine.traces:
+                    engine.traces.flush()
             self.store.flush()
 
 

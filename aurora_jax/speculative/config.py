@@ -62,6 +62,13 @@ class SpecConfig:
         return self.mode in ("chain", "tree")
 
     @property
+    def label(self) -> str:
+        """A short name for plots, tables and metrics: "tree 4/4/12", "chain 4", "off"."""
+        if self.mode == "tree":
+            return f"tree {self.depth}/{self.topk}/{self.num_draft_tokens}"
+        return "off" if self.mode == "off" else f"{self.mode} {self.depth}"
+
+    @property
     def width(self) -> int:
         """Nodes expanded per depth (1 in chain and n-gram mode)."""
         return self.topk if self.mode == "tree" else 1

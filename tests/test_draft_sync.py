@@ -4,6 +4,7 @@ keeps serving losslessly when the learner process is killed mid-run."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -35,6 +36,13 @@ SPEC = SpecConfig(mode="tree", depth=3, topk=2, num_draft_tokens=5)
 def _prompts(n, seed):
     rs = np.random.RandomState(seed)
     return [rs.randint(3, 40, size=rs.randint(4, 10)).tolist() for _ in range(n)]
+
+
+def nnx_params(state):
+    """The trainable part of a draft state (what a LearnerState's params hold)."""
+    from flax import nnx
+
+    return state.filter(nnx.Param)
 
 
 def _equal(a, b) -> bool:
@@ -151,6 +159,21 @@ def test_learner_process_killed_mid_run_leaves_the_engine_serving(tmp_path):
         watcher.stop()
         if proc.poll() is None:
             proc.kill()
-    # A learner started again on the workdir resumes from the newest version it published.
-    assert DraftPublisher(work / "drafts", draft.state).resume()[0] == newest
+    # A learner started again on the workdir resumes from the newest version it published,
+    # with the training state it published with it: step, weights and optimizer moments.
+    from aurora_jax.learn.draft_sync import restore_draft
+    from aurora_jax.learn.learner import Learner
+
+    again = DraftPublisher(work / "drafts", draft.state)
+    version, state = again.resume()
+    assert version == newest
+    fresh = Learner(dataclasses.replace(draft, state=state), target)
+    kept = again.restore_learner(version, fresh.state)
+    meta = restore_draft(work / "drafts", version, state)[1]
+    assert int(kept.step) == meta["learner_step"] > 0
+    moments = [x for x in jax.tree.leaves(kept.opt_state) if x.ndim > 0]
+    assert moments and any(float(jnp.abs(m).max()) > 0 for m in moments)
+    params = nnx_params(state)
+    for a, b in zip(jax.tree.leaves(kept.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert Path(work / "traces").is_dir() and store.shards_written >= 2

@@ -128,3 +128,50 @@ def test_replay_batches_are_windows_of_stored_sequences_and_resume_exactly(serve
                          and np.array_equal(tr.accepted, b.tree_accepted[r, t])]
                 assert match
     assert trees_seen > 0
+
+
+def test_a_full_disk_costs_traces_not_memory_nor_half_shards(served, tmp_path, monkeypatch):
+    """While shard writes fail (ENOSPC), the store holds at most `max_pending` sequences,
+    counts what it drops, leaves no `.tmp` directory, and writes again once the disk does;
+    a follower reads only whole shards throughout."""
+    import dataclasses
+    import errno
+
+    from aurora_jax.learn import trace_store
+
+    _, kept = served
+    store = TraceStore(tmp_path, sequences_per_shard=2, max_pending=3)
+    real = trace_store._write_array
+    full = {"on": True}
+
+    def write_array(path, a):
+        if full["on"] and a.ndim > 1:  # fails midway: some arrays already on disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, a)
+
+    monkeypatch.setattr(trace_store, "_write_array", write_array)
+    for seq in kept[:8]:
+        store.add(seq)
+        assert len(store._pending) <= 3
+    assert store.failing and store.shards_written == 0 and store.dropped == 5
+    assert not list(tmp_path.iterdir())  # not even a .tmp directory
+    full["on"] = False
+    store.add(kept[8])
+    assert not store.failing and store._pending == [] and store.shards_written == 1
+    got = []
+    TraceFollower(tmp_path, got.append).poll()
+    assert [s.request_id for s in got] == [s.request_id for s in kept[5:9]]
+    # Sequences of different tree sizes (engines of several settings share a store) go to
+    # shards of their own instead of failing the write.
+    small = dataclasses.replace(kept[9], request_id="small", trees=[
+        dataclasses.replace(t, tokens=t.tokens[:1], parent=t.parent[:1], hidden=t.hidden[:1],
+                            accepted=t.accepted[:1]) for t in kept[9].trees])
+    store.add(kept[10])
+    store.add(small)
+    assert store.shards_written == 3 and store._pending == []
+    follower = TraceFollower(tmp_path, got.append)
+    got.clear()
+    follower.poll()
+    assert {s.request_id for s in got} == \
+        {s.request_id for s in kept[5:9] + kept[10:11]} | {"small"}
+    assert follower.tree_size == len(kept[10].trees[0].tokens)

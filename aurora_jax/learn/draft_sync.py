@@ -133,20 +133,35 @@ class DraftPublisher:
             self._serving = self._initial
         return [(v, self._serving) for v in new]
 
-    def publish(self, state, meta: dict | None = None) -> int:
-        """Writes `state` as the next version; raises DraftRefused for a draft that must not
-        serve (non-finite, zeroed, stale: models/eagle3.draft_problem)."""
+    def publish(self, state, meta: dict | None = None, learner=None) -> int:
+        """Writes `state` as the next version, with the learner's whole training state
+        (`learner`: its step, weights and optimizer moments) when given, so that a learner
+        restarted on the directory goes on exactly where this publication was made. Raises
+        DraftRefused for a draft that must not serve (non-finite, zeroed, stale:
+        models/eagle3.draft_problem)."""
         problem = draft_problem(state, self._serving)
         if problem is not None:
             raise DraftRefused(f"draft not published: {problem}")
         version = self.version + 1
-        self._mgr.save(version, args=ocp.args.Composite(
-            draft=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave({"version": version, "time": time.time(), **(meta or {})})),
-            force=True)
+        items = dict(draft=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(
+            {"version": version, "time": time.time(), **(meta or {})}))
+        if learner is not None:
+            items["learner"] = ocp.args.StandardSave(learner)
+        self._mgr.save(version, args=ocp.args.Composite(**items), force=True)
         self._mgr.wait_until_finished()
         self.version, self._serving = version, state
         return version
+
+    def restore_learner(self, version: int, like):
+        """The learner state published with `version`, placed like `like` (a LearnerState);
+        None when that version was published without one. Raises on damage."""
+        path = self.directory / str(version)
+        if not (path / "learner").is_dir():
+            return None
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            got = ckptr.restore(path, args=ocp.args.Composite(
+                learner=ocp.args.StandardRestore(_abstract(like))))
+        return got["learner"]
 
     def close(self) -> None:
         self._mgr.close()

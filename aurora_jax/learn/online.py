@@ -103,11 +103,12 @@ class EnginePublisher:
     def serving(self):
         return self.engines[0].draft_state
 
-    def publish(self, state, meta: dict | None = None) -> int:
-        """Swaps `state` in as the next version. Raises DraftRefused for a draft that must
-        not serve (non-finite, zeroed, stale: models/eagle3.draft_problem) and SwapError if
-        an engine still serves another draft afterwards (a swap that silently did not take,
-        SGLang #27718)."""
+    def publish(self, state, meta: dict | None = None, learner=None) -> int:
+        """Swaps `state` in as the next version (`meta` and the learner's training state
+        `learner` are for publishers that persist them; in one process the learner lives on).
+        Raises DraftRefused for a draft that must not serve (non-finite, zeroed, stale:
+        models/eagle3.draft_problem) and SwapError if an engine still serves another draft
+        afterwards (a swap that silently did not take, SGLang #27718)."""
         problem = draft_problem(state, self.serving())
         if problem is not None:
             raise DraftRefused(f"draft not published: {problem}")
@@ -264,9 +265,9 @@ class OnlineLearner:
                 self.rejected += 1
                 return
         metrics = {k: float(v) for k, v in self.last_metrics.items()}
+        meta = {"learner_step": self.steps, "metrics": metrics}
         try:
-            version = self.publisher.publish(candidate, {"learner_step": self.steps,
-                                                         "metrics": metrics})
+            version = self.publisher.publish(candidate, meta, learner=self.learner.state)
         except DraftRefused as e:  # (a non-finite loss gets here too): train on, serve on
             self.refused += 1
             log.warning("learner step %d: %s", self.steps, e)

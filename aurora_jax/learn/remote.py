@@ -3,18 +3,23 @@ placement: the learner need not share the engine's devices or host).
 
     <workdir>/traces   the engine writes finished sequences here (trace_store)
     <workdir>/drafts   the learner publishes versioned drafts here (draft_sync)
+    <workdir>/engine.json   the engine's speculation setting (the learner's tree size)
 
 Engine side: `shared_engine(...)` builds an Engine whose traces go to the store and starts a
 DraftWatcher that swaps each new good version in. Learner side: `run_learner(...)` follows the
 store into a TraceBuffer and runs the same OnlineLearner as the in-process mode, publishing
-through a DraftPublisher; restarted on the same workdir it resumes from the newest published
-draft. Either side may die without taking the other down: a dead learner leaves the engine
+through a DraftPublisher, each draft with the learner's training state; restarted on the same
+workdir (after a SIGKILL, say) it resumes from the newest published draft the engine did not
+roll back, with the optimizer moments and step saved beside it. A version the engine's collapse
+guard rolled back (`<workdir>/drafts.rejected/`) sends the running learner back to the newest
+good draft. Either side may die without taking the other down: a dead learner leaves the engine
 serving its last good draft; a dead engine leaves the learner waiting for traces.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -49,6 +54,11 @@ def shared_engine(target, draft: Draft, spec, workdir: str | Path, *, poll_s: fl
         raise ConfigError("a shared workdir needs a draft for the learner to train")
     traces, drafts = workdir_paths(workdir)
     store = TraceStore(traces, sequences_per_shard)
+    # The learner's tree size is the primary setting's, whatever other engines (target-only,
+    # prompt lookup) also write to the store.
+    tmp = Path(workdir) / ".engine.json.tmp"
+    tmp.write_text(json.dumps({"tree_size": spec.nodes + 1, "spec": dataclasses.asdict(spec)}))
+    tmp.replace(Path(workdir) / "engine.json")
     engine = Engine(target, draft, spec, trace_sink=TraceAssembler(store.add), **engine_kwargs)
     watcher = DraftWatcher(engine, drafts, poll_s)
     watcher.poll()  # a learner that already published: start from its newest draft
@@ -104,15 +114,30 @@ def run_learner(target, draft: Draft, workdir: str | Path, cfg: OnlineConfig | N
     try:
         while follower.sequences == 0 and not should_stop():  # the tree size comes from them
             time.sleep(poll_s)
-        online = OnlineLearner(Learner(draft, target, loss, optimizer), buffer, publisher,
-                               follower.tree_size or 1, cfg,
+        learner = Learner(draft, target, loss, optimizer)
+        if resumed is not None:  # its optimizer moments and step too, where they were saved
+            try:
+                kept = publisher.restore_learner(resumed[0], learner.state)
+            except Exception as e:  # noqa: BLE001 - the draft alone still resumes
+                log.warning("draft version %d: its learner state does not restore (%s); "
+                            "training on with fresh optimizer moments", resumed[0], e)
+                kept = None
+            if kept is not None:
+                learner.state = kept
+        declared = Path(workdir) / "engine.json"
+        tree_size = (json.loads(declared.read_text())["tree_size"] if declared.is_file()
+                     else follower.tree_size or 1)
+        online = OnlineLearner(learner, buffer, publisher, tree_size, cfg,
                                keep_ids=(target.cfg.eos_token_ids if stop_ids is None
                                          else stop_ids))
+        online.steps = int(learner.state.step)
         if should_stop():
             return online
         online.start()
         while online.running and not should_stop():
             time.sleep(poll_s)
+            for bad, good in publisher.take_rejections():  # the engine's collapse guard
+                online.roll_back(good, bad)
             if on_progress is not None:
                 on_progress(online, follower)
         return online

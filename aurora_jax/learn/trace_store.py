@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -88,9 +89,13 @@ def write_shard(root: Path, seqs: list[TracedSequence]) -> Path:
                            "draft_version": s.draft_version} for s in seqs]}
     name = f"shard-{time.time_ns():020d}-{os.getpid()}"
     tmp = root / f"{name}.tmp"
-    for key, a in arrays.items():
-        _write_array(tmp / key, a)
-    (tmp / "meta.json").write_text(json.dumps(meta))
+    try:
+        for key, a in arrays.items():
+            _write_array(tmp / key, a)
+        (tmp / "meta.json").write_text(json.dumps(meta))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half shard behind
+        raise
     final = root / name
     tmp.rename(final)
     return final
@@ -145,11 +150,17 @@ class TraceStore:
     `sequences_per_shard` of them (on the caller's thread: the engine's trace thread, never
     the decode loop); `flush()` writes what is pending."""
 
-    def __init__(self, root: str | Path, sequences_per_shard: int = 16):
+    def __init__(self, root: str | Path, sequences_per_shard: int = 16,
+                 max_pending: int | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.sequences_per_shard = sequences_per_shard
+        self.max_pending = max_pending or 4 * sequences_per_shard
+        """Sequences held while writes fail (a full disk); the oldest beyond are dropped."""
         self.shards_written = 0
+        self.failed_writes = 0
+        self.dropped = 0
+        self.failing = False
         self._pending: list[TracedSequence] = []
         self._lock = threading.Lock()
 
@@ -165,9 +176,39 @@ class TraceStore:
                 self._write()
 
     def _write(self) -> None:
-        write_shard(self.root, self._pending)
+        """Writes the pending sequences, one shard per tree size (engines of several
+        speculation settings may share a store). A failed write (ENOSPC, say) keeps the
+        newest `max_pending` sequences to retry with the next one and drops the rest:
+        serving never waits for the disk, and memory stays bounded while it refuses."""
+        groups: dict[int, list[TracedSequence]] = {}
+        for seq in self._pending:
+            if seq.trees:
+                groups.setdefault(len(seq.trees[0].tokens), []).append(seq)
+        bare = [seq for seq in self._pending if not seq.trees]  # fit in any shard
+        if bare:
+            groups.setdefault(max(groups, default=0), []).extend(bare)
+        written: list[TracedSequence] = []
+        try:
+            for group in groups.values():
+                write_shard(self.root, group)
+                written += group
+                self.shards_written += 1
+        except OSError as e:
+            self.failed_writes += 1
+            kept = [s for s in self._pending if not any(s is w for w in written)]
+            self.dropped += max(0, len(kept) - self.max_pending)
+            self._pending = kept[-self.max_pending:]
+            if not self.failing:  # once per episode, not once per sequence
+                log.warning("trace shards cannot be written (%s): holding the newest %d "
+                            "sequences and dropping older ones until writes succeed", e,
+                            self.max_pending)
+            self.failing = True
+            return
+        if self.failing:
+            log.warning("trace shards are written again (%d sequences dropped so far)",
+                        self.dropped)
+        self.failing = False
         self._pending = []
-        self.shards_written += 1
 
 
 class TraceFollower:
@@ -196,8 +237,8 @@ class TraceFollower:
                 self.bad_shards += 1
                 log.warning("skipping trace shard: %s", e)
                 continue
-            self.tree_size = next((len(t.tokens) for s in seqs for t in s.trees),
-                                  self.tree_size)
+            sizes = [len(t.tokens) for s in seqs for t in s.trees]
+            self.tree_size = max(sizes + [self.tree_size or 0]) or None  # the largest trees
             for s in seqs:
                 self.sink(s)
             new += len(seqs)

@@ -125,16 +125,17 @@ def _write_version(directory: Path, version: int, state) -> None:
             meta=ocp.args.JsonSave({"version": version, "time": time.time()})))
 
 
-def drop_bad_draft(server, drafts: Path, kind: str, number: int) -> int:
-    """Writes a bad version of `kind` (damaged, nonfinite, misfit) 1000 above the newest (a
-    learner's next numbers never reach it); returns its version."""
+def drop_bad_draft(server, drafts: Path, kind: str, number: int, above: int = 0) -> int:
+    """Writes a bad version of `kind` (damaged, nonfinite, misfit) 1000 above the newest
+    version and above `above` (a learner's next numbers never reach it, and no number is
+    used twice: the watcher remembers what it refused); returns its version."""
     import jax
     import jax.numpy as jnp
 
     from aurora_jax.learn.draft_sync import list_versions
     from aurora_jax.models.eagle3 import DraftConfig, init_draft
 
-    version = max(list_versions(drafts), default=0) + 1000
+    version = max(list_versions(drafts) + [above]) + 1000
     serving = server.engine.draft_state
     if kind == "damaged":
         _write_version(drafts, version, serving)
@@ -245,7 +246,7 @@ async def _load(url: str, prompts: list[str], cfg: SoakConfig, events: list, ser
                 shutil.rmtree(drafts / str(v), ignore_errors=True)  # would clean it up too
             kind = ("damaged", "nonfinite", "misfit")[bad_n % 3]
             dropped = [await loop.run_in_executor(None, drop_bad_draft, server, drafts, kind,
-                                                  bad_n)]
+                                                  bad_n, max(dropped, default=0))]
             bad_n += 1
             events.append({"t": now, "event": f"{kind} draft dropped", "version": dropped[0]})
         if disk_until is None and disk_at and now >= disk_at[0]:
@@ -407,7 +408,8 @@ def table(report: dict) -> str:
     rows = [
         ("load held", f"{load['requests']} requests over {load['wall_s']:.0f} s "
                       f"({load['tokens_per_s'] or 0:.1f} tokens/s), {load['completed']} "
-                      f"completed, {load['cancelled_by_client']} cancelled by the client"),
+                      f"completed, {load['cancelled_by_client']} cancelled by the client, "
+                      f"{load['refused_429_503']} refused when full (429)"),
         ("faults injected", ", ".join(f"{k}: {v}" for k, v in report["faults"].items())),
         ("learner", f"{report['learner']['starts']} starts, {report['learner']['kills']} "
                     f"SIGKILLs, {report['learner']['exited_on_its_own']} exits on its own"),

@@ -14,7 +14,9 @@
     aurora-jax serve     [--config YAML] [key.sub=value ...]   (OpenAI-compatible HTTP)
 
 Errors caused by input (a bad path, a malformed checkpoint, an over-long prompt, a config
-typo) are printed as one line naming the problem, with exit status 2.
+typo) are printed as one line naming the problem, with exit status 2. Ctrl-C stops a command
+cleanly: it keeps what finished, says in one line what and where, and exits 130; a second
+Ctrl-C ends it at once (interrupt.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import logging
 import sys
 from pathlib import Path
 
+from aurora_jax import interrupt
 from aurora_jax.errors import AuroraError
 
 
@@ -48,6 +51,14 @@ def _target_dir(args) -> Path:
 
 
 def cmd_prepare(args) -> int:
+    try:
+        return _prepare(args)
+    except interrupt.Interrupted as e:  # (a checkpoint kept by the scratch recipe's training)
+        raise interrupt.Interrupted(e.kept or "nothing kept: the model is not ready (the same "
+                                    "command starts it again)") from None
+
+
+def _prepare(args) -> int:
     from aurora_jax.errors import ConfigError
 
     if args.recipe == "scratch":
@@ -146,7 +157,11 @@ def _generate_many(args, sampling, spec, items: list[dict]) -> int:
         seed=args.seed,
         max_len=max(64, max(len(r.prompt) for r in requests) + args.max_new_tokens))
 
+    done: list = []
+
     def report(res) -> None:
+        interrupt.check()  # (a Ctrl-C held for a safe point: between two requests is one)
+        done.append(res.id)
         text = tokenizer.decode(res.token_ids)
         if args.json:
             print(json.dumps({
@@ -159,7 +174,12 @@ def _generate_many(args, sampling, spec, items: list[dict]) -> int:
         else:
             print(f"--- {res.id}: {text}", flush=True)
 
-    run = serving.run(requests, on_result=report)
+    try:
+        run = serving.run(requests, on_result=report)
+    except interrupt.Interrupted:
+        traces = f"; traces in {Path(args.workdir) / 'traces'}" if args.workdir else ""
+        raise interrupt.Interrupted(f"kept the {len(done)} of {len(requests)} results that "
+                                    f"finished (on stdout, as they came){traces}") from None
     print(f"[{len(requests)} requests, {run.generated_tokens} tokens, "
           f"{run.tokens_per_s:.1f} tokens/s, acceptance {run.acceptance_length or 1.0:.2f}, "
           f"{serving.describe()}]", file=sys.stderr)
@@ -284,8 +304,11 @@ def cmd_learn(args) -> int:
     try:
         stops = (Tokenizer.load(path).stop_ids(target.cfg.eos_token_ids)
                  if Tokenizer.present(path) else None)  # the engine's stop tokens
-        online = run_learner(target, draft, args.workdir, cfg.online, cfg.loss, cfg.optimizer,
-                             stop_ids=stops, on_progress=progress)
+        with interrupt.deferred():  # Ctrl-C: the learner stops after its step (and any save)
+            online = run_learner(target, draft, args.workdir, cfg.online, cfg.loss,
+                                 cfg.optimizer, stop_ids=stops, on_progress=progress,
+                                 should_stop=interrupt.requested)
+            interrupt.check(_published(online, Path(args.workdir)))
     finally:
         bar.close()
     if online.error is not None:
@@ -293,6 +316,16 @@ def cmd_learn(args) -> int:
     print(f"learner: {online.steps} steps, {online.published} drafts published "
           f"(newest version {online.publisher.version})", file=sys.stderr)
     return 0
+
+
+def _published(online, workdir: Path) -> str:
+    """What an interrupted learner kept, for the Ctrl-C line."""
+    version = online.publisher.version
+    if not version:
+        return f"no draft published yet; the traces stay in {workdir / 'traces'}"
+    return (f"kept the drafts in {workdir / 'drafts'} (newest version {version}, "
+            f"{online.published} published by this run; the same command resumes from the "
+            "newest)")
 
 
 def cmd_run(args) -> int:
@@ -451,11 +484,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="aurora-jax: %(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except AuroraError as e:
-        print(f"aurora-jax: error: {e}", file=sys.stderr)
-        return 2
+    with interrupt.handled():
+        try:
+            return args.func(args)
+        except AuroraError as e:
+            print(f"aurora-jax: error: {e}", file=sys.stderr)
+            return 2
+        except interrupt.Interrupted as e:
+            print(f"aurora-jax: interrupted: {e.kept or 'nothing kept'}", file=sys.stderr)
+            return interrupt.EXIT_STATUS
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
+from aurora_jax import interrupt
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -76,12 +78,22 @@ def _restore(mgr, state: TrainState, iterator) -> tuple[TrainState, list[float]]
     return got["state"], list(got["history"]["losses"])
 
 
+def _kept(mgr, ckpt_dir) -> str:
+    """What an interrupted run leaves, for the Ctrl-C line."""
+    step = mgr.latest_step()
+    if step is None:
+        return "nothing kept: no checkpoint was written yet"
+    return f"kept the checkpoint of step {step} in {ckpt_dir} (training resumes from it)"
+
+
 def fit(state: TrainState, buffers, train_step, iterator, *, total_steps: int,
         ckpt_dir: str | Path, checkpoint_every: int, time_budget_s: float,
         tokens_per_step: int, progress: bool = True,
         on_step: Callable[[int, float], None] | None = None) -> FitResult:
     """Trains to `total_steps` (or until `time_budget_s`), resuming from `ckpt_dir` if it holds
-    a checkpoint; saves every `checkpoint_every` steps, at the end and on Ctrl-C.
+    a checkpoint; saves every `checkpoint_every` steps, at the end and on Ctrl-C. Under the
+    CLI (interrupt.py) Ctrl-C stops it between two steps and raises `Interrupted` saying
+    which checkpoint it kept.
 
     `on_step(step, loss)` is called for every finished step, one step late: the host reads a
     step's loss while the next step runs, so the loop never waits on the device.
@@ -112,28 +124,34 @@ def fit(state: TrainState, buffers, train_step, iterator, *, total_steps: int,
     step, pending = start, None  # pending: (step, metrics) dispatched but not yet read back
     stopped_by_time = False
     try:
-        while step < total_steps:
-            state, metrics = train_step(state, buffers, next(iterator))
-            step += 1
-            if pending is not None:
-                record(*pending)
-            pending = (step, metrics)
-            stopped_by_time = time.monotonic() - t0 > time_budget_s
-            if step % checkpoint_every == 0 or step == total_steps or stopped_by_time:
-                record(*pending)
-                pending = None
-                _save(mgr, state, iterator, losses)
-            if stopped_by_time:
-                break
-    except KeyboardInterrupt:
-        # Keep what was trained. Best effort: an interrupt inside the step itself leaves a
-        # donated (deleted) state behind, and then the last periodic checkpoint stands.
+        # The CLI's Ctrl-C (interrupt.py) stops the loop between two steps, never inside one.
+        with interrupt.deferred():
+            while step < total_steps:
+                interrupt.check()
+                state, metrics = train_step(state, buffers, next(iterator))
+                step += 1
+                if pending is not None:
+                    record(*pending)
+                pending = (step, metrics)
+                stopped_by_time = time.monotonic() - t0 > time_budget_s
+                if step % checkpoint_every == 0 or step == total_steps or stopped_by_time:
+                    record(*pending)
+                    pending = None
+                    _save(mgr, state, iterator, losses)
+                if stopped_by_time:
+                    break
+    except KeyboardInterrupt as e:
+        # Keep what was trained. Best effort: a KeyboardInterrupt raised inside the step
+        # itself (not the CLI's) leaves a donated (deleted) state behind, and then the last
+        # periodic checkpoint stands.
         try:
             if pending is not None:
                 record(*pending, notify=False)
             _save(mgr, state, iterator, losses)
         except Exception:  # noqa: BLE001 - the interrupt is what the user must see
             pass
+        if isinstance(e, interrupt.Interrupted):
+            raise interrupt.Interrupted(_kept(mgr, ckpt_dir)) from None
         raise
     finally:
         bar.close()

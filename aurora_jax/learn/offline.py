@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from aurora_jax import interrupt
 from aurora_jax.data.pipeline import pack_documents, training_dataset, windows
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.errors import ConfigError
@@ -177,8 +178,9 @@ def train_draft(target: Target, tokenizer: Tokenizer, texts: list[str], out: str
                  tokens_per_step=cfg.batch_size * (cfg.seq_len + 1), progress=progress)
     learner.state = result.state
     trained = Draft(dcfg, draft.graphdef, learner.publish())
-    save_draft(out / "draft", trained)
-    (out / "draft" / "training.json").write_text(json.dumps({
-        "steps": int(result.state.step), "final_loss": result.losses[-1] if result.losses
-        else None, **dataclasses.asdict(cfg)}, indent=2))
+    with interrupt.deferred(kept=f"kept the trained draft in {out / 'draft'}"):
+        save_draft(out / "draft", trained)  # (a Ctrl-C waits until it is whole)
+        (out / "draft" / "training.json").write_text(json.dumps({
+            "steps": int(result.state.step), "final_loss": result.losses[-1] if result.losses
+            else None, **dataclasses.asdict(cfg)}, indent=2))
     return trained

@@ -17,6 +17,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from aurora_jax import interrupt
 from aurora_jax.errors import ConfigError
 from aurora_jax.run.config import RunConfig
 from aurora_jax.run.job import run_job
@@ -57,15 +58,41 @@ def arm_config(cfg: RunConfig, arm: str, static: str) -> RunConfig:
 
 
 def run_compare(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) -> dict:
+    """Runs the arms one after the other into out/<arm>/ and compares them. Ctrl-C (under the
+    CLI, interrupt.py) stops at once: the arms that finished are still compared (marked
+    "interrupted"), and `Interrupted` says what was kept."""
     out.mkdir(parents=True, exist_ok=True)
-    static = static_draft(cfg, target_dir, out)
-    summaries, curves = {}, {}
+    try:
+        static = static_draft(cfg, target_dir, out)
+    except interrupt.Interrupted as e:
+        raise interrupt.Interrupted(
+            f"no arm ran yet; static draft: {e.kept or 'nothing kept'}") from None
+    summaries: dict[str, dict] = {}
+    curves: dict[str, list[dict]] = {}
     for arm in ARMS:
         if progress:
             print(f"compare: arm {arm}", flush=True)
-        summaries[arm] = run_job(arm_config(cfg, arm, static), target_dir, out / arm, progress)
+        try:
+            summaries[arm] = run_job(arm_config(cfg, arm, static), target_dir, out / arm,
+                                     progress)
+        except interrupt.Interrupted as e:
+            done = "no arm finished"
+            if summaries:
+                _write(cfg, summaries, curves, static, out, interrupted=True)
+                done = (f"the finished arms ({', '.join(summaries)}) compared in {out}/ "
+                        "(compare.md, compare.json, plots)")
+            raise interrupt.Interrupted(
+                f"{done}; arm {arm}: {e.kept or 'nothing kept'}") from None
         curves[arm] = [json.loads(line) for line in
                        (out / arm / "metrics.jsonl").read_text().splitlines()]
+    with interrupt.deferred(f"kept every arm, compared in {out}/ (compare.md, compare.json, "
+                            "plots)"):  # a Ctrl-C here waits until they are written
+        return _write(cfg, summaries, curves, static, out, progress=progress)
+
+
+def _write(cfg: RunConfig, summaries: dict, curves: dict, static: str, out: Path, *,
+           interrupted: bool = False, progress: bool = False) -> dict:
+    """compare.md, compare.json and the plots of the arms in `summaries`."""
     rows = [{"arm": arm, "acceptance_length": s["acceptance_length"],
              "speedup_vs_target_only": s["speedup_vs_target_only"],
              "serving_tokens_per_s": s["tokens_per_s"],
@@ -77,7 +104,8 @@ def run_compare(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = Tr
               f"{r['speedup_vs_target_only']:.2f}x | {r['serving_tokens_per_s']:.1f} | "
               f"{r['speculative_windows']}/{r['windows']} |" for r in rows]
     (out / "compare.md").write_text("\n".join(table) + "\n")
-    result = {"rows": rows, "static_draft": static, "config": dataclasses.asdict(cfg)}
+    result = {"rows": rows, "static_draft": static, "config": dataclasses.asdict(cfg),
+              "interrupted": interrupted}
     (out / "compare.json").write_text(json.dumps(result, indent=2))
     _plot(curves, rows, out)
     if progress:
@@ -100,7 +128,8 @@ def _plot(curves: dict, rows: list[dict], out: Path) -> None:
                 "o-", label=arm)
     ax.set(xlabel="requests served", ylabel="acceptance length",
            title="Acceptance length by arm (speculative windows)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # an interrupted comparison may have none
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "compare_acceptance.png", dpi=110)
     plt.close(fig)

@@ -13,6 +13,10 @@ Outputs in the run directory:
   metrics.jsonl      one line per window (mode, tau, tokens/s, draft version, learner loss, ...)
   summary.json       totals, the final window, the side-by-side speedup, the config
   *.png              acceptance vs requests, tokens/s over time with swaps, tau per domain
+
+Ctrl-C (under the CLI, interrupt.py) abandons the window being served and skips the
+side-by-side: summary.json (marked "interrupted", its final-window numbers null) and the plots
+cover the windows that finished, and `run_job` raises `Interrupted` saying what it kept.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from aurora_jax import interrupt
 from aurora_jax.data.scenarios import build_scenario
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.data.vocab import scratch_draft_vocab
@@ -101,6 +106,7 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
     bar = tqdm(total=len(stream), desc="serving", unit="req", disable=not progress,
                file=sys.stderr)
     rows, t_start, served, added = [], time.perf_counter(), 0, 0
+    stopped = False  # by Ctrl-C (interrupt.py): what finished is still written below
     try:
         for w, chunk in enumerate(windows):
             mode = monitor.choose(load)
@@ -116,6 +122,7 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
                          "acceptance_length": None if tau is None else round(tau, 4),
                          "steps": res.steps, "accepted": res.accepted,
                          "draft_version": max(res.draft_versions, default=None)})
+                interrupt.check()  # (a held Ctrl-C: between two requests is a safe point)
 
             run = engine.run(reqs, on_result=log_generation)
             served += len(chunk)
@@ -140,13 +147,16 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
                    "draft_vocab_outside": outside,
                    "elapsed_s": time.perf_counter() - t_start, **learn,
                    "per_domain_acceptance": _per_domain(run.results)}
-            metric_log(row)
-            rows.append(row)
+            with interrupt.deferred():  # a window has finished once its row is written
+                metric_log(row)
+                rows.append(row)
             bar.update(len(chunk))
             bar.set_postfix(mode=mode, tau=f"{row['acceptance_length']:.2f}",
                             tok_s=f"{run.tokens_per_s:.0f}", v=row["draft_version"],
                             loss=f"{learn['learner_loss']:.2f}" if learn.get("learner_loss")
                             else "-", refresh=False)
+    except interrupt.Interrupted:
+        stopped = True
     finally:
         bar.close()
         gen_log.close()
@@ -154,21 +164,43 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
         for e in engines.values():
             if e.traces:
                 e.traces.close()
-    final = _side_by_side({n: engines[n] for n in ("off", monitor.best_spec(load))
-                           if n in engines},
-                          windows[-1], cfg, served)
-    summary = _summary(cfg, rows, final, online, time.perf_counter() - t_start)
-    summary["spec_settings"] = {n: dataclasses.asdict(s) for n, s in specs.items()}
-    summary["measured_tokens_per_s"] = dict(monitor.rates(load))
-    if online is not None:  # the served draft, servable with --draft (HF EAGLE-3 layout)
-        summary["draft_vocab"] = _vocab_report(online, draft, rows)
-        save_draft(out / "draft", dataclasses.replace(draft, state=engines["spec"].draft_state))
-        summary["draft_dir"] = str(out / "draft")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    from aurora_jax.run.report import plot_run
+    final: dict | None = None  # skipped after a Ctrl-C: the summary says "interrupted"
+    if not stopped:
+        try:
+            final = _side_by_side({n: engines[n] for n in ("off", monitor.best_spec(load))
+                                   if n in engines},
+                                  windows[-1], cfg, served)
+        except interrupt.Interrupted:
+            pass
+    kept = _kept(out, rows, len(stream), online is not None)
+    with interrupt.deferred(kept):  # a Ctrl-C here waits until the outputs are whole
+        summary = _summary(cfg, rows, final, online, time.perf_counter() - t_start)
+        summary["spec_settings"] = {n: dataclasses.asdict(s) for n, s in specs.items()}
+        summary["measured_tokens_per_s"] = dict(monitor.rates(load))
+        if online is not None:  # the served draft, servable with --draft (HF EAGLE-3 layout)
+            summary["draft_vocab"] = _vocab_report(online, draft, rows)
+            save_draft(out / "draft",
+                       dataclasses.replace(draft, state=engines["spec"].draft_state))
+            summary["draft_dir"] = str(out / "draft")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        from aurora_jax.run.report import plot_run
 
-    plot_run(rows, out, {n: s.label for n, s in specs.items()})
+        if rows:
+            plot_run(rows, out, {n: s.label for n, s in specs.items()})
+    if final is None:
+        raise interrupt.Interrupted(kept)
     return summary
+
+
+def _kept(out: Path, rows: list[dict], requests: int, draft: bool) -> str:
+    """What a run stopped by Ctrl-C keeps, for the CLI's one line."""
+    if not rows:
+        return (f"no window finished; kept {out}/ (config.json, summary.json, the requests "
+                "that finished in generations.jsonl)")
+    files = "generations.jsonl, metrics.jsonl, summary.json, plots" + (", draft/" if draft
+                                                                      else "")
+    windows = f"{len(rows)} finished window" + ("s" if len(rows) > 1 else "")
+    return f"kept {windows} ({rows[-1]['requests']} of {requests} requests) in {out}/ ({files})"
 
 
 def _break_even(run, mode: str, rates: dict) -> float | None:
@@ -209,7 +241,8 @@ def _learn(online: OnlineLearner, cfg: RunConfig, fresh: int) -> dict:
     t0 = time.perf_counter()
     fresh_tau = online.fresh_acceptance(fresh) if fresh else None
     for _ in range(cfg.learner.steps_per_window):
-        online.train_step()
+        with interrupt.deferred():  # never inside a step: it donates the learner's state
+            online.train_step()
     m = {k: float(v) for k, v in jax.device_get(online.last_metrics).items()}
     return {"learner_steps": online.steps, "learn_s": time.perf_counter() - t0,
             "learner_loss": m["loss"], "learner_sim_acceptance": m["sim_acceptance_length"],
@@ -268,16 +301,21 @@ def _side_by_side(engines, chunk, cfg: RunConfig, first_id: int) -> dict:
     return final
 
 
-def _summary(cfg: RunConfig, rows: list[dict], final: dict, online, wall_s: float) -> dict:
+def _summary(cfg: RunConfig, rows: list[dict], final: dict | None, online,
+             wall_s: float) -> dict:
+    """Totals over the finished windows; `final` is the side-by-side (None: the run was
+    interrupted before it, and the final-window numbers are null)."""
     tokens = sum(r["tokens"] for r in rows)
     decode = sum(r["decode_s"] for r in rows)
     return {
         "requests": rows[-1]["requests"] if rows else 0,
         "generated_tokens": tokens,
         "tokens_per_s": tokens / decode if decode else 0.0,
-        "acceptance_length": final.get("acceptance_length", 1.0),
-        "speedup_vs_target_only": final.get("speedup_vs_target_only", 1.0),
+        "acceptance_length": None if final is None else final.get("acceptance_length", 1.0),
+        "speedup_vs_target_only": (None if final is None
+                                   else final.get("speedup_vs_target_only", 1.0)),
         "final_window": final,
+        "interrupted": final is None,
         "windows": len(rows),
         "speculative_windows": sum(r["mode"] != "off" for r in rows),
         "learner_steps": online.steps if online else 0,

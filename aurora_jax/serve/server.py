@@ -6,7 +6,7 @@ the engine's traces and publishes into the engine (a hot swap between two steps)
 writes traces to a directory for an `aurora-jax learn --workdir` process and swaps in the
 drafts it publishes there. SIGTERM or Ctrl-C: uvicorn stops accepting connections and gives
 open ones `grace_s` to finish; then the loop ends what is left with "abort", the learner
-finishes its step, and the process exits 0.
+finishes its step, and the process exits 0 (SIGTERM) or 130 (Ctrl-C, interrupt.py).
 """
 
 from __future__ import annotations
@@ -166,8 +166,15 @@ def _model_name(target_dir: Path) -> str:
 
 
 def serve(cfg: ServeConfig, target_dir: str | Path, grace_s: float = 30.0) -> None:
-    """Builds the server, prints where it listens, and serves until SIGTERM or Ctrl-C."""
+    """Builds the server, prints where it listens, and serves until SIGTERM (then returns,
+    saying what it kept) or Ctrl-C (then raises `Interrupted` with it, for the CLI's exit
+    130); either way after the graceful stop."""
+    import signal
+    import threading
+
     import uvicorn
+
+    from aurora_jax.interrupt import Interrupted
 
     print(f"serve: loading {target_dir} and compiling ...", file=sys.stderr, flush=True)
     server = Server(cfg, target_dir)
@@ -185,18 +192,36 @@ def serve(cfg: ServeConfig, target_dir: str | Path, grace_s: float = 30.0) -> No
         print(f"serving {server.model_name!r} on http://{cfg.host}:{port}/v1 "
               f"(OpenAI-compatible; /metrics, /health)", flush=True)
 
-    import signal
-    import threading
-
     threading.Thread(target=announce, daemon=True).start()
-    # uvicorn handles SIGTERM / SIGINT while it serves (a graceful shutdown), then raises the
-    # signal again for the handler that was there before: this one, so that the loop and the
-    # learner still get stopped below and the process exits 0.
-    stopped: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, _frame: stopped.append(signum))
+    # uvicorn handles SIGTERM and SIGINT while it serves (a graceful shutdown; a second Ctrl-C
+    # cuts the grace short), then raises the signal again for the handler that was there
+    # before: for SIGTERM this one, so that serve() returns; for SIGINT the CLI's
+    # (interrupt.py), which raises `Interrupted` out of http.run().
+    signal.signal(signal.SIGTERM, lambda signum, _frame: None)
+    interrupted = False
     try:
         http.run()
-    finally:
+    except Interrupted:
+        interrupted = True
+    finally:  # the loop ends what is left with "abort", the learner finishes its step
         server.close(grace_s=min(grace_s, 5.0))
-        print("serve: stopped", file=sys.stderr, flush=True)
+    if interrupted:
+        raise Interrupted(_kept(server))
+    print(f"serve: stopped; {_kept(server)}", file=sys.stderr, flush=True)
+
+
+def _kept(server: Server) -> str:
+    """What a stopped server leaves, in one clause."""
+    from aurora_jax.learn.remote import workdir_paths
+
+    answered = sum(s.value for m in server.metrics.requests.collect() for s in m.samples
+                   if s.name.endswith("_total"))
+    learning = server.cfg.learning
+    if learning.mode == "workdir":
+        traces, drafts = workdir_paths(learning.workdir or "")
+        kept = f"kept its traces in {traces} (the learner's drafts are in {drafts})"
+    elif learning.mode == "thread":
+        kept = "nothing written (the draft it learned lived in memory only)"
+    else:
+        kept = "nothing written"
+    return f"answered {int(answered)} requests; {kept}"

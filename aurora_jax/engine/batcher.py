@@ -189,8 +189,8 @@ class Batcher:
         for j, (r, i) in enumerate(zip(reqs, ids, strict=True)):
             token = int(first[j])
             self.results[i].token_ids.append(token)
-            if self.on_tokens:
-                self.on_tokens(self.results[i])
+            # The slot is the request's before anyone hears of its token: `on_tokens` may
+            # cancel it (a stop string in the server), and then finds it there to free.
             self.slot_request[slots[j]] = i
             # The device marked the slot idle at insert already when the first token ends it.
             done = token in engine.eos_set or r.max_new_tokens == 1
@@ -199,7 +199,9 @@ class Batcher:
                 engine.traces.submit(PrefillTrace(self.results[i].id, r.domain,
                                                   np.asarray(r.prompt), token, aux[j, :n],
                                                   hidden[j, :n], done))
-            if done:
+            if self.on_tokens:
+                self.on_tokens(self.results[i])
+            if done and self.slot_request[slots[j]] == i:  # (not cancelled by on_tokens)
                 self.release(slots[j])
 
     def absorb(self, step: _InFlight) -> None:
@@ -222,8 +224,8 @@ class Batcher:
             res.accepted += int(accepted[s])
             res.draft_versions.add(step.draft_version)
             if self.on_tokens:
-                self.on_tokens(res)
-            if done[s]:
+                self.on_tokens(res)  # may cancel it: then its slot is free already
+            if done[s] and self.slot_request[s] == i:
                 self.release(s)
         if self.engine.traces and step.out.trace is not None:
             ids = [None if i is None else self.results[i] for i in step.slot_request]

@@ -15,12 +15,13 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 
 from aurora_jax.engine.batcher import Request as EngineRequest
 from aurora_jax.engine.batcher import RequestResult
@@ -37,8 +38,14 @@ def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="aurora-jax", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(APIError)
-    async def api_error(_request: Request, e: APIError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+    async def api_error(_request: Request, e: APIError) -> Response:
+        return _error(e)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, e: HTTPException) -> Response:
+        # Starlette's own 404 (no such path) and 405 (wrong method): OpenAI's error object too,
+        # not {"detail": ...}.
+        return _error(APIError(e.status_code, str(e.detail)), e.headers)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -48,7 +55,7 @@ def create_app(server: Server) -> FastAPI:
             if size is not None and (not size.isdigit() or int(size) > server.cfg.max_body_bytes):
                 raise APIError(413, f"request body over {server.cfg.max_body_bytes} bytes")
         except APIError as e:
-            return JSONResponse(e.body(), status_code=e.status)
+            return _error(e)
         return await call_next(request)
 
     @app.get("/health")
@@ -104,8 +111,17 @@ async def _body(request: Request, server: Server):
         raise APIError(413, f"request body over {server.cfg.max_body_bytes} bytes")
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError as e:  # the parser recurses per level: [[[[... a thousand deep
+        raise APIError(400, "the body is nested too deeply to parse") from e
+    except ValueError as e:  # bad JSON or bytes, or an integer of more than 4300 digits
         raise APIError(400, f"the body is not valid JSON ({e})") from e
+
+
+def _error(e: APIError, headers: Mapping[str, str] | None = None) -> Response:
+    """OpenAI's error object, ASCII-escaped: a param may be a key from the body holding a lone
+    surrogate, which JSONResponse's UTF-8 rendering cannot encode (a 500 instead)."""
+    return Response(json.dumps(e.body()), status_code=e.status, headers=headers,
+                    media_type="application/json")
 
 
 def _check_key(server: Server, request: Request) -> None:

@@ -39,6 +39,20 @@ def small_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def chat_ckpt(small_ckpt, tmp_path_factory) -> Path:
+    """The small checkpoint with a chat template (the serving tests' target)."""
+    import json
+    import shutil
+
+    from serving import CHAT_TEMPLATE
+
+    out = tmp_path_factory.mktemp("chat-ckpt") / "tiny"
+    shutil.copytree(small_ckpt, out)
+    (out / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> Path:
     """The built-in target (SmolLM2-135M-Instruct) as `aurora-jax prepare` caches it."""
     from aurora_jax.builtin import is_prepared, pretrained_dir

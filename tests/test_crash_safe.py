@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from serving import PROMPTS
 from spec_models import swap_state
 
 from aurora_jax.data.tokenizer import Tokenizer
@@ -23,9 +23,6 @@ from aurora_jax.engine.target_only import TargetGenerator
 from aurora_jax.learn.draft_sync import DraftPublisher
 from aurora_jax.learn.trace_store import list_shards, read_shard
 from aurora_jax.models.loading import load_pair
-
-PROMPTS = ["def fibonacci(n):\n    ", "import os\nimport sys\n", "class Config:\n    def",
-           "The standard library", "for i in range(10):", "# sort a list\n"]
 
 
 def _start(ckpt: Path, work: Path, log: Path) -> tuple[subprocess.Popen, str]:
@@ -56,16 +53,14 @@ def _ask(url: str, prompt: str) -> dict:
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_sigkilled_server_leaves_whole_files_and_restarts_on_the_newest_draft(
         small_ckpt, tmp_path):
-    ckpt = tmp_path / "tiny"
-    shutil.copytree(small_ckpt, ckpt)
     work = tmp_path / "work"
-    target, draft = load_pair(ckpt, "scratch", draft_vocab=None)
+    target, draft = load_pair(small_ckpt, "scratch", draft_vocab=None)
     # A learner published two drafts before the server starts: it serves the newest.
     pub = DraftPublisher(work / "drafts", draft.state)
     pub.publish(swap_state(draft, seed=1))
     pub.publish(swap_state(draft, seed=2))
     pub.close()
-    proc, url = _start(ckpt, work, tmp_path / "serve1.log")
+    proc, url = _start(small_ckpt, work, tmp_path / "serve1.log")
     try:
         first = _ask(url, PROMPTS[0])
         assert first["usage"]["draft_version"] == 2
@@ -98,9 +93,9 @@ def test_a_sigkilled_server_leaves_whole_files_and_restarts_on_the_newest_draft(
     assert shards, "no shard was committed before the kill"
     for shard in shards:  # every committed shard reads whole
         assert read_shard(shard)
-    proc, url = _start(ckpt, work, tmp_path / "serve2.log")
+    proc, url = _start(small_ckpt, work, tmp_path / "serve2.log")
     try:
-        tok = Tokenizer.load(ckpt)
+        tok = Tokenizer.load(small_ckpt)
         eos = tok.stop_ids(target.cfg.eos_token_ids)
         reference = TargetGenerator(target, eos_ids=eos)
         for p in PROMPTS[:3]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from serving import PROMPTS
 
 from aurora_jax.engine.target_only import TargetGenerator
 from aurora_jax.serve.config import ServeConfig, ServeLearning
@@ -28,30 +28,19 @@ from aurora_jax.speculative.config import SpecConfig
 openai = pytest.importorskip("openai")
 
 KEY = "test-key"
-CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
-                 "<assistant>")
 
 
 @pytest.fixture(scope="module")
-def ckpt(small_ckpt, tmp_path_factory) -> Path:
-    """The small checkpoint with a chat template."""
-    out = tmp_path_factory.mktemp("serve") / "tiny"
-    shutil.copytree(small_ckpt, out)
-    (out / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
-    return out
-
-
-@pytest.fixture(scope="module")
-def served(ckpt):
+def served(chat_ckpt):
     """(server, base url, reference decoder): a scratch draft speculating in tree mode, no
     learning (so outputs and metrics are deterministic), on a free port."""
     from aurora_jax.serve.server import Server, serving_in_thread
 
-    cfg = ServeConfig(target=str(ckpt), draft="scratch", draft_vocab_size=None,
+    cfg = ServeConfig(target=str(chat_ckpt), draft="scratch", draft_vocab_size=None,
                       spec=SpecConfig(mode="tree", depth=3, topk=2, num_draft_tokens=6),
                       max_slots=4, max_len=192, max_queue=32, port=0, api_key=KEY,
                       model_name="tiny", learning=ServeLearning(mode="off"), window_steps=None)
-    server = Server(cfg, ckpt)
+    server = Server(cfg, chat_ckpt)
     with serving_in_thread(server) as url:
         yield server, url, TargetGenerator(server.target, eos_ids=server.engine.eos_ids)
 
@@ -65,8 +54,6 @@ def reference_text(server, reference, prompt_ids: list[int], max_tokens: int):
     return server.tokenizer.decode(c.token_ids), c
 
 
-PROMPTS = ["def fibonacci(n):\n    ", "import os\nimport sys\n", "class Config:\n    def",
-           "The standard library", "for i in range(10):", "# sort a list\n"]
 
 
 def test_greedy_completions_equal_target_only_streamed_and_not(served):
@@ -314,14 +301,14 @@ def test_a_full_queue_answers_429_at_once(served):
         loop.max_queue = saved
 
 
-def test_sigterm_answers_in_flight_requests_and_exits_cleanly(ckpt, tmp_path):
+def test_sigterm_answers_in_flight_requests_and_exits_cleanly(chat_ckpt, tmp_path):
     port_file = tmp_path / "out.txt"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
     with open(port_file, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "aurora_jax.cli", "serve", "--grace", "30",
-             f"target={ckpt}", "draft=none", "spec.mode=off", "learning.mode=off", "port=0",
+             f"target={chat_ckpt}", "draft=none", "spec.mode=off", "learning.mode=off", "port=0",
              "max_len=192", "model_name=tiny"], stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.time() + 180
@@ -392,19 +379,19 @@ def test_load_generator_measures_what_the_server_served(served):
     assert s["acceptance_length"] == pytest.approx(tau)
 
 
-def test_the_draft_learns_while_serving_and_swaps_stay_lossless(ckpt):
+def test_the_draft_learns_while_serving_and_swaps_stay_lossless(chat_ckpt):
     """learning.mode thread: the learner trains on the served traffic and publishes; each
     publication is a hot swap the metrics count, and outputs stay target-only's."""
     from aurora_jax.learn.online import OnlineConfig
     from aurora_jax.serve.server import Server, serving_in_thread
 
-    cfg = ServeConfig(target=str(ckpt), draft="scratch", draft_vocab_size=None,
+    cfg = ServeConfig(target=str(chat_ckpt), draft="scratch", draft_vocab_size=None,
                       spec=SpecConfig(mode="chain", depth=3), max_slots=2, max_len=160,
                       port=0, model_name="tiny", window_steps=None,
                       learning=ServeLearning(mode="thread", online=OnlineConfig(
                           batch_size=2, seq_len=16, trees_per_seq=2, min_sequences=2,
                           every_steps=2)))
-    server = Server(cfg, ckpt)
+    server = Server(cfg, chat_ckpt)
     with serving_in_thread(server) as url:
         reference = TargetGenerator(server.target, eos_ids=server.engine.eos_ids)
         c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
@@ -427,7 +414,8 @@ def test_the_draft_learns_while_serving_and_swaps_stay_lossless(ckpt):
 
 
 
-def test_the_adaptive_policy_switches_engines_losslessly_and_decides_from_what_it_measured(ckpt):
+def test_the_adaptive_policy_switches_engines_losslessly_and_decides_from_what_it_measured(
+        chat_ckpt):
     """Windows of a few steps each choose among the chain draft, prompt lookup and the target
     alone: every engine serves, every output is target-only's, at most max_slots requests
     run over all engines at once, and each window's mode is exactly what the utility
@@ -436,11 +424,11 @@ def test_the_adaptive_policy_switches_engines_losslessly_and_decides_from_what_i
     from aurora_jax.serve.server import Server, serving_in_thread
 
     adaptive = AdaptiveConfig(probe_every=2, alternatives=(SpecConfig(mode="ngram", depth=3),))
-    cfg = ServeConfig(target=str(ckpt), draft="scratch", draft_vocab_size=None,
+    cfg = ServeConfig(target=str(chat_ckpt), draft="scratch", draft_vocab_size=None,
                       spec=SpecConfig(mode="chain", depth=3), adaptive=adaptive, window_steps=4,
                       max_slots=3, max_len=160, port=0, model_name="tiny",
                       learning=ServeLearning(mode="off"))
-    server = Server(cfg, ckpt)
+    server = Server(cfg, chat_ckpt)
     loop = server.loop
     assert list(server.engines) == ["spec", "alt1", "off"]
     held, admit = [], loop._admit

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,8 +45,6 @@ MODEL = "tiny"
 MAX_LEN = 128  # tokens: prompts over it are cheap to make
 MAX_BODY = 65536  # bytes: so are bodies over it
 MAX_TOKENS = 8  # what accepted requests ask for at most (and the default), to stay cheap
-CHAT_TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
-                 "<assistant>")
 ERROR_TYPES = {"invalid_request_error", "authentication_error", "permission_error",
                "rate_limit_error"}
 
@@ -61,15 +58,6 @@ FUZZ = settings(deadline=None, derandomize=True, database=None,
 # ---- the server ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ckpt(small_ckpt, tmp_path_factory) -> Path:
-    """The small checkpoint with a chat template."""
-    out = tmp_path_factory.mktemp("serve-fuzz") / "tiny"
-    shutil.copytree(small_ckpt, out)
-    (out / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
-    return out
-
-
 @dataclasses.dataclass
 class Fuzzed:
     server: Server
@@ -79,21 +67,21 @@ class Fuzzed:
 
 
 @pytest.fixture(scope="module")
-def fuzzed(ckpt):
+def fuzzed(chat_ckpt):
     """A server speculating with a scratch draft in tree mode, with an API key (so that
     /admin/draft serves), two slots and a short queue (so that a burst gets 429s), no
     learning; an httpx client that sends the key; the target-only reference."""
     from aurora_jax.serve.server import Server, serving_in_thread
 
-    cfg = ServeConfig(target=str(ckpt), draft="scratch", draft_vocab_size=None,
+    cfg = ServeConfig(target=str(chat_ckpt), draft="scratch", draft_vocab_size=None,
                       spec=SpecConfig(mode="tree", depth=2, topk=2, num_draft_tokens=4),
                       max_slots=2, max_len=MAX_LEN, max_queue=2, default_max_tokens=MAX_TOKENS,
                       max_body_bytes=MAX_BODY, port=0, api_key=KEY, model_name=MODEL,
                       learning=ServeLearning(mode="off"), window_steps=None)
-    server = Server(cfg, ckpt)
+    server = Server(cfg, chat_ckpt)
     with serving_in_thread(server) as url, \
             httpx.Client(base_url=url, headers=AUTH, timeout=30) as http:
-        yield Fuzzed(server, http, Reference(server), ckpt)
+        yield Fuzzed(server, http, Reference(server), chat_ckpt)
 
 
 class Reference:

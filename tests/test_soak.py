@@ -5,26 +5,17 @@ run on SmolLM2 is `scripts/soak.py`."""
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
+from serving import PROMPTS
 
 from aurora_jax.serve.config import ServeConfig, ServeLearning
 from aurora_jax.serve.soak import SoakConfig, failures, run_soak, table
 from aurora_jax.speculative.config import SpecConfig
 
-CHAT_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
-PROMPTS = ["def fibonacci(n):\n    ", "import os\nimport sys\n", "class Config:\n    def",
-           "The standard library", "for i in range(10):", "# sort a list\n"]
-
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_short_soak_serves_nothing_wrong_and_loses_nothing(small_ckpt, tmp_path):
-    ckpt = tmp_path / "tiny"
-    shutil.copytree(small_ckpt, ckpt)
-    (ckpt / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
-    serve = ServeConfig(target=str(ckpt), draft="scratch", draft_vocab_size=None,
+def test_a_short_soak_serves_nothing_wrong_and_loses_nothing(chat_ckpt, tmp_path):
+    serve = ServeConfig(target=str(chat_ckpt), draft="scratch", draft_vocab_size=None,
                         spec=SpecConfig(mode="tree", depth=3, topk=2, num_draft_tokens=6),
                         max_slots=4, max_len=96, learning=ServeLearning(mode="workdir",
                                                                         workdir="unused"))
@@ -33,7 +24,7 @@ def test_a_short_soak_serves_nothing_wrong_and_loses_nothing(small_ckpt, tmp_pat
                      disk_full_s=8, learner_args=(
                          "online.every_steps=3", "online.batch_size=4", "online.seq_len=32",
                          "online.min_sequences=2", "loss.ttt_steps=2"))
-    report = run_soak(serve, ckpt, PROMPTS, cfg, tmp_path / "soak")
+    report = run_soak(serve, chat_ckpt, PROMPTS, cfg, tmp_path / "soak")
     print(table(report))
     assert failures(report) == []
     assert report["load"]["requests"] >= 100 and report["load"]["completed"] >= 60

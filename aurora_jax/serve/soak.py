@@ -20,7 +20,6 @@ on the tiny test checkpoint.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import errno
 import json
@@ -34,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aurora_jax.learn.trace_store import _write_array
 from aurora_jax.serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -154,21 +154,16 @@ def drop_bad_draft(server, drafts: Path, kind: str, number: int, above: int = 0)
     return version
 
 
-@contextlib.contextmanager
-def full_disk():
-    """Trace shard writes fail with ENOSPC while inside (the server's store, in process)."""
+def _refuse_write(path, a) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device (soak)")
+
+
+def fill_disk(full: bool) -> None:
+    """Makes trace shard writes fail with ENOSPC (full) or work again (the server's store, in
+    this process)."""
     from aurora_jax.learn import trace_store
 
-    real = trace_store._write_array
-
-    def refuse(path, a):
-        raise OSError(errno.ENOSPC, "No space left on device (soak)")
-
-    trace_store._write_array = refuse
-    try:
-        yield
-    finally:
-        trace_store._write_array = real
+    trace_store._write_array = _refuse_write if full else _write_array
 
 
 async def _request(client, prompt: str, max_tokens: int, cancel: bool, t0: float) -> dict:
@@ -217,7 +212,6 @@ async def _load(url: str, prompts: list[str], cfg: SoakConfig, events: list, ser
     dropped: list[int] = []
     disk_at = list(cfg.disk_full_at_s)
     disk_until = None
-    disk = full_disk()
     swaps, arrival, i = server.loop.swaps, 0.0, 0
     loop = asyncio.get_running_loop()
     while True:
@@ -251,20 +245,19 @@ async def _load(url: str, prompts: list[str], cfg: SoakConfig, events: list, ser
             events.append({"t": now, "event": f"{kind} draft dropped", "version": dropped[0]})
         if disk_until is None and disk_at and now >= disk_at[0]:
             disk_at.pop(0)
-            disk.__enter__()
+            fill_disk(True)
             disk_until = now + cfg.disk_full_s
             events.append({"t": now, "event": "trace writes fail (ENOSPC)"})
         elif disk_until is not None and now >= disk_until:
-            disk.__exit__(None, None, None)
-            disk, disk_until = full_disk(), None
+            fill_disk(False)
+            disk_until = None
             events.append({"t": now, "event": "trace writes work again"})
         learner.check()
         samples["rss_peak"] = max(samples["rss_peak"], rss_bytes())
         samples["store_held_peak"] = max(samples["store_held_peak"],
                                          len(server.store._pending))
         await asyncio.sleep(0.05)
-    if disk_until is not None:
-        disk.__exit__(None, None, None)
+    fill_disk(False)
     rows = [(p, await t) for p, t in tasks]
     await client.close()
     return rows

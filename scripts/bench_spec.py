@@ -38,7 +38,7 @@ from aurora_jax.data.prompts import stdlib_code_prompts
 from aurora_jax.data.scenarios import CHAT_REQUEST, builtin_texts
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.data.vocab import scratch_draft_vocab
-from aurora_jax.engine.engine import Engine, Request
+from aurora_jax.hardware.speed import compare_settings
 from aurora_jax.models.loading import load_pair
 from aurora_jax.speculative.config import SpecConfig
 
@@ -92,39 +92,9 @@ def main() -> None:
         theirs = transformers.AutoModelForCausalLM.from_pretrained(target_dir).eval().float()
     rows = []
     for b in batches:
-        reqs = [Request(p, args.new_tokens) for p in prompts]
-        max_len = max(map(len, prompts)) + args.new_tokens
-        engines = {name: Engine(target, draft if s.needs_draft else None, s, max_slots=b,
-                                max_len=max_len, eos_ids=eos) for name, s in specs.items()}
-
-        def serve(e, reqs=reqs):  # every run alike: no n-gram references from the last one
-            e.forget_recent()
-            return e.run(reqs)
-
-        runs = {name: [serve(e)] for name, e in engines.items()}  # compile + warm-up
-        for _ in range(args.repeats):
-            for name, e in engines.items():
-                runs[name].append(serve(e))
-        outputs = {name: [r.token_ids for r in rs[-1].results] for name, rs in runs.items()}
-        assert all(o == outputs["off"] for o in outputs.values()), "greedy outputs differ"
-        base = statistics.median(r.tokens_per_s for r in runs["off"][1:])
-        base_step = statistics.median(r.decode_s / r.steps for r in runs["off"][1:])
-        for name, rs in runs.items():
-            last = rs[-1]
-            tps = statistics.median(r.tokens_per_s for r in rs[1:])
-            step_s = statistics.median(r.decode_s / r.steps for r in rs[1:])
-            generated = last.generated_tokens
-            forwards = sum(r.target_forwards for r in last.results)
-            rows.append({
-                "batch": b, "spec": name, "tokens_per_s": round(tps, 1),
-                "speedup_vs_target_only": round(tps / base, 3),
-                "acceptance_length": round(last.acceptance_length or 1.0, 3),
-                "target_forwards_per_token": round(forwards / generated, 3),
-                "engine_steps": last.steps, "step_ms": round(step_s * 1e3, 2),
-                # Speculation pays once tau exceeds this: the cost of a speculative step in
-                # target-only steps (each emits one token per slot).
-                "break_even_tau": round(step_s / base_step, 2),
-                "compile_s": round(rs[0].compile_s, 1)})
+        rows += compare_settings(target, draft, specs, prompts, batch=b,
+                                 new_tokens=args.new_tokens, repeats=args.repeats, eos_ids=eos)
+        base = next(r["tokens_per_s"] for r in rows if r["batch"] == b and r["spec"] == "off")
         if theirs is not None:
             tps = _transformers_tokens_per_s(theirs, prompts, b, args.new_tokens, args.repeats)
             rows.append({"batch": b, "spec": "hf", "tokens_per_s": round(tps, 1),

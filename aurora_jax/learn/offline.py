@@ -138,9 +138,12 @@ def feature_batch(target: Target, tokens_BxT) -> LearnBatch:
 
 
 def train_draft(target: Target, tokenizer: Tokenizer, texts: list[str], out: str | Path,
-                cfg: OfflineConfig = OfflineConfig(), progress: bool = True) -> Draft:
-    """Trains (or resumes training) a draft; writes out/checkpoints (orbax) and out/draft
-    (Hugging Face EAGLE-3 layout). Returns the trained draft."""
+                cfg: OfflineConfig = OfflineConfig(), progress: bool = True,
+                time_budget_s: float = float("inf"), draft_dtype: str | None = None) -> Draft:
+    """Trains (or resumes training) a draft for `cfg.steps` steps or `time_budget_s`
+    seconds, whichever ends first; writes out/checkpoints (orbax) and out/draft (Hugging Face
+    EAGLE-3 layout). The draft trains in `draft_dtype` (default: the target's). Returns the
+    trained draft."""
     out = Path(out)
     docs = [tokenizer.encode(t) for t in texts]
     eos = tokenizer.eos_ids[0] if tokenizer.eos_ids else 0
@@ -156,8 +159,8 @@ def train_draft(target: Target, tokenizer: Tokenizer, texts: list[str], out: str
         ids = build_draft_vocab(stream, vocab, cfg.draft_vocab_size,
                                 always=tokenizer.stop_ids(target.cfg.eos_token_ids))
     dcfg = DraftConfig.for_target(target.cfg, draft_vocab_size=None if ids is None else len(ids))
-    draft = init_draft(dcfg, seed=cfg.seed, dtype=target.dtype, draft_to_target=ids,
-                       mesh=target.mesh)
+    draft = init_draft(dcfg, seed=cfg.seed, dtype=draft_dtype or target.dtype,
+                       draft_to_target=ids, mesh=target.mesh)
     opt = OptimizerSettings(learning_rate=cfg.learning_rate, warmup_steps=min(100, cfg.steps),
                             total_steps=cfg.steps, min_lr_ratio=0.1, weight_decay=0.0,
                             grad_clip=1.0)
@@ -174,7 +177,7 @@ def train_draft(target: Target, tokenizer: Tokenizer, texts: list[str], out: str
     consts = (target.state, learner.buffers, learner.embed, learner.head)
     result = fit(learner.state, consts, jax.jit(step, donate_argnums=0), iterator,
                  total_steps=cfg.steps, ckpt_dir=out / "checkpoints",
-                 checkpoint_every=cfg.checkpoint_every, time_budget_s=float("inf"),
+                 checkpoint_every=cfg.checkpoint_every, time_budget_s=time_budget_s,
                  tokens_per_step=cfg.batch_size * (cfg.seq_len + 1), progress=progress)
     learner.state = result.state
     trained = Draft(dcfg, draft.graphdef, learner.publish())

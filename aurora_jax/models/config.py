@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import jax
 import jax.numpy as jnp
 
 from aurora_jax.errors import CheckpointError
@@ -25,9 +26,22 @@ SUPPORTED_ARCHITECTURES = {
 
 
 DtypeName = Literal["float32", "bfloat16", "float16", "auto"]
+"""Parameter dtypes a model loads in ("auto": the device's, see `device_dtype`)."""
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-"""Weight dtype names (all of DtypeName but "auto", which means the checkpoint's own) -> dtype."""
-"""Parameter dtypes a model loads in ("auto": the checkpoint's own)."""
+"""Weight dtype names (all of DtypeName but "auto") -> dtype."""
+
+
+def device_dtype(name: str, checkpoint_dtype: str | None = None,
+                 backend: str | None = None) -> str:
+    """A DtypeName made concrete. "auto" is float32 on CPU, where bfloat16 matmuls run
+    several times slower than float32 ones, and bfloat16 on GPU and TPU (float16 where the
+    checkpoint is float16), with float32 accumulation (matmul_f32 for logits, float32
+    softmax and RMSNorm)."""
+    if name != "auto":
+        return name
+    if (backend or jax.default_backend()) == "cpu":
+        return "float32"
+    return "float16" if checkpoint_dtype == "float16" else "bfloat16"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -150,7 +150,7 @@ class Eagle3Draft(nnx.Module):
                      else cache_len_B)
             cache = KVCache(k=(write_block(cache.k[0], k, start),),
                             v=(write_block(cache.v[0], v, start),))
-        return self.lm_head(self.norm(h)).astype(jnp.float32), h, cache
+        return self.lm_head.logits(self.norm(h)), h, cache
 
     def tree_step(self, embeds_BxTxH, hidden_BxTxH, positions_BxT, slots_T, visible_BxTxM,
                   tree_k_BxMxKxD, tree_v_BxMxKxD, cache: KVCache, cache_len_B):
@@ -168,7 +168,7 @@ class Eagle3Draft(nnx.Module):
                      cache_len_B, impl=mid.self_attn.impl)
         a = mid.self_attn.o_proj(out.reshape(*out.shape[:2], -1))
         h = mid.finish(hidden_BxTxH, a)
-        return self.lm_head(self.norm(h)).astype(jnp.float32), h, tree_k_BxMxKxD, tree_v_BxMxKxD
+        return self.lm_head.logits(self.norm(h)), h, tree_k_BxMxKxD, tree_v_BxMxKxD
 
     def masked_step(self, embeds_BxTxH, hidden_BxTxH, positions_BxT, k_ctx_BxCxKxD,
                     v_ctx_BxCxKxD, ctx_mask_BxTxC, self_mask_BxTxT):
@@ -183,7 +183,7 @@ class Eagle3Draft(nnx.Module):
                      jnp.concatenate([ctx_mask_BxTxC, self_mask_BxTxT], 2))
         a = mid.self_attn.o_proj(out.reshape(*out.shape[:2], -1))
         h = mid.finish(hidden_BxTxH, a)
-        return self.lm_head(self.norm(h)).astype(jnp.float32), h, k, v
+        return self.lm_head.logits(self.norm(h)), h, k, v
 
     def to_target_ids(self, draft_ids):
         """Draft vocabulary ids -> target vocabulary ids."""

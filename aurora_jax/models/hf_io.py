@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from aurora_jax.errors import CheckpointError
-from aurora_jax.models.config import DTYPES, TargetConfig, read_hf_config
+from aurora_jax.models.config import DTYPES, TargetConfig, device_dtype, read_hf_config
 from aurora_jax.models.gguf_io import GGUFCheckpoint, is_gguf
 from aurora_jax.models.layers import rope_inv_freq
 from aurora_jax.models.safetensors_io import SafetensorsFile, write_safetensors
@@ -110,11 +110,11 @@ class TensorReader:
 
 def _resolve_dtype(dtype: str, path: Path) -> str:
     if dtype == "auto":
-        if is_gguf(path):  # quantized weights have no dtype of their own to keep
-            dtype = "float32"
-        else:
+        own = None  # quantized (GGUF) weights have no dtype of their own
+        if not is_gguf(path):
             raw = json.loads((path / "config.json").read_text())
-            dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+            own = raw.get("dtype") or raw.get("torch_dtype")
+        dtype = device_dtype(dtype, own)
     if dtype not in DTYPES:
         raise CheckpointError(f"unsupported dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     return dtype

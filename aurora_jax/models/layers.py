@@ -17,6 +17,13 @@ from flax import nnx
 from aurora_jax.models.config import RopeScaling
 
 
+def matmul_f32(x, w):
+    """x @ w accumulated and returned in float32, whatever the operands' dtype. For logits:
+    a bfloat16 result keeps 8 bits of mantissa, which rounds close candidates to ties and
+    makes the greedy choice depend on how a step was batched."""
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+
+
 class Linear(nnx.Module):
     """y = x @ kernel, no bias (Llama and Qwen3 projections have none)."""
 
@@ -26,6 +33,10 @@ class Linear(nnx.Module):
 
     def __call__(self, x):
         return x @ self.kernel[...]
+
+    def logits(self, x):
+        """x @ kernel in float32 (see matmul_f32): the output head's form."""
+        return matmul_f32(x, self.kernel[...])
 
 
 class RMSNorm(nnx.Module):

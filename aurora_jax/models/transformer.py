@@ -22,7 +22,14 @@ from flax import nnx
 from aurora_jax.models.attention import attend
 from aurora_jax.models.config import TargetConfig
 from aurora_jax.models.kv_cache import KVCache, write_block
-from aurora_jax.models.layers import Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from aurora_jax.models.layers import (
+    Linear,
+    RMSNorm,
+    apply_rope,
+    matmul_f32,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 
 
 class Attention(nnx.Module):
@@ -130,12 +137,11 @@ class Transformer(nnx.Module):
         return self.norm(x), aux_BxTxAxH, new_cache
 
     def logits(self, hidden_BxTxH):
-        """Float32 logits [..., V] from final normed hidden states."""
+        """Float32 logits [..., V] from final normed hidden states (accumulated in float32
+        whatever the weights' dtype)."""
         if self.lm_head is None:
-            out = hidden_BxTxH @ self.embed[...].T
-        else:
-            out = self.lm_head(hidden_BxTxH)
-        return out.astype(jnp.float32)
+            return matmul_f32(hidden_BxTxH, self.embed[...].T)
+        return self.lm_head.logits(hidden_BxTxH)
 
 
 def forward(graphdef, state, tokens_BxT, positions_BxT, block_mask_BxTxT, cache=None,

@@ -92,7 +92,7 @@ def test_a_sigkilled_server_leaves_whole_files_and_restarts_on_the_newest_draft(
     shards = list_shards(work / "traces")
     assert shards, "no shard was committed before the kill"
     for shard in shards:  # every committed shard reads whole
-        assert read_shard(shard)
+        assert read_shard(work / "traces", shard)
     proc, url = _start(small_ckpt, work, tmp_path / "serve2.log")
     try:
         tok = Tokenizer.load(small_ckpt)

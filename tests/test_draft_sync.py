@@ -28,6 +28,7 @@ from aurora_jax.learn.remote import shared_engine
 from aurora_jax.models.eagle3 import DraftConfig, init_draft
 from aurora_jax.models.eagle3_io import load_draft, save_draft
 from aurora_jax.models.hf_io import load_target, save_target
+from aurora_jax.serve.soak import damage_version
 from aurora_jax.speculative.config import SpecConfig
 
 SPEC = SpecConfig(mode="tree", depth=3, topk=2, num_draft_tokens=5)
@@ -49,9 +50,6 @@ def _equal(a, b) -> bool:
     return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b)))
 
 
-# Orbax's reader leaves coroutines of the damaged version's failed reads unawaited; Python
-# reports them at garbage collection. The refusal itself is asserted below.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_watcher_swaps_good_versions_and_refuses_bad_ones(tmp_path, caplog, monkeypatch):
     target, draft = random_pair(tiny_cfg(eos=()), seed=3)
     engine, store, watcher = shared_engine(target, draft, SPEC, tmp_path, poll_s=3600,
@@ -73,16 +71,15 @@ def test_watcher_swaps_good_versions_and_refuses_bad_ones(tmp_path, caplog, monk
     monkeypatch.setattr("aurora_jax.learn.draft_sync.draft_problem", lambda *a: None)
     # 2: damaged array files (as if the disk or a copy went wrong after the commit).
     pub.publish(swap_state(draft, seed=2))
-    for f in (drafts / "2" / "draft").rglob("*"):
-        if f.is_file() and f.parent.name == "d":
-            f.write_bytes(b"\0garbage")
+    damage_version(drafts, 2)
     # 3: a NaN in one matrix (a diverged learner).
     pub.publish(nan)
     # 4: a draft for another vocabulary (a misconfigured learner).
     other = init_draft(DraftConfig.for_target(target.cfg, draft_vocab_size=20), seed=4)
     pub.publish(other.state)
-    # A partial save (its writer was killed before the rename) is not a version at all.
-    shutil.copytree(drafts / "4", drafts / "5.orbax-checkpoint-tmp-1700000000")
+    # A partial save (its writer was killed before the manifest) is not a version at all.
+    shutil.copytree(drafts / "v4", drafts / "v5")
+    (drafts / "v5" / "manifest.json").unlink()
     assert list_versions(drafts) == [2, 3, 4]  # the publisher keeps the newest 3
 
     assert watcher.poll() is None
@@ -96,7 +93,7 @@ def test_watcher_swaps_good_versions_and_refuses_bad_ones(tmp_path, caplog, monk
     assert watcher.poll() is None and "refusing" not in caplog.text  # refused once, not retried
 
     newest = swap_state(draft, seed=6)
-    assert pub.publish(newest) == 5
+    assert pub.publish(newest) == 5  # over what the partial save left of 5
     assert watcher.poll() == 5 and _equal(engine.draft_state, newest)
     prompts = _prompts(3, seed=0)
     run = engine.run([Request(p, 12) for p in prompts])

@@ -60,19 +60,19 @@ def _same(a, b):
 def test_a_follower_reads_back_exactly_what_the_engine_stored(served, tmp_path, caplog):
     root, kept = served
     assert len(list_shards(root)) == 4
-    # A shard whose writer died mid-write (.tmp) is never listed; a damaged shard is skipped,
-    # counted and logged, and reading goes on.
+    # A shard whose writer died mid-write (its arrays written, its commit marker not) is
+    # never listed; a damaged shard is skipped, counted and logged, and reading goes on.
     work = tmp_path / "store"
     shutil.copytree(root, work)
     shards = list_shards(work)
-    shutil.copytree(shards[0], work / "shard-00000000000000000001-1.tmp")
+    shutil.copytree(work / shards[0], work / "shard-00000000000000000001-1-00000000")
     damaged = shards[1]
-    (damaged / "tree_hidden" / "zarr.json").write_text("{not json")
+    (work / damaged / "tree_hidden" / "zarr.json").write_text("{not json")
     got = []
     follower = TraceFollower(work, got.append)
     with caplog.at_level(logging.WARNING):
         assert follower.poll() == 11 - 3
-    assert follower.bad_shards == 1 and damaged.name in caplog.text
+    assert follower.bad_shards == 1 and damaged in caplog.text
     assert follower.tree_size == SPEC.nodes + 1
     expect = kept[:3] + kept[6:]  # shards hold sequences in arrival order, 3 each
     assert len(got) == len(expect)
@@ -132,29 +132,30 @@ def test_replay_batches_are_windows_of_stored_sequences_and_resume_exactly(serve
 
 def test_a_full_disk_costs_traces_not_memory_nor_half_shards(served, tmp_path, monkeypatch):
     """While shard writes fail (ENOSPC), the store holds at most `max_pending` sequences,
-    counts what it drops, leaves no `.tmp` directory, and writes again once the disk does;
-    a follower reads only whole shards throughout."""
+    counts what it drops, leaves no key behind, and writes again once the disk does; a
+    follower reads only whole shards throughout."""
     import dataclasses
     import errno
 
-    from aurora_jax.learn import trace_store
+    from aurora_jax.learn import kvstore, trace_store
 
     _, kept = served
     store = TraceStore(tmp_path, sequences_per_shard=2, max_pending=3)
-    real = trace_store._write_array
+    real = trace_store._write_arrays
     full = {"on": True}
 
-    def write_array(path, a):
-        if full["on"] and a.ndim > 1:  # fails midway: some arrays already on disk
+    def write_arrays(kv, arrays):
+        if full["on"]:  # fails midway: some arrays already on disk
+            real(kv, {k: a for k, a in arrays.items() if a.ndim == 1})
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(path, a)
+        real(kv, arrays)
 
-    monkeypatch.setattr(trace_store, "_write_array", write_array)
+    monkeypatch.setattr(trace_store, "_write_arrays", write_arrays)
     for seq in kept[:8]:
         store.add(seq)
         assert len(store._pending) <= 3
     assert store.failing and store.shards_written == 0 and store.dropped == 5
-    assert not list(tmp_path.iterdir())  # not even a .tmp directory
+    assert kvstore.list_keys(store.store) == []  # not one array of a half shard
     full["on"] = False
     store.add(kept[8])
     assert not store.failing and store._pending == [] and store.shards_written == 1

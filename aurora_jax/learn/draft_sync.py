@@ -1,106 +1,191 @@
-"""Drafts across processes: a learner publishes versioned orbax checkpoints to a directory and
+"""Drafts across processes: a learner publishes numbered versions of its draft to a store and
 the engine's watcher restores the newest good one in the background, then hot-swaps it.
 
-Directory layout (an orbax CheckpointManager whose step is the draft version):
+A store is any kvstore (learn/kvstore.py: a local path, file://, gs://, s3:// or memory://),
+so the learner may run on another host with only a bucket between the two. Its keys:
 
-    <drafts>/<version>/draft    the draft's nnx.State (orbax StandardSave)
-    <drafts>/<version>/meta     JSON: version, learner step, metrics, wall time
+    v<version>/draft/<leaf>/     the draft's nnx.State, one zarr3 array per leaf
+    v<version>/learner/<leaf>/   the learner's training state (step, weights, optimizer
+                                 moments), when published with it
+    v<version>/manifest.json     written after every array, the commit: the version's meta
+                                 (version, learner step, metrics, wall time) and each tree's
+                                 leaves (name, shape, dtype)
+    rejected/<version>.json      a version the engine rolled back, and why
 
-Orbax writes a version under a temporary name and renames it when complete, so a learner
-killed mid-save leaves nothing the watcher would list. A version that is listed but cannot be
-restored (damaged files), does not fit the serving draft (structure, shape, dtype) or holds a
-non-finite value is refused: the reason is logged and kept in `DraftWatcher.refused`, the
-serving draft stays, and the watcher goes on to the next version.
+A version is listed only once its manifest exists, so a learner killed mid-publication leaves
+nothing the watcher would list (what it wrote is deleted when that number is written again or
+the publisher prunes). A restore reads the arrays to the host and places each leaf with
+`jax.device_put` on the sharding of the same leaf of the serving draft, so the engine's step
+does not recompile. A version that is listed but cannot be restored (damaged or missing
+arrays), does not fit the serving draft (structure, shape, dtype) or holds a non-finite value
+is refused: the reason is logged and kept in `DraftWatcher.refused`, the serving draft stays,
+and the watcher goes on to the next version.
+
+Why not orbax: it reaches storage through a filesystem API (local paths and gs://, not s3://
+without extra setup nor memory://) and commits by renaming a directory, which object stores
+lack; a manifest written last works the same on every kvstore, with one code path.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import os
+import re
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
+import tensorstore as ts
 from flax import nnx
 
 from aurora_jax.errors import DraftRefused, SwapError
+from aurora_jax.learn import kvstore
 from aurora_jax.learn.periodic import Periodic
-from aurora_jax.models.eagle3 import draft_problem, same_layout
+from aurora_jax.models.eagle3 import draft_problem
 
 log = logging.getLogger(__name__)
 
+FORMAT = "aurora-jax-draft/1"
+MANIFEST = "manifest.json"
+REJECTED = "rejected/"
+_VERSION_KEY = re.compile(r"^v(\d+)/(.*)$")
 
-def _abstract(state):
-    """Shapes, dtypes and shardings of `state`: restoring into it places the arrays exactly
-    like the serving draft's (a different sharding would recompile the engine's step)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        state)
-
-
-def list_versions(directory: str | Path) -> list[int]:
-    """Committed draft versions in `directory`, ascending (temporary directories excluded)."""
-    d = Path(directory)
-    if not d.is_dir():
-        return []
-    return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
+Store = kvstore.Location | ts.KvStore
+"""A store's location, or the store opened (`kvstore.open_store`)."""
 
 
-def restore_draft(directory: str | Path, version: int, like) -> tuple:
+def _named_leaves(tree) -> dict[str, jax.Array]:
+    """The leaves of `tree` by path name ("midlayer.mlp.up_proj.kernel.value"), in
+    flattening order."""
+    out = {jax.tree_util.keystr(p, simple=True, separator="."): x
+           for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    if len(out) != len(jax.tree.leaves(tree)):
+        raise ValueError("two leaves of the tree have the same path name")
+    return out
+
+
+def _versions(keys: list[str]) -> tuple[list[int], set[int]]:
+    """(committed versions ascending, every version number that has any key) of a listing."""
+    committed, seen = set(), set()
+    for key in keys:
+        m = _VERSION_KEY.match(key)
+        if m is not None:
+            seen.add(int(m.group(1)))
+            if m.group(2) == MANIFEST:
+                committed.add(int(m.group(1)))
+    return sorted(committed), seen
+
+
+def list_versions(directory: Store) -> list[int]:
+    """Committed draft versions in the store, ascending (a version without its manifest is
+    still being written, or its writer died: never listed)."""
+    return _versions(kvstore.list_keys(kvstore.open_store(directory)))[0]
+
+
+def write_version(directory: Store, version: int, draft, meta: dict | None = None,
+                  learner=None) -> None:
+    """Writes `draft` (and `learner`, a LearnerState, when given) as `version`, manifest
+    last. Checks nothing: `DraftPublisher.publish` is the checked way to publish."""
+    store = kvstore.open_store(directory)
+    prefix = f"v{version}/"
+    kvstore.delete_prefix(store, prefix)  # what a publisher killed mid-write left of it
+    trees = {"draft": draft} if learner is None else {"draft": draft, "learner": learner}
+    leaves, arrays = {}, {}
+    for tree_name, tree in trees.items():
+        host = {k: np.asarray(jax.device_get(x)) for k, x in _named_leaves(tree).items()}
+        leaves[tree_name] = [[k, list(a.shape), a.dtype.name] for k, a in host.items()]
+        arrays.update({f"{prefix}{tree_name}/{k}": a for k, a in host.items()})
+    kvstore.write_arrays(store, arrays)
+    kvstore.write_json(store, prefix + MANIFEST, {
+        "format": FORMAT, "meta": {"version": version, "time": time.time(), **(meta or {})},
+        "leaves": leaves})
+
+
+def delete_version(directory: Store, version: int) -> None:
+    """Removes a version: its manifest first, so that it is never listed half deleted."""
+    store = kvstore.open_store(directory)
+    kvstore.write_bytes(store, f"v{version}/{MANIFEST}", None)
+    kvstore.delete_prefix(store, f"v{version}/")
+
+
+def _manifest(store: ts.KvStore, version: int) -> dict:
+    (manifest,) = kvstore.read_json(store, [f"v{version}/{MANIFEST}"])
+    if manifest is None:
+        raise ValueError(f"version {version} is not published (no {MANIFEST})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"its {MANIFEST} is not a {FORMAT} manifest")
+    return manifest
+
+
+def _read_tree(store: ts.KvStore, version: int, tree_name: str, manifest: dict, like,
+               finite: bool):
+    """Tree `tree_name` of a version, placed like `like`: each leaf on the sharding of the
+    same leaf of `like`. Raises on any mismatch with `like`, on damage, and (with `finite`)
+    on a non-finite value."""
+    flat, treedef = jax.tree.flatten(like)
+    want = [[k, list(x.shape), np.dtype(x.dtype).name] for k, x in _named_leaves(like).items()]
+    got = manifest["leaves"][tree_name]
+    if [w[0] for w in want] != [g[0] for g in got]:
+        raise ValueError(f"its {tree_name} tree has other leaves than the serving one's")
+    for w, g in zip(want, got, strict=True):
+        if w != g:
+            raise ValueError(f"its {tree_name} leaf {g[0]} has shape {tuple(g[1])} and dtype "
+                             f"{g[2]}, the serving one's shape {tuple(w[1])} and dtype {w[2]}")
+    keys = [f"v{version}/{tree_name}/{g[0]}" for g in got]
+    arrays = kvstore.read_arrays(store, keys)
+    host = []
+    for key, (name, shape, dtype) in zip(keys, got, strict=True):
+        a = arrays[key]
+        if list(a.shape) != shape or a.dtype.name != dtype:  # arrays unlike their manifest
+            raise ValueError(f"its {tree_name} leaf {name} does not match its manifest")
+        if finite and not np.isfinite(a).all():
+            raise ValueError(f"non-finite values in {name}")
+        host.append(a)
+    placed = [jax.device_put(a, x.sharding) for a, x in zip(host, flat, strict=True)]
+    return jax.tree.unflatten(treedef, placed)
+
+
+def restore_draft(directory: Store, version: int, like) -> tuple:
     """(state, meta) of one version, arrays placed like `like`; raises on any damage or
     mismatch, and on a non-finite value."""
-    path = Path(directory).absolute() / str(version)
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        got = ckptr.restore(path, args=ocp.args.Composite(
-            draft=ocp.args.StandardRestore(_abstract(like)), meta=ocp.args.JsonRestore()))
-    state, meta = got["draft"], dict(got["meta"])
+    store = kvstore.open_store(directory)
+    manifest = _manifest(store, version)
+    meta = dict(manifest["meta"])
     if meta.get("version") != version:
         raise ValueError(f"its meta names version {meta.get('version')!r}")
-    if not same_layout(like, state):
-        raise ValueError("its structure, shapes or dtypes differ from the serving draft's")
-    for path_, leaf in jax.tree_util.tree_leaves_with_path(state):
-        if not np.isfinite(np.asarray(leaf)).all():
-            raise ValueError(f"non-finite values in {jax.tree_util.keystr(path_)}")
-    return state, meta
+    return _read_tree(store, version, "draft", manifest, like, finite=True), meta
 
 
-def _rejected_dir(directory: str | Path) -> Path:
-    d = Path(directory).absolute()
-    return d.with_name(d.name + ".rejected")  # beside the orbax directory, not inside it
+def mark_rejected(directory: Store, version: int, reason: str) -> None:
+    """Records that the engine rolled `version` back (one small key, written whole)."""
+    kvstore.write_json(kvstore.open_store(directory), f"{REJECTED}{version}.json",
+                       {"version": version, "reason": reason, "time": time.time()})
 
 
-def mark_rejected(directory: str | Path, version: int, reason: str) -> None:
-    """Records that the engine rolled `version` back (one small JSON file, written whole)."""
-    d = _rejected_dir(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{version}.json.tmp"
-    tmp.write_text(json.dumps({"version": version, "reason": reason, "time": time.time()}))
-    tmp.replace(d / f"{version}.json")
-
-
-def rejected_versions(directory: str | Path) -> dict[int, str]:
+def rejected_versions(directory: Store) -> dict[int, str]:
     """Versions the engine rolled back -> why."""
-    d = _rejected_dir(directory)
-    out = {}
-    for p in d.glob("*.json") if d.is_dir() else ():
-        if p.stem.isdigit():
-            out[int(p.stem)] = json.loads(p.read_text()).get("reason", "")
-    return out
+    store = kvstore.open_store(directory)
+    names = [k for k in kvstore.list_keys(store, REJECTED)
+             if k.endswith(".json") and k.removesuffix(".json").isdigit()]
+    notes = kvstore.read_json(store, [REJECTED + k for k in names])
+    return {int(k.removesuffix(".json")): (n or {}).get("reason", "")
+            for k, n in zip(names, notes, strict=True)}
 
 
 class DraftPublisher:
     """Learner side. `publish(state)` writes the next version synchronously (the learner's
-    next step donates its buffers, so nothing may read them after publish returns)."""
+    next step donates its buffers, so nothing may read them after publish returns); the
+    newest `max_to_keep` versions are kept."""
 
-    def __init__(self, directory: str | Path, initial_state, max_to_keep: int = 3):
-        self.directory = Path(directory).absolute()
-        self._mgr = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=False))
-        versions = list_versions(self.directory)
+    def __init__(self, directory: kvstore.Location, initial_state, max_to_keep: int = 3):
+        self.location = os.fspath(directory)
+        """Where the drafts go: a local path or a kvstore URL."""
+        self.store = kvstore.open_store(directory)
+        self.max_to_keep = max_to_keep
+        versions = list_versions(self.store)
         self.version = versions[-1] if versions else 0
         self._initial = self._serving = initial_state
-        self._rejected_seen = set(rejected_versions(self.directory))
+        self._rejected_seen = set(rejected_versions(self.store))
 
     def serving(self):
         """The draft the engine serves now, as far as this learner knows: its last publication
@@ -108,15 +193,14 @@ class DraftPublisher:
         return self._serving
 
     def resume(self) -> tuple[int, nnx.State] | None:
-        """(version, state) of the newest restorable version already in the directory that
-        the engine did not roll back, which becomes the serving draft; None when there is
-        none."""
-        rejected = rejected_versions(self.directory)
-        for v in reversed(list_versions(self.directory)):
+        """(version, state) of the newest restorable version already in the store that the
+        engine did not roll back, which becomes the serving draft; None when there is none."""
+        rejected = rejected_versions(self.store)
+        for v in reversed(list_versions(self.store)):
             if v in rejected:  # the engine rolled it back: never train on from it
                 continue
             try:
-                self._serving = restore_draft(self.directory, v, self._serving)[0]
+                self._serving = restore_draft(self.store, v, self._serving)[0]
                 return v, self._serving
             except Exception as e:  # noqa: BLE001 (any damage: try the previous version)
                 log.warning("cannot resume from draft version %d: %s", v, e)
@@ -125,7 +209,7 @@ class DraftPublisher:
     def take_rejections(self) -> list[tuple[int, nnx.State]]:
         """(version, draft to train on from) for each version the engine rolled back since
         the last call: the newest version it did not roll back (or the initial draft)."""
-        new = sorted(set(rejected_versions(self.directory)) - self._rejected_seen)
+        new = sorted(set(rejected_versions(self.store)) - self._rejected_seen)
         if not new:
             return []
         self._rejected_seen.update(new)
@@ -136,57 +220,60 @@ class DraftPublisher:
     def publish(self, state, meta: dict | None = None, learner=None) -> int:
         """Writes `state` as the next version, with the learner's whole training state
         (`learner`: its step, weights and optimizer moments) when given, so that a learner
-        restarted on the directory goes on exactly where this publication was made. Raises
+        restarted on the store goes on exactly where this publication was made. Raises
         DraftRefused for a draft that must not serve (non-finite, zeroed, stale:
         models/eagle3.draft_problem)."""
         problem = draft_problem(state, self._serving)
         if problem is not None:
             raise DraftRefused(f"draft not published: {problem}")
         version = self.version + 1
-        items = dict(draft=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(
-            {"version": version, "time": time.time(), **(meta or {})}))
-        if learner is not None:
-            items["learner"] = ocp.args.StandardSave(learner)
-        self._mgr.save(version, args=ocp.args.Composite(**items), force=True)
-        self._mgr.wait_until_finished()
+        write_version(self.store, version, state, meta, learner)
         self.version, self._serving = version, state
+        self._prune()
         return version
+
+    def _prune(self) -> None:
+        """Deletes the versions older than the newest `max_to_keep`, and below the newest
+        what killed publishers left uncommitted."""
+        committed, seen = _versions(kvstore.list_keys(self.store))
+        keep = set(committed[-self.max_to_keep:])
+        for v in sorted(seen - keep):
+            if v < max(keep, default=0):
+                delete_version(self.store, v)
 
     def restore_learner(self, version: int, like):
         """The learner state published with `version`, placed like `like` (a LearnerState);
         None when that version was published without one. Raises on damage."""
-        path = self.directory / str(version)
-        if not (path / "learner").is_dir():
+        manifest = _manifest(self.store, version)
+        if "learner" not in manifest["leaves"]:
             return None
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-            got = ckptr.restore(path, args=ocp.args.Composite(
-                learner=ocp.args.StandardRestore(_abstract(like))))
-        return got["learner"]
+        return _read_tree(self.store, version, "learner", manifest, like, finite=False)
 
     def close(self) -> None:
-        self._mgr.close()
+        """Nothing to release (every publication is complete when `publish` returns)."""
 
 
 class DraftWatcher:
     """Engine side: every `poll_s` seconds, swaps in the newest version above the serving one
     that restores cleanly (see the module docstring for what is refused)."""
 
-    def __init__(self, engine, directory: str | Path, poll_s: float = 1.0):
-        self.engine, self.directory, self.poll_s = engine, Path(directory).absolute(), poll_s
+    def __init__(self, engine, directory: kvstore.Location, poll_s: float = 1.0):
+        self.engine, self.location, self.poll_s = engine, os.fspath(directory), poll_s
+        self.store = kvstore.open_store(directory)
         self.refused: dict[int, str] = {}
         self.swaps = 0
         self._loop: Periodic | None = None
 
     def poll(self) -> int | None:
-        """One look at the directory; returns the version swapped in, if any."""
+        """One look at the store; returns the version swapped in, if any."""
         serving = self.engine.draft_version
-        for v in reversed(list_versions(self.directory)):
+        for v in reversed(list_versions(self.store)):
             if v <= serving:
                 return None
             if v in self.refused:
                 continue
             try:
-                state, _ = restore_draft(self.directory, v, self.engine.draft_state)
+                state, _ = restore_draft(self.store, v, self.engine.draft_state)
                 problem = draft_problem(state, self.engine.draft_state)
                 if problem is not None:
                     raise DraftRefused(problem)
@@ -197,7 +284,7 @@ class DraftWatcher:
             except Exception as e:  # noqa: BLE001 (refuse anything that does not restore)
                 self.refused[v] = f"{type(e).__name__}: {e}"
                 log.warning("refusing draft version %d from %s: %s; serving version %d stays",
-                            v, self.directory, self.refused[v], serving)
+                            v, self.location, self.refused[v], serving)
                 continue
             self.swaps += 1
             log.info("serving draft version %d", v)
@@ -208,7 +295,7 @@ class DraftWatcher:
         """Never swaps `version` in again (the engine rolled it back), and leaves a note for
         the learner process (`rejected_versions`), which then trains on from a good draft."""
         self.refused[version] = reason
-        mark_rejected(self.directory, version, reason)
+        mark_rejected(self.store, version, reason)
 
     def start(self) -> DraftWatcher:
         self._loop = Periodic(self.poll, self.poll_s, "aurora-draft-watcher").start()

@@ -1,5 +1,7 @@
-"""The online loop split across two processes that share a directory (Aurora's disaggregated
-placement: the learner need not share the engine's devices or host).
+"""The online loop split across two processes that share a workdir (Aurora's disaggregated
+placement: the learner need not share the engine's devices or host). A workdir is a local
+directory or a kvstore URL (learn/kvstore.py: file://, gs://, s3://, memory://), so the two
+may run on hosts that share nothing but a bucket:
 
     <workdir>/traces   the engine writes finished sequences here (trace_store)
     <workdir>/drafts   the learner publishes versioned drafts here (draft_sync)
@@ -11,7 +13,7 @@ store into a TraceBuffer and runs the same OnlineLearner as the in-process mode,
 through a DraftPublisher, each draft with the learner's training state; restarted on the same
 workdir (after a SIGKILL, say) it resumes from the newest published draft the engine did not
 roll back, with the optimizer moments and step saved beside it. A version the engine's collapse
-guard rolled back (`<workdir>/drafts.rejected/`) sends the running learner back to the newest
+guard rolled back (`<workdir>/drafts/rejected/`) sends the running learner back to the newest
 good draft. Either side may die without taking the other down: a dead learner leaves the engine
 serving its last good draft; a dead engine leaves the learner waiting for traces.
 """
@@ -19,14 +21,13 @@ serving its last good draft; a dead engine leaves the learner waiting for traces
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 from aurora_jax.engine.engine import Engine
 from aurora_jax.errors import ConfigError
+from aurora_jax.learn import kvstore
 from aurora_jax.learn.buffer import TraceAssembler, TraceBuffer
 from aurora_jax.learn.draft_sync import DraftPublisher, DraftWatcher
 from aurora_jax.learn.learner import DEFAULT_OPTIMIZER, Learner
@@ -40,12 +41,16 @@ from aurora_jax.models.eagle3 import Draft
 log = logging.getLogger(__name__)
 
 
-def workdir_paths(workdir: str | Path) -> tuple[Path, Path]:
-    w = Path(workdir)
-    return w / "traces", w / "drafts"
+ENGINE_KEY = "engine.json"
 
 
-def shared_engine(target, draft: Draft, spec, workdir: str | Path, *, poll_s: float = 1.0,
+def workdir_paths(workdir: kvstore.Location) -> tuple[str, str]:
+    """(traces, drafts): the two stores of a workdir, in its own form (paths or URLs);
+    ConfigError for a location that is neither a path nor a supported URL."""
+    return kvstore.join(workdir, "traces"), kvstore.join(workdir, "drafts")
+
+
+def shared_engine(target, draft: Draft, spec, workdir: kvstore.Location, *, poll_s: float = 1.0,
                   sequences_per_shard: int = 8, **engine_kwargs):
     """(engine, store, watcher): an engine whose traces go to `workdir`/traces and whose draft
     follows `workdir`/drafts; the watcher is started. Call `store.flush()` (after
@@ -55,10 +60,9 @@ def shared_engine(target, draft: Draft, spec, workdir: str | Path, *, poll_s: fl
     traces, drafts = workdir_paths(workdir)
     store = TraceStore(traces, sequences_per_shard)
     # The learner's tree size is the primary setting's, whatever other engines (target-only,
-    # prompt lookup) also write to the store.
-    tmp = Path(workdir) / ".engine.json.tmp"
-    tmp.write_text(json.dumps({"tree_size": spec.nodes + 1, "spec": dataclasses.asdict(spec)}))
-    tmp.replace(Path(workdir) / "engine.json")
+    # prompt lookup) also write to the store. One key, written whole.
+    kvstore.write_json(kvstore.open_store(workdir), ENGINE_KEY,
+                       {"tree_size": spec.nodes + 1, "spec": dataclasses.asdict(spec)})
     engine = Engine(target, draft, spec, trace_sink=TraceAssembler(store.add), **engine_kwargs)
     watcher = DraftWatcher(engine, drafts, poll_s)
     watcher.poll()  # a learner that already published: start from its newest draft
@@ -68,7 +72,8 @@ def shared_engine(target, draft: Draft, spec, workdir: str | Path, *, poll_s: fl
 @dataclasses.dataclass(frozen=True)
 class LearnJobConfig:
     """`aurora-jax learn --workdir DIR --config YAML key=value ...`: a learner process that
-    trains on the traces an engine writes to DIR and publishes drafts there."""
+    trains on the traces an engine writes to DIR (a directory or a kvstore URL) and publishes
+    drafts there."""
 
     target: str = "builtin"
     """The engine's target: "builtin", "builtin-scratch", a checkpoint directory or a .gguf."""
@@ -77,8 +82,8 @@ class LearnJobConfig:
     directory; a workdir with published drafts resumes from the newest."""
     draft_vocab_size: int | None = 8192
     """A scratch or warm draft's head rows (engine and learner must agree; None: all)."""
-    dtype: DtypeName = "float32"
-    """Parameter dtype."""
+    dtype: DtypeName = "auto"
+    """Parameter dtype; auto: float32 on CPU, bfloat16 on GPU/TPU (models/config.device_dtype)."""
     seed: int = 0
     """Seeds a scratch draft (the engine's must match)."""
     online: OnlineConfig = OnlineConfig()
@@ -89,7 +94,7 @@ class LearnJobConfig:
     """The draft objective (learn/losses.py)."""
 
 
-def run_learner(target, draft: Draft, workdir: str | Path, cfg: OnlineConfig | None = None,
+def run_learner(target, draft: Draft, workdir: kvstore.Location, cfg: OnlineConfig | None = None,
                 loss: LossConfig | None = None,
                 optimizer: OptimizerSettings = DEFAULT_OPTIMIZER, *,
                 buffer_bytes: int = 1 << 30, poll_s: float = 0.5,
@@ -124,8 +129,8 @@ def run_learner(target, draft: Draft, workdir: str | Path, cfg: OnlineConfig | N
                 kept = None
             if kept is not None:
                 learner.state = kept
-        declared = Path(workdir) / "engine.json"
-        tree_size = (json.loads(declared.read_text())["tree_size"] if declared.is_file()
+        (declared,) = kvstore.read_json(kvstore.open_store(workdir), [ENGINE_KEY])
+        tree_size = (declared["tree_size"] if declared is not None
                      else follower.tree_size or 1)
         online = OnlineLearner(learner, buffer, publisher, tree_size, cfg,
                                keep_ids=(target.cfg.eos_token_ids if stop_ids is None

@@ -1,31 +1,33 @@
-"""Traces on disk: finished sequences as tensorstore (zarr3) shards, for replay and for a
-learner in another process.
+"""Traces in a store: finished sequences as tensorstore (zarr3) shards, for replay and for a
+learner in another process or on another host.
 
-Layout under a store's root (one directory, local or shared):
+A store is any kvstore (learn/kvstore.py: a local path, file://, gs://, s3:// or memory://).
+Its keys:
 
-    shard-<time_ns>-<pid>/      one committed shard of n sequences
-      meta.json                 format, tree size, per sequence: request id, domain, version
+    shard-<time_ns>-<pid>-<tag>/   one shard of n sequences, each array a zarr3 array:
       tokens [T] int32, aux [T, A, H] f32, hidden [T, H] f32     sequences concatenated
       seq_offsets [n + 1] int64                                  where each sequence starts
       tree_seq [Nt] int32, tree_root_pos [Nt] int32                owner and anchor of each tree
       tree_tokens, tree_parent [Nt, N1] int32, tree_accepted [Nt, N1] bool,
       tree_hidden [Nt, N1, H] f32
+    committed/shard-<...>.json     its meta (format, tree size, per sequence: request id,
+                                   domain, version), written after every array: the commit
 
-A shard is written under a `.tmp` name and renamed when complete, so readers (which list only
-committed names) never see half a shard, and a writer killed mid-shard leaves only a `.tmp`
-directory that everyone ignores. The engine side is `TraceStore` (a trace-assembler sink);
-readers are `TraceFollower` (tails the store into a live `TraceBuffer`), `StoredTraces` (a
-random-access source) and `replay_dataset` (a grain pipeline of learner batches over it).
+Readers list only `committed/`, so they never see half a shard: a writer killed mid-shard
+leaves arrays no marker names, and a write that fails (a full disk) deletes what it wrote.
+Listing one small key per shard also keeps a poll cheap on a bucket. The engine side is
+`TraceStore` (a trace-assembler sink); readers are `TraceFollower` (tails the store into a
+live `TraceBuffer`), `StoredTraces` (a random-access source) and `replay_dataset` (a grain
+pipeline of learner batches over it).
 """
 
 from __future__ import annotations
 
 import bisect
-import json
+import contextlib
 import logging
 import os
 import re
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ import grain
 import numpy as np
 import tensorstore as ts
 
+from aurora_jax.learn import kvstore
 from aurora_jax.learn.buffer import TracedSequence, VerifiedTree, collate_numpy, window
 from aurora_jax.learn.losses import LearnBatch
 from aurora_jax.learn.periodic import Periodic
@@ -41,31 +44,27 @@ from aurora_jax.learn.periodic import Periodic
 log = logging.getLogger(__name__)
 
 FORMAT = "aurora-jax-traces/1"
-_SHARD = re.compile(r"^shard-\d+-\d+$")
+COMMITTED = "committed/"
+_SHARD = re.compile(r"^shard-\d+-\d+-[0-9a-f]+$")
 _SEQ_FIELDS = ("tokens", "aux", "hidden")
 _TREE_FIELDS = ("tree_tokens", "tree_parent", "tree_accepted", "tree_hidden")
+
+Store = kvstore.Location | ts.KvStore
+"""A store's location, or the store opened (`kvstore.open_store`)."""
 
 
 class TraceStoreError(Exception):
     """A shard that cannot be read as traces (names the shard and the reason)."""
 
 
-def _spec(path: Path) -> dict:
-    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+def _write_arrays(store: ts.KvStore, arrays: dict[str, np.ndarray]) -> None:
+    """Writes a shard's arrays (the seam tests and the soak use to make writes fail)."""
+    kvstore.write_arrays(store, arrays)
 
 
-def _write_array(path: Path, a: np.ndarray) -> None:
-    store = ts.open(_spec(path), create=True, dtype=ts.dtype(a.dtype.name),
-                    shape=a.shape).result()
-    store.write(a).result()
-
-
-def _read_array(path: Path) -> np.ndarray:
-    return ts.open(_spec(path), open=True).result().read().result()
-
-
-def write_shard(root: Path, seqs: list[TracedSequence]) -> Path:
-    """Write `seqs` as one committed shard under `root`; returns its path."""
+def write_shard(root: Store, seqs: list[TracedSequence]) -> str:
+    """Write `seqs` as one committed shard of the store at `root`; returns its name."""
+    store = kvstore.open_store(root)
     tree_sizes = {len(t.tokens) for s in seqs for t in s.trees}
     if len(tree_sizes) > 1:
         raise ValueError(f"one shard holds one tree size, got {sorted(tree_sizes)}")
@@ -87,54 +86,58 @@ def write_shard(root: Path, seqs: list[TracedSequence]) -> Path:
     meta = {"format": FORMAT, "tree_size": n1, "hidden_size": h,
             "sequences": [{"request_id": _jsonable(s.request_id), "domain": s.domain,
                            "draft_version": s.draft_version} for s in seqs]}
-    name = f"shard-{time.time_ns():020d}-{os.getpid()}"
-    tmp = root / f"{name}.tmp"
+    # Unique across writers: processes of one host differ in pid, hosts in the random tag.
+    name = f"shard-{time.time_ns():020d}-{os.getpid()}-{os.urandom(4).hex()}"
     try:
-        for key, a in arrays.items():
-            _write_array(tmp / key, a)
-        (tmp / "meta.json").write_text(json.dumps(meta))
+        _write_arrays(store, {f"{name}/{key}": a for key, a in arrays.items()})
+        kvstore.write_json(store, f"{COMMITTED}{name}.json", meta)  # the commit
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half shard behind
+        with contextlib.suppress(OSError):  # a full disk leaves no half shard behind
+            kvstore.delete_prefix(store, f"{name}/")
         raise
-    final = root / name
-    tmp.rename(final)
-    return final
+    return name
 
 
 def _jsonable(x):
     return x if isinstance(x, (int, str, type(None))) else str(x)
 
 
-def list_shards(root: str | Path) -> list[Path]:
-    """Committed shards, oldest first (a `.tmp` directory is a shard still being written, or
-    one whose writer died: never listed)."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and _SHARD.match(p.name))
+def list_shards(root: Store) -> list[str]:
+    """Names of the committed shards, oldest first (a shard whose marker is not written yet,
+    or never will be because its writer died, is not listed)."""
+    keys = kvstore.list_keys(kvstore.open_store(root), COMMITTED)
+    names = (k.removesuffix(".json") for k in keys if k.endswith(".json"))
+    return [n for n in names if _SHARD.match(n)]
 
 
-def read_meta(shard: Path) -> dict:
+def read_meta(root: Store, names: list[str]) -> list[dict]:
+    """The metas of shards `names` (read concurrently); raises TraceStoreError naming the
+    first unreadable one."""
+    store = kvstore.open_store(root)
     try:
-        meta = json.loads((shard / "meta.json").read_text())
-    except (OSError, ValueError) as e:
-        raise TraceStoreError(f"{shard}: unreadable meta.json ({e})") from e
-    if meta.get("format") != FORMAT:
-        raise TraceStoreError(f"{shard}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    return meta
+        metas = kvstore.read_json(store, [f"{COMMITTED}{n}.json" for n in names])
+    except OSError as e:
+        raise TraceStoreError(f"unreadable shard meta: {e}") from e
+    for name, meta in zip(names, metas, strict=True):
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            got = meta.get("format") if isinstance(meta, dict) else meta
+            raise TraceStoreError(f"{store.url}{name}: format {got!r}, expected {FORMAT!r}")
+    return metas
 
 
-def read_shard(shard: Path) -> list[TracedSequence]:
+def read_shard(root: Store, name: str) -> list[TracedSequence]:
     """All sequences of one shard; a damaged shard raises TraceStoreError naming it."""
-    meta = read_meta(shard)
+    store = kvstore.open_store(root)
+    (meta,) = read_meta(store, [name])
+    keys = ("seq_offsets", "tree_seq", "tree_root_pos", *_SEQ_FIELDS, *_TREE_FIELDS)
     try:
-        a = {k: _read_array(shard / k) for k in
-             ("seq_offsets", "tree_seq", "tree_root_pos", *_SEQ_FIELDS, *_TREE_FIELDS)}
-    except (ValueError, OSError) as e:  # tensorstore reports damage as ValueError
-        raise TraceStoreError(f"{shard}: {e}") from e
+        got = kvstore.read_arrays(store, [f"{name}/{k}" for k in keys])
+    except OSError as e:  # damaged or missing arrays
+        raise TraceStoreError(f"{store.url}{name}: {e}") from e
+    a = {k: got[f"{name}/{k}"] for k in keys}
     off, rows = a["seq_offsets"], meta["sequences"]
     if len(off) != len(rows) + 1 or off[-1] != len(a["tokens"]):
-        raise TraceStoreError(f"{shard}: sequence offsets do not match the data")
+        raise TraceStoreError(f"{store.url}{name}: sequence offsets do not match the data")
     trees: list[list[VerifiedTree]] = [[] for _ in rows]
     for r, i in enumerate(a["tree_seq"]):
         trees[i].append(VerifiedTree(int(a["tree_root_pos"][r]), a["tree_tokens"][r],
@@ -150,10 +153,11 @@ class TraceStore:
     `sequences_per_shard` of them (on the caller's thread: the engine's trace thread, never
     the decode loop); `flush()` writes what is pending."""
 
-    def __init__(self, root: str | Path, sequences_per_shard: int = 16,
+    def __init__(self, root: kvstore.Location, sequences_per_shard: int = 16,
                  max_pending: int | None = None):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.location = os.fspath(root)
+        """Where the shards go: a local path or a kvstore URL."""
+        self.store = kvstore.open_store(root)
         self.sequences_per_shard = sequences_per_shard
         self.max_pending = max_pending or 4 * sequences_per_shard
         """Sequences held while writes fail (a full disk); the oldest beyond are dropped."""
@@ -163,6 +167,15 @@ class TraceStore:
         self.failing = False
         self._pending: list[TracedSequence] = []
         self._lock = threading.Lock()
+
+    @property
+    def root(self) -> Path:
+        """The store's directory, for a local store only (run/objectives.py renames it once
+        its recording is complete); ValueError for any other kvstore."""
+        d = kvstore.local_dir(self.location)
+        if d is None:
+            raise ValueError(f"{self.location} is not a local directory")
+        return d
 
     def add(self, seq: TracedSequence) -> None:
         with self._lock:
@@ -190,7 +203,7 @@ class TraceStore:
         written: list[TracedSequence] = []
         try:
             for group in groups.values():
-                write_shard(self.root, group)
+                write_shard(self.store, group)
                 written += group
                 self.shards_written += 1
         except OSError as e:
@@ -216,8 +229,9 @@ class TraceFollower:
     is read and its sequences handed to `sink` (say `TraceBuffer.add`). A damaged shard is
     logged, counted in `bad_shards` and skipped; it never stops the follower."""
 
-    def __init__(self, root: str | Path, sink, poll_s: float = 0.5):
-        self.root, self.sink, self.poll_s = Path(root), sink, poll_s
+    def __init__(self, root: kvstore.Location, sink, poll_s: float = 0.5):
+        self.location, self.sink, self.poll_s = os.fspath(root), sink, poll_s
+        self.store = kvstore.open_store(root)
         self.seen: set[str] = set()
         self.sequences = 0
         self.bad_shards = 0
@@ -227,12 +241,12 @@ class TraceFollower:
     def poll(self) -> int:
         """Read every shard not read before; returns the number of new sequences."""
         new = 0
-        for shard in list_shards(self.root):
-            if shard.name in self.seen:
+        for name in list_shards(self.store):
+            if name in self.seen:
                 continue
-            self.seen.add(shard.name)
+            self.seen.add(name)
             try:
-                seqs = read_shard(shard)
+                seqs = read_shard(self.store, name)
             except TraceStoreError as e:
                 self.bad_shards += 1
                 log.warning("skipping trace shard: %s", e)
@@ -259,9 +273,10 @@ class StoredTraces:
     """Random access over every sequence in a store's committed shards (a grain source).
     The shard list is fixed at construction; build a new one to see newer shards."""
 
-    def __init__(self, root: str | Path):
-        self.shards = list_shards(root)
-        self.counts = [len(read_meta(s)["sequences"]) for s in self.shards]
+    def __init__(self, root: kvstore.Location):
+        self.store = kvstore.open_store(root)
+        self.shards = list_shards(self.store)
+        self.counts = [len(m["sequences"]) for m in read_meta(self.store, self.shards)]
         self._starts = np.cumsum([0] + self.counts).tolist()
         self._cache: tuple[int, list[TracedSequence]] | None = None
         self._lock = threading.Lock()
@@ -275,11 +290,11 @@ class StoredTraces:
         k = bisect.bisect_right(self._starts, i) - 1
         with self._lock:  # one decoded shard cached: shuffled reads still hit it often
             if self._cache is None or self._cache[0] != k:
-                self._cache = (k, read_shard(self.shards[k]))
+                self._cache = (k, read_shard(self.store, self.shards[k]))
             return self._cache[1][i - self._starts[k]]
 
 
-def replay_dataset(root: str | Path, batch_size: int, seq_len: int, trees: int,
+def replay_dataset(root: kvstore.Location, batch_size: int, seq_len: int, trees: int,
                    tree_size: int, seed: int = 0) -> grain.IterDataset:
     """Endless learner batches over a store's sequences: shuffled per epoch, each sequence
     cut by the same `window` as the live buffer; deterministic for a seed, and its iterator

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aurora_jax.learn.trace_store import _write_array
+from aurora_jax.learn.draft_sync import delete_version
+from aurora_jax.learn.trace_store import _write_arrays
 from aurora_jax.serve.config import ServeConfig
 
 log = logging.getLogger(__name__)
@@ -115,14 +116,16 @@ class Learner:
                 self.proc.kill()
 
 
-def _write_version(directory: Path, version: int, state) -> None:
-    """A draft version as a learner that does not check would write it (orbax, committed)."""
-    import orbax.checkpoint as ocp
+def damage_version(drafts: Path, version: int) -> None:
+    """Overwrites the chunks of a published version's draft arrays with garbage (a disk or a
+    copy gone wrong after the commit); its manifest stays."""
+    from aurora_jax.learn import kvstore
 
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(directory / str(version), args=ocp.args.Composite(
-            draft=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave({"version": version, "time": time.time()})))
+    store = kvstore.open_store(drafts)
+    prefix = f"v{version}/draft/"
+    for key in kvstore.list_keys(store, prefix):
+        if not key.endswith("zarr.json"):
+            kvstore.write_bytes(store, prefix + key, b"\0garbage")
 
 
 def drop_bad_draft(server, drafts: Path, kind: str, number: int, above: int = 0) -> int:
@@ -132,29 +135,27 @@ def drop_bad_draft(server, drafts: Path, kind: str, number: int, above: int = 0)
     import jax
     import jax.numpy as jnp
 
-    from aurora_jax.learn.draft_sync import list_versions
+    from aurora_jax.learn.draft_sync import list_versions, write_version
     from aurora_jax.models.eagle3 import DraftConfig, init_draft
 
     version = max(list_versions(drafts) + [above]) + 1000
     serving = server.engine.draft_state
     if kind == "damaged":
-        _write_version(drafts, version, serving)
-        for f in (drafts / str(version) / "draft").rglob("*"):
-            if f.is_file() and f.parent.name == "d":
-                f.write_bytes(b"\0garbage")
+        write_version(drafts, version, serving)
+        damage_version(drafts, version)
     elif kind == "nonfinite":
-        _write_version(drafts, version, jax.tree.map(
+        write_version(drafts, version, jax.tree.map(
             lambda x: x.at[(0,) * x.ndim].set(jnp.nan)
             if jnp.issubdtype(x.dtype, jnp.floating) and x.size else x, serving))
     else:
         cfg = DraftConfig.for_target(server.target.cfg,
                                      draft_vocab_size=max(2, server.target.cfg.vocab_size // 2))
-        _write_version(drafts, version, init_draft(cfg, seed=number).state)
+        write_version(drafts, version, init_draft(cfg, seed=number).state)
     assert version in list_versions(drafts)
     return version
 
 
-def _refuse_write(path, a) -> None:
+def _refuse_write(store, arrays) -> None:
     raise OSError(errno.ENOSPC, "No space left on device (soak)")
 
 
@@ -163,7 +164,7 @@ def fill_disk(full: bool) -> None:
     this process)."""
     from aurora_jax.learn import trace_store
 
-    trace_store._write_array = _refuse_write if full else _write_array
+    trace_store._write_arrays = _refuse_write if full else _write_arrays
 
 
 async def _request(client, prompt: str, max_tokens: int, cancel: bool, t0: float) -> dict:
@@ -237,7 +238,7 @@ async def _load(url: str, prompts: list[str], cfg: SoakConfig, events: list, ser
         if now >= next_bad:
             next_bad += cfg.bad_draft_every_s
             for v in dropped:  # refused by now (the watcher polls every second): an operator
-                shutil.rmtree(drafts / str(v), ignore_errors=True)  # would clean it up too
+                delete_version(drafts, v)  # would clean it up too
             kind = ("damaged", "nonfinite", "misfit")[bad_n % 3]
             dropped = [await loop.run_in_executor(None, drop_bad_draft, server, drafts, kind,
                                                   bad_n, max(dropped, default=0))]

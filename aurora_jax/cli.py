@@ -17,6 +17,11 @@ Errors caused by input (a bad path, a malformed checkpoint, an over-long prompt,
 typo) are printed as one line naming the problem, with exit status 2. Ctrl-C stops a command
 cleanly: it keeps what finished, says in one line what and where, and exits 130; a second
 Ctrl-C ends it at once (interrupt.py).
+
+Multi-host: `run`, `serve`, `generate` and `learn` first join a multi-process JAX job when
+their config's `distributed:` section or the environment asks for one (distributed.py); the
+target is then split over every process's devices, every process runs the same steps, and only
+process 0 prints and writes.
 """
 
 from __future__ import annotations
@@ -31,14 +36,22 @@ from aurora_jax import interrupt
 from aurora_jax.errors import AuroraError
 
 
+def _join(cfg=None) -> bool:
+    """Joins the multi-process job `cfg` (a DistributedConfig) or the environment asks for,
+    before anything touches a device; returns whether this is one of several processes."""
+    from aurora_jax import distributed
+
+    return distributed.initialize(cfg) and distributed.is_multiprocess()
+
+
 def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="builtin",
                    help="'builtin' (SmolLM2-135M-Instruct, prepared on first use), "
                         "'builtin-scratch' (a small model trained here), a Hugging Face "
                         "checkpoint directory (config.json + *.safetensors + tokenizer) or a "
                         ".gguf file")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
-                   help="parameter dtype at load; 'auto' uses the checkpoint's")
+    p.add_argument("--dtype", default="auto", choices=["float32", "bfloat16", "float16", "auto"],
+                   help="parameter dtype at load; auto: float32 on CPU, bfloat16 on GPU/TPU")
     p.add_argument("--cache-dir", default=None,
                    help="where the built-in model lives (default $AURORA_JAX_CACHE or "
                         "~/.cache/aurora-jax)")
@@ -92,14 +105,17 @@ def cmd_convert(args) -> int:
 
 def _load_pair(args, path: Path):
     """The target, and the draft that --draft names (None for target-only); a scratch draft
-    gets the day-0 vocabulary of --draft-vocab-size tokens."""
+    gets the day-0 vocabulary of --draft-vocab-size tokens. One device, or in a multi-process
+    job all devices of all processes."""
     from aurora_jax.data.tokenizer import Tokenizer
     from aurora_jax.data.vocab import scratch_draft_vocab
     from aurora_jax.models.loading import load_pair
+    from aurora_jax.models.sharding import serving_mesh
 
     vocab = (scratch_draft_vocab(args.draft_vocab_size or None, Tokenizer.load(path))
              if args.draft in ("scratch", "warm") else None)
-    return load_pair(path, args.draft, dtype=args.dtype, seed=args.seed, draft_vocab=vocab)
+    return load_pair(path, args.draft, dtype=args.dtype, seed=args.seed, draft_vocab=vocab,
+                     mesh=serving_mesh())
 
 
 def spec_from_args(args):
@@ -115,12 +131,16 @@ def cmd_generate(args) -> int:
     from aurora_jax.errors import ConfigError
     from aurora_jax.sampling import SamplingParams
 
+    multi = _join()
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k)
     if (args.prompt is None) == (args.prompts is None):
         raise ConfigError("give exactly one of --prompt TEXT or --prompts FILE.jsonl")
     learns = "--online" if args.online else "--workdir" if args.workdir else None
     if args.online and args.workdir:
         raise ConfigError("--online learns in this process, --workdir in another: pick one")
+    if multi and learns:
+        raise ConfigError(f"{learns} swaps drafts at times that differ between processes; a "
+                          "multi-process generate serves a fixed draft")
     if learns and args.prompts is None:
         raise ConfigError(f"{learns} learns across requests: use it with --prompts FILE.jsonl")
     if learns and args.draft is None:
@@ -139,6 +159,7 @@ def cmd_generate(args) -> int:
 
 def _generate_many(args, sampling, spec, items: list[dict]) -> int:
     from aurora_jax.data.tokenizer import Tokenizer
+    from aurora_jax.distributed import is_primary
     from aurora_jax.engine.engine import Request
     from aurora_jax.learn.online import OnlineConfig
     from aurora_jax.learn.serving import LearningEngine
@@ -158,10 +179,13 @@ def _generate_many(args, sampling, spec, items: list[dict]) -> int:
         max_len=max(64, max(len(r.prompt) for r in requests) + args.max_new_tokens))
 
     done: list = []
+    primary = is_primary()
 
     def report(res) -> None:
         interrupt.check()  # (a Ctrl-C held for a safe point: between two requests is one)
         done.append(res.id)
+        if not primary:
+            return
         text = tokenizer.decode(res.token_ids)
         if args.json:
             print(json.dumps({
@@ -180,6 +204,8 @@ def _generate_many(args, sampling, spec, items: list[dict]) -> int:
         traces = f"; traces in {Path(args.workdir) / 'traces'}" if args.workdir else ""
         raise interrupt.Interrupted(f"kept the {len(done)} of {len(requests)} results that "
                                     f"finished (on stdout, as they came){traces}") from None
+    if not primary:
+        return 0
     print(f"[{len(requests)} requests, {run.generated_tokens} tokens, "
           f"{run.tokens_per_s:.1f} tokens/s, acceptance {run.acceptance_length or 1.0:.2f}, "
           f"{serving.describe()}]", file=sys.stderr)
@@ -204,6 +230,7 @@ def _encode_item(tokenizer, item: dict, path: str) -> list[int]:
 
 def _generate_one(args, sampling, spec) -> int:
     from aurora_jax.data.tokenizer import Tokenizer
+    from aurora_jax.distributed import is_primary
     from aurora_jax.engine.engine import Engine, Request
 
     path = _target_dir(args)
@@ -216,6 +243,8 @@ def _generate_one(args, sampling, spec) -> int:
                     max_len=max(64, len(prompt_ids) + args.max_new_tokens), eos_ids=eos,
                     seed=args.seed)
     run = engine.run([Request(prompt_ids, args.max_new_tokens, sampling)])
+    if not is_primary():
+        return 0
     res = run.results[0]
     text = tokenizer.decode(res.token_ids)
     tau = res.acceptance_length
@@ -283,8 +312,13 @@ def cmd_learn(args) -> int:
 
     from aurora_jax.config_io import load_config
     from aurora_jax.data.tokenizer import Tokenizer
+    from aurora_jax.errors import ConfigError
     from aurora_jax.learn.remote import LearnJobConfig, run_learner
 
+    if _join():
+        raise ConfigError("`learn` runs as one process: it reads the traces and writes the "
+                          "drafts a `generate --workdir` engine swaps in; start it without the "
+                          "distributed environment variables")
     cfg = load_config(LearnJobConfig, args.config, args.overrides)
     path = _target_dir(argparse.Namespace(target=cfg.target, cache_dir=args.cache_dir))
     target, draft = _load_pair(argparse.Namespace(
@@ -329,11 +363,20 @@ def _published(online, workdir: Path) -> str:
 
 
 def cmd_run(args) -> int:
+    import tempfile
+
+    from aurora_jax.distributed import is_primary
     from aurora_jax.run.config import RunConfig
     from aurora_jax.run.job import new_run_dir, run_job
 
     cfg = RunConfig.load(args.config, args.overrides)
+    if _join(cfg.distributed):
+        _check_multiprocess_run(cfg, args.compare)
     target_dir = _target_dir(argparse.Namespace(target=cfg.target, cache_dir=args.cache_dir))
+    if not is_primary():  # the same job, writing into a folder of its own that nobody reads
+        with tempfile.TemporaryDirectory(prefix="aurora-jax-run-") as scratch:
+            run_job(cfg, target_dir, Path(scratch), progress=False)
+        return 0
     out = Path(args.out) if args.out else new_run_dir()
     print(f"run: writing to {out}", file=sys.stderr)
     if args.compare:
@@ -353,12 +396,42 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _check_multiprocess_run(cfg, compare: bool) -> None:
+    """A multi-process run must take the same steps in every process: no choice made from
+    timings (which differ between processes), the target over every process's devices, and
+    (for now) no learner."""
+    import jax
+
+    from aurora_jax.errors import ConfigError
+
+    if compare:
+        raise ConfigError("--compare runs in one process")
+    if cfg.adaptive.enabled or cfg.adaptive.alternatives:
+        raise ConfigError("a multi-process run must pick its serving mode the same way in every "
+                          "process, not from measured speed: set adaptive.enabled=false and "
+                          "adaptive.alternatives=[]")
+    if cfg.learner.enabled:
+        raise ConfigError("the online learner runs in one process for now (its scoring step "
+                          "closes over target params that span other processes' devices): "
+                          "set learner.enabled=false for a multi-process run")
+    if cfg.tp != jax.device_count():
+        raise ConfigError(f"a multi-process run splits the target over all "
+                          f"{jax.device_count()} devices of its processes: set "
+                          f"tp={jax.device_count()}")
+
+
 def cmd_serve(args) -> int:
     from aurora_jax.config_io import load_config
     from aurora_jax.serve.config import ServeConfig
     from aurora_jax.serve.server import serve
 
     cfg = load_config(ServeConfig, args.config, args.overrides)
+    if _join(cfg.distributed):
+        from aurora_jax.errors import ConfigError
+
+        raise ConfigError("serve runs in one process for now: process 0 would have to hand "
+                          "each step's admissions to the others, which is not built yet; "
+                          "`generate --prompts` and `run` serve across processes")
     path = _target_dir(argparse.Namespace(target=cfg.target, cache_dir=args.cache_dir))
     serve(cfg, path, grace_s=args.grace)
     return 0

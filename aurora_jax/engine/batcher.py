@@ -13,6 +13,11 @@ when it finishes, and `on_tokens` each time tokens are added to it (streaming). 
 ends a request early, queued or in a slot: its slot is free for the next admission (the device
 marks it idle before the next step). `Engine.run` is a batcher fed every request up front; a
 server feeds one as requests arrive.
+
+In a multi-process job (aurora_jax/distributed.py) every process runs this same loop over the
+same requests, so every process dispatches the same steps in the same order; outputs are read
+with `to_host`, which takes this process's copy of a replicated output (and gathers one split
+across processes), so every process books the same results.
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import jax
 import numpy as np
 
+from aurora_jax.distributed import to_host
 from aurora_jax.engine.step import DecodeState, StepOutput
 from aurora_jax.engine.trace import EndTrace, PrefillTrace, TraceEmitter, VerifyTrace
 from aurora_jax.sampling import SamplingParams
@@ -183,9 +188,9 @@ class Batcher:
         prefix = engine.prefill([r.prompt for r in reqs], [r.sampling for r in reqs])
         self.state = engine.insert(prefix, self.state, slots, [r.max_new_tokens for r in reqs],
                                    [r.sampling for r in reqs])
-        first = np.asarray(prefix.first)
+        first = to_host(prefix.first)
         if engine.traces:
-            aux, hidden = jax.device_get((prefix.aux, prefix.hidden))
+            aux, hidden = to_host((prefix.aux, prefix.hidden))
         for j, (r, i) in enumerate(zip(reqs, ids, strict=True)):
             token = int(first[j])
             self.results[i].token_ids.append(token)
@@ -207,7 +212,7 @@ class Batcher:
     def absorb(self, step: _InFlight) -> None:
         """Books a finished step: tokens, acceptance and draft version per request; frees
         the slots whose requests ended; hands the step to the trace emitter."""
-        tokens, emitted, accepted, active, done = jax.device_get(
+        tokens, emitted, accepted, active, done = to_host(
             (step.out.tokens, step.out.emitted, step.out.accepted, step.out.active,
              step.out.done))
         counts = self.by_version.setdefault(step.draft_version, [0, 0])

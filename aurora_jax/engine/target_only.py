@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from aurora_jax.distributed import to_host
 from aurora_jax.errors import PromptError
 from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.kv_cache import KVCache
@@ -148,7 +149,7 @@ class TargetGenerator:
             compile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         out, counts = self._compiled[sig](*args)
-        out, counts = np.asarray(out), np.asarray(counts)
+        out, counts = to_host((out, counts))  # (replicated or gathered on every process)
         decode_s = time.perf_counter() - t0
         completions = []
         for i in range(b):

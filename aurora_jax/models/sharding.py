@@ -5,6 +5,10 @@ Every array carries a NamedSharding over a Mesh with axes ("dp", "tp"); a single
 projections are split by output columns (so by attention heads and MLP units), o and down by
 input rows, the embedding and lm_head by vocabulary. A dimension that does not divide by the
 axis size stays replicated (for example 2 KV heads on a tp=8 mesh, as vLLM does).
+
+In a multi-process job (aurora_jax/distributed.py) `jax.devices()` lists every process's
+devices, so the default mesh spans all hosts; a mesh must hold devices of every process, or
+the processes left out could neither run its steps nor read their results.
 """
 
 from __future__ import annotations
@@ -34,7 +38,21 @@ def make_mesh(tp: int | None = None, dp: int = 1, devices=None) -> Mesh:
         tp = len(devices) // dp
     if dp * tp > len(devices) or dp < 1 or tp < 1:
         raise ValueError(f"mesh dp={dp} x tp={tp} needs {dp * tp} devices, have {len(devices)}")
-    return Mesh(np.array(devices[: dp * tp]).reshape(dp, tp), ("dp", "tp"))
+    chosen = devices[: dp * tp]
+    missing = {d.process_index for d in devices} - {d.process_index for d in chosen}
+    if missing:
+        raise ValueError(f"mesh dp={dp} x tp={tp} leaves out the devices of processes "
+                         f"{sorted(missing)}; a multi-process mesh needs all {len(devices)}")
+    return Mesh(np.array(chosen).reshape(dp, tp), ("dp", "tp"))
+
+
+def serving_mesh(tp: int = 1) -> Mesh | None:
+    """The mesh a serving command loads onto: `tp` devices (None, the loaders' one-device
+    default, for tp=1). In a multi-process job, every device of every process over the tp
+    axis (tp=1 means all of them; a tp that leaves a process out is an error)."""
+    if jax.process_count() > 1:
+        return make_mesh(tp=tp if tp > 1 else None)
+    return make_mesh(tp=tp) if tp > 1 else None
 
 
 def _fit(mesh: Mesh, shape: tuple[int, ...], spec: tuple) -> P:

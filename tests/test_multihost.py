@@ -1,0 +1,183 @@
+"""Multi-host serving: `aurora-jax generate` across two processes equals one device.
+
+Two local processes, 4 CPU devices each, join one JAX job through the environment
+(aurora_jax/distributed.py; collectives through gloo, the coordinator on a free localhost
+port) and serve the same prompts file on the global 1 x 8 ("dp", "tp") mesh: the test
+checkpoint's q/k/v, MLP and vocabulary dimensions really split over 8 devices (its 2 KV heads
+stay replicated). Greedy outputs, target-only and speculative (a tree from a warm day-0
+draft, saved as an EAGLE-3 directory), must equal the single-device outputs token for token;
+only process 0 prints them. (Two prompts on two slots keep the compiled programs, the bulk of
+the test's time on two cores, to three per setting.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from aurora_jax.cli import main
+
+# Each process serves both settings, one `main` after the other (the second joins the job the
+# first started: initialize is a no-op once the runtime is up).
+CHILD = textwrap.dedent("""
+    import json, sys
+    from aurora_jax.cli import main
+    for argv in json.loads(sys.argv[1]):
+        print("=== run", flush=True)
+        assert main(argv) == 0, argv
+    import jax
+    print(f"=== done: process {jax.process_index()} of {jax.process_count()}, "
+          f"{len(jax.devices())} devices", flush=True)
+""")
+
+PROMPTS = ["def fibonacci(n):\n    ", "class Config:\n    def"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _runs(stdout: str) -> list[dict]:
+    """{id: token_ids} per `main` call, from the JSON lines a process printed."""
+    runs: list[dict] = []
+    for line in stdout.splitlines():
+        if line.startswith("=== run"):
+            runs.append({})
+        elif line.startswith("{"):
+            row = json.loads(line)
+            runs[-1][row["id"]] = row
+    return runs
+
+
+def _launch(argvs: list[list[str]], timeout_s: float) -> list[subprocess.CompletedProcess]:
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                   AURORA_JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                   AURORA_JAX_NUM_PROCESSES="2", AURORA_JAX_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(argvs)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    deadline, done = time.monotonic() + timeout_s, []
+    try:
+        for p in procs:  # a process whose peer died waits in a collective: never hang the suite
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return done
+
+
+def _warm_draft(ckpt, out):
+    """A warm day-0 draft (the target's head and top layer) saved as an EAGLE-3 directory."""
+    from aurora_jax.models.eagle3_io import save_draft
+    from aurora_jax.models.loading import load_pair
+
+    _, draft = load_pair(ckpt, "warm")
+    return save_draft(out, draft)
+
+
+def test_two_processes_serve_like_one_device(chat_ckpt, tmp_path, capsys):
+    draft = _warm_draft(chat_ckpt, tmp_path / "draft")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "id": i}) + "\n"
+                               for i, p in enumerate(PROMPTS)))
+    base = ["generate", "--target", str(chat_ckpt), "--prompts", str(prompts), "--json",
+            "--max-new-tokens", "10", "--max-slots", "2"]
+    argvs = [base + ["--spec", "off"],
+             base + ["--draft", str(draft), "--spec", "tree", "--depth", "3", "--topk", "2",
+                     "--num-draft-tokens", "6"]]
+    procs = _launch(argvs, timeout_s=300)
+
+    # The single-device reference, in this process (one device, no distributed runtime).
+    alone = []
+    for argv in argvs:
+        assert main(argv) == 0
+        alone.append(_runs("=== run\n" + capsys.readouterr().out)[0])
+    assert len(alone[0]) == len(PROMPTS)
+
+    for i, p in enumerate(procs):
+        assert p.returncode == 0, f"process {i}:\n{p.stdout}\n{p.stderr[-4000:]}"
+        assert f"process {i} of 2, 8 devices" in p.stdout
+    primary, secondary = (_runs(p.stdout) for p in procs)
+    assert secondary == [{}, {}], "only process 0 prints results"
+    for together, single in zip(primary, alone, strict=True):
+        assert {k: r["token_ids"] for k, r in together.items()} == \
+               {k: r["token_ids"] for k, r in single.items()}
+    # The speculative run really speculated across the mesh: drafted tokens were accepted,
+    # and the same number of them as on one device.
+    spec, spec_alone = primary[1], alone[1]
+    assert max(r["acceptance_length"] for r in spec.values()) > 1.0
+    assert {k: r["target_forwards"] for k, r in spec.items()} == \
+           {k: r["target_forwards"] for k, r in spec_alone.items()}
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, None),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"},
+     ("h:1", 4, 3, False)),
+    ({"AURORA_JAX_COORDINATOR_ADDRESS": "a:2", "JAX_COORDINATOR_ADDRESS": "h:1",
+      "AURORA_JAX_PROCESS_ID": "1"}, ("a:2", None, 1, False)),
+    ({"AURORA_JAX_DISTRIBUTED": "auto"}, (None, None, None, True)),
+])
+def test_distributed_config_from_environment(environ, expected):
+    """Null config fields come from the environment (ours first, then JAX's names); with
+    nothing set anywhere, no job is joined."""
+    from aurora_jax.distributed import DistributedConfig
+
+    cfg = DistributedConfig().with_env(environ)
+    if expected is None:
+        assert not cfg.enabled
+        return
+    assert cfg.enabled
+    assert (cfg.coordinator_address, cfg.num_processes, cfg.process_id, cfg.auto) == expected
+    # A field the config sets wins over the environment.
+    assert DistributedConfig(process_id=0).with_env(environ).process_id == 0
+
+
+def test_bad_distributed_settings_are_refused():
+    from aurora_jax.distributed import DistributedConfig, initialize
+    from aurora_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="below num_processes"):
+        DistributedConfig(num_processes=2, process_id=2)
+    with pytest.raises(ConfigError, match="must be an integer"):
+        DistributedConfig().with_env({"AURORA_JAX_PROCESS_ID": "first"})
+    # Nothing configured: a single process never touches jax.distributed.
+    assert initialize(DistributedConfig(), environ={}) is False
+
+
+def test_multiprocess_run_refuses_what_would_differ_between_processes():
+    """Timing-driven mode choices, the learner, and a target on fewer than all devices would
+    make the processes take different steps; a multi-process run refuses them up front."""
+    import jax
+
+    from aurora_jax.cli import _check_multiprocess_run
+    from aurora_jax.engine.adaptive import AdaptiveConfig
+    from aurora_jax.errors import ConfigError
+    from aurora_jax.run.config import LearnSettings, RunConfig
+
+    same = dict(adaptive=AdaptiveConfig(enabled=False), learner=LearnSettings(enabled=False),
+                tp=jax.device_count())
+    _check_multiprocess_run(RunConfig(**same), compare=False)
+    for change, message in [({"adaptive": AdaptiveConfig()}, "adaptive.enabled=false"),
+                            ({"learner": LearnSettings()}, "learner.enabled=false"),
+                            ({"tp": jax.device_count() + 1}, "splits the target over all")]:
+        with pytest.raises(ConfigError, match=message):
+            _check_multiprocess_run(RunConfig(**{**same, **change}), compare=False)
+    with pytest.raises(ConfigError, match="--compare"):
+        _check_multiprocess_run(RunConfig(**same), compare=True)

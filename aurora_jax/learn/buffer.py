@@ -6,7 +6,9 @@ at each position, plus every tree the engine verified for it, anchored at its ro
 hands finished sequences to a `TraceBuffer`. The buffer holds them within a byte budget
 (oldest dropped first, counted), drops sequences drafted by a version older than the staleness
 limit (counted), and cuts random fixed-shape `LearnBatch`es, so the learner's jitted step never
-sees a new shape. Thread-safe: the engine's trace thread adds while the learner samples.
+sees a new shape; a batch goes from the host straight to the devices its `sharding` names (a
+learner's own, learn/placement.py), never by way of the serving devices. Thread-safe: the
+engine's trace thread adds while the learner samples.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import collections
 import dataclasses
 import threading
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -170,10 +173,12 @@ class TraceBuffer:
 
     def batch(self, batch_size: int, seq_len: int, trees: int, tree_size: int,
               recent: int = 0, held_out: bool = False,
-              rng: np.random.Generator | None = None) -> LearnBatch:
-        """B random sequences cut into windows (see `window`). With `recent` = n > 0 the newest
-        n sequences are held out: a training batch (held_out=False) never draws them, a
-        held-out batch (held_out=True) draws only them."""
+              rng: np.random.Generator | None = None,
+              sharding: jax.sharding.Sharding | None = None) -> LearnBatch:
+        """B random sequences cut into windows (see `window`), placed by `sharding` (None: on
+        the default device). With `recent` = n > 0 the newest n sequences are held out: a
+        training batch (held_out=False) never draws them, a held-out batch (held_out=True)
+        draws only them."""
         with self._lock:
             pool = list(self._items)
         pool = pool[len(pool) - recent:] if held_out else pool[:len(pool) - recent]
@@ -182,7 +187,7 @@ class TraceBuffer:
                              f"({len(self)} held, newest {recent} held out)")
         rng = self._rng if rng is None else rng  # another generator: training order unchanged
         picks = [pool[i] for i in rng.integers(len(pool), size=batch_size)]
-        return collate([window(s, seq_len, trees, tree_size, rng) for s in picks])
+        return collate([window(s, seq_len, trees, tree_size, rng) for s in picks], sharding)
 
 
 def window(seq: TracedSequence, seq_len: int, trees: int, tree_size: int,
@@ -229,6 +234,11 @@ def collate_numpy(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray
     return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-def collate(examples: list[dict[str, np.ndarray]]) -> LearnBatch:
-    """Stack `window` examples into one device batch."""
-    return LearnBatch(**{k: jnp.asarray(v) for k, v in collate_numpy(examples).items()})
+def collate(examples: list[dict[str, np.ndarray]],
+            sharding: jax.sharding.Sharding | None = None) -> LearnBatch:
+    """Stack `window` examples into one device batch, placed by `sharding` (None: on the
+    default device)."""
+    arrays = collate_numpy(examples)
+    if sharding is None:
+        return LearnBatch(**{k: jnp.asarray(v) for k, v in arrays.items()})
+    return LearnBatch(**jax.device_put(arrays, sharding))

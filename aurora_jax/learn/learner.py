@@ -5,7 +5,8 @@ the target's embedding and lm_head are frozen inputs (the draft reads the target
 the target's distribution comes from its lm_head over recorded final hidden states). The step
 donates the learner's own state. Published drafts are copies, so the engine never holds a
 buffer a later step deletes (DESIGN.md: an optax update that donates params would delete
-buffers the engine may still hold).
+buffers the engine may still hold). Given a mesh of its own (learn/placement.py), the learner
+keeps all of this on those devices, copied there once, and places every batch there.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
+from aurora_jax.learn import placement
 from aurora_jax.learn.losses import LearnBatch, LossConfig, draft_loss
 from aurora_jax.learn.optimizer import OptimizerSettings, make_optimizer
 from aurora_jax.learn.vocab_refresh import VocabChange, remap_learner
@@ -84,12 +87,19 @@ class Learner:
     target: Target
     loss: LossConfig = LossConfig()
     optimizer: OptimizerSettings = DEFAULT_OPTIMIZER
+    mesh: Mesh | None = None
+    """Devices of the learner's own, apart from the target's (learn/placement.py): its state
+    and the target's embedding and lm_head live there, replicated, and batches are split over
+    their dp axis; None: wherever the draft and the target are."""
 
     def __post_init__(self):
+        if self.mesh is not None:
+            placement.check_apart(self.mesh, self.target.mesh)
         model = nnx.merge(self.draft.graphdef, self.draft.state)
         # graphdef, buffers (d2t, t2d, RoPE) and the target's frozen embed/head are public:
         # the offline trainer and the online learner build their own jitted calls on them.
         self.graphdef, params, self.buffers = nnx.split(model, nnx.Param, ...)
+        params, self.buffers = self.place((params, self.buffers))
         tx, self._step = _shared_step(self.graphdef, self.optimizer, self.loss)
         # Built by a jitted function: fresh buffers (never aliasing the serving draft's, which
         # the step will donate) typed and placed exactly like the states the step returns,
@@ -97,9 +107,23 @@ class Learner:
         self._init = jax.jit(lambda p, step: LearnerState(step, jax.tree.map(jnp.copy, p),
                                                           tx.init(p)))
         self.state = self._init(params, jnp.zeros((), jnp.int32))
-        self.embed, self.head = target_head(self.target)
+        self.embed, self.head = self.place(target_head(self.target))  # frozen: copied once
+
+    def place(self, tree):
+        """`tree` (say a draft state the engine serves) on the learner's devices, replicated,
+        copied device to device; as it is without a mesh of the learner's own."""
+        if self.mesh is None:
+            return tree
+        return placement.move_tree(tree, placement.replicated(self.mesh))
+
+    def batch_sharding(self, batch_size: int) -> jax.sharding.Sharding | None:
+        """Where a batch of `batch_size` sequences goes (None: the default device)."""
+        return None if self.mesh is None else placement.batch_sharding(self.mesh, batch_size)
 
     def step(self, batch: LearnBatch) -> dict:
+        sharding = self.batch_sharding(batch.tokens.shape[0])
+        if sharding is not None:  # a no-op for a batch the trace buffer placed already
+            batch = jax.device_put(batch, sharding)
         self.state, metrics = self._step(self.state, self.buffers, self.embed, self.head,
                                          batch)
         return metrics
@@ -115,7 +139,7 @@ class Learner:
         """Trains on from `draft_state` (shaped like `publish()`'s: say a draft the engine
         rolled back to) with fresh optimizer moments, the step count kept (the schedule goes
         on); the moments of the trajectory being abandoned go with it."""
-        model = nnx.merge(self.draft.graphdef, draft_state)
+        model = nnx.merge(self.draft.graphdef, self.place(draft_state))
         _, params, self.buffers = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
         self.state = self._init(params, self.state.step)
 

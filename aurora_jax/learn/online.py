@@ -8,7 +8,8 @@ which training batches never draw, and publishes only a candidate at least as go
 acceptance length). Where the draft goes is the publisher's business:
 - in one process (`EnginePublisher`), the buffer is fed by the engine's trace sink and a
   publication is one attribute assignment in the engine, picked up at the next step boundary:
-  no pause, no recompilation;
+  no pause, no recompilation. The learner may train on devices of its own (learn/placement.py):
+  a publication then copies the draft device to device onto the serving draft's shardings;
 - across processes (`draft_sync.DraftPublisher`), the buffer is fed by a `TraceFollower`
   over the engine's trace store and a publication is a versioned orbax checkpoint that the
   engine's `DraftWatcher` restores and swaps in.
@@ -31,6 +32,7 @@ from flax import nnx
 
 from aurora_jax.engine.engine import Engine
 from aurora_jax.errors import ConfigError, DraftRefused, SwapError
+from aurora_jax.learn import placement
 from aurora_jax.learn.buffer import TraceAssembler, TraceBuffer
 from aurora_jax.learn.learner import Learner
 from aurora_jax.learn.losses import draft_loss
@@ -41,7 +43,7 @@ from aurora_jax.learn.vocab_refresh import (
     draft_ids,
     outside_share,
 )
-from aurora_jax.models.eagle3 import draft_problem
+from aurora_jax.models.eagle3 import draft_problem, same_layout
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +107,16 @@ class EnginePublisher:
 
     def publish(self, state, meta: dict | None = None, learner=None) -> int:
         """Swaps `state` in as the next version (`meta` and the learner's training state
-        `learner` are for publishers that persist them; in one process the learner lives on).
-        Raises DraftRefused for a draft that must not serve (non-finite, zeroed, stale:
+        `learner` are for publishers that persist them; in one process the learner lives on),
+        first copied device to device onto the serving draft's own shardings wherever it lives
+        (a learner's devices), so the engine's compiled steps take it unchanged. Raises
+        DraftRefused for a draft that must not serve (non-finite, zeroed, stale:
         models/eagle3.draft_problem) and SwapError if an engine still serves another draft
         afterwards (a swap that silently did not take, SGLang #27718)."""
-        problem = draft_problem(state, self.serving())
+        serving = self.serving()
+        if same_layout(state, serving):  # (otherwise draft_problem says why it cannot serve)
+            state = placement.like(state, serving)
+        problem = draft_problem(state, serving)
         if problem is not None:
             raise DraftRefused(f"draft not published: {problem}")
         version = max(self._last, self.version) + 1
@@ -170,7 +177,8 @@ class OnlineLearner:
     def _batch(self, held_out: bool = False):
         c = self.cfg
         return self.buffer.batch(c.batch_size, c.seq_len, c.trees_per_seq, self.tree_size,
-                                 recent=c.held_out, held_out=held_out)
+                                 recent=c.held_out, held_out=held_out,
+                                 sharding=self.learner.batch_sharding(c.batch_size))
 
     def roll_back(self, state, bad_version: int) -> None:
         """The engine rolled draft `bad_version` back to `state` (engine/guard.py): the next
@@ -228,7 +236,8 @@ class OnlineLearner:
         figure, unlike the training batches' own (which a small buffer inflates)."""
         c = self.cfg
         batch = self.buffer.batch(c.batch_size, c.seq_len, c.trees_per_seq, self.tree_size,
-                                  recent=newest, held_out=True, rng=self._score_rng)
+                                  recent=newest, held_out=True, rng=self._score_rng,
+                                  sharding=self.learner.batch_sharding(c.batch_size))
         return float(self._score(self.learner.publish(), batch))
 
     def vocab_outside_share(self) -> float:
@@ -237,11 +246,12 @@ class OnlineLearner:
         return outside_share(self.counts.snapshot(), draft_ids(self.learner.buffers["d2t"][...]))
 
     def _maybe_refresh_vocab(self) -> None:
-        c = self.cfg.vocab
+        c, dcfg = self.cfg.vocab, self.learner.draft.cfg
         counts = self.counts.snapshot()
-        current = draft_ids(self.learner.buffers["d2t"][...])
-        if not c.enabled or counts.sum() < max(c.min_tokens, 1) or len(current) == len(counts):
+        if (not c.enabled or counts.sum() < max(c.min_tokens, 1)
+                or dcfg.draft_vocab_size == dcfg.vocab_size):  # (nothing to re-choose)
             return
+        current = draft_ids(self.learner.buffers["d2t"][...])
         new = choose_vocab(counts, current, self.keep_ids)
         before, after = outside_share(counts, current), outside_share(counts, new)
         if before - after < c.min_gain:
@@ -260,7 +270,7 @@ class OnlineLearner:
         if self.cfg.policy == "better":
             held_out = self._batch(held_out=True)
             new = float(self._score(candidate, held_out))
-            old = float(self._score(self.publisher.serving(), held_out))
+            old = float(self._score(self.learner.place(self.publisher.serving()), held_out))
             if new < old:
                 self.rejected += 1
                 return

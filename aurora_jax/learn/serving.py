@@ -4,9 +4,10 @@ Three ways to serve a stream of requests (what `aurora-jax generate --prompts` o
 - static: the engine alone, its draft fixed;
 - online: an in-process `OnlineLearner` over the engine's traces (learn/online.py), stepped
   either between requests (`learn_per_request` steps after each finished one: on a shared CPU
-  a background thread barely gets to run) or as a background thread;
-- workdir: traces written to a shared directory and drafts restored from it (learn/remote.py),
-  for an `aurora-jax learn --workdir` process.
+  a background thread barely gets to run) or as a background thread, on the target's devices
+  or on a `learner_mesh` of its own (learn/placement.split_meshes);
+- workdir: traces written to a shared workdir (a directory or a kvstore URL) and drafts
+  restored from it (learn/remote.py), for an `aurora-jax learn --workdir` process.
 `LearningEngine.run` starts what needs starting and stops, flushes and joins it afterwards,
 also when serving fails, so a launcher script needs none of this bookkeeping.
 """
@@ -14,10 +15,12 @@ also when serving fails, so a launcher script needs none of this bookkeeping.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
+
+from jax.sharding import Mesh
 
 from aurora_jax.engine.engine import Engine, Request, RequestResult, RunResult
 from aurora_jax.errors import ConfigError
+from aurora_jax.learn.kvstore import Location
 from aurora_jax.learn.learner import Learner
 from aurora_jax.learn.online import OnlineConfig, online_engine
 from aurora_jax.learn.remote import shared_engine
@@ -27,17 +30,20 @@ class LearningEngine:
     """An `Engine` with its draft's learning (none, in process, or through a workdir)."""
 
     def __init__(self, target, draft, spec, *, online: OnlineConfig | None = None,
-                 workdir: str | Path | None = None, learn_per_request: int = 0,
-                 **engine_kwargs):
+                 workdir: Location | None = None, learn_per_request: int = 0,
+                 learner_mesh: Mesh | None = None, **engine_kwargs):
         if online is not None and workdir is not None:
             raise ConfigError("learn in this process (online) or in another (workdir), not both")
+        if learner_mesh is not None and online is None:
+            raise ConfigError("learner_mesh places the in-process (online) learner; there is none")
         if learn_per_request < 0:
             raise ConfigError(f"learn_per_request must be >= 0, got {learn_per_request}")
         self.online = self.store = self.watcher = None
         self.learn_per_request = learn_per_request
         if online is not None:
-            self.engine, self.online = online_engine(target, draft, spec, Learner(draft, target),
-                                                     online, **engine_kwargs)
+            learner = Learner(draft, target, mesh=learner_mesh)
+            self.engine, self.online = online_engine(target, draft, spec, learner, online,
+                                                     **engine_kwargs)
         elif workdir is not None:
             self.engine, self.store, self.watcher = shared_engine(target, draft, spec, workdir,
                                                                   **engine_kwargs)
@@ -74,6 +80,6 @@ class LearningEngine:
             return (f"learner steps {self.online.steps}, drafts published "
                     f"{self.online.published}")
         if self.store is not None:
-            return (f"traces in {self.store.root}, serving draft version "
+            return (f"traces in {self.store.location}, serving draft version "
                     f"{self.engine.draft_version}")
         return "static draft" if self.engine.draft is not None else "no draft"

@@ -10,8 +10,10 @@ from pathlib import Path
 
 from aurora_jax.config_io import load_config
 from aurora_jax.data.scenarios import ScenarioConfig
+from aurora_jax.distributed import DistributedConfig
 from aurora_jax.engine.adaptive import AdaptiveConfig
 from aurora_jax.errors import ConfigError
+from aurora_jax.learn import placement
 from aurora_jax.learn.losses import LossConfig
 from aurora_jax.learn.online import OnlineConfig
 from aurora_jax.learn.optimizer import OptimizerSettings
@@ -37,10 +39,18 @@ class LearnSettings:
     loss: LossConfig = LossConfig(ttt_steps=3)
     """The draft objective: the TTT unroll and the rejected-node term (learn/losses.py,
     learn/discard.py); its tree_depth follows spec.depth."""
+    devices: tuple[int, ...] | None = None
+    """Local devices for the learner alone, by index ([-1]: the last one); the target serves
+    on the first `tp` of the others (learn/placement.py). null: the learner shares the serving
+    devices."""
 
     def __post_init__(self):
         if self.steps_per_window < 1:
             raise ConfigError("learner.steps_per_window must be >= 1")
+        if self.devices is not None and not self.enabled:
+            raise ConfigError("learner.devices places the learner; with learner.enabled false "
+                              "there is none (set it to null)")
+        placement.check_spec(self.devices, "learner.devices")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +83,8 @@ class RunConfig:
     draft_vocab_size: int | None = 8192
     """A scratch draft's head rows: the most frequent built-in corpus tokens under the target's
     tokenizer, stop tokens included (None: the whole target vocabulary)."""
-    dtype: DtypeName = "float32"
-    """Parameter dtype."""
+    dtype: DtypeName = "auto"
+    """Parameter dtype; auto: float32 on CPU, bfloat16 on GPU/TPU (models/config.device_dtype)."""
     tp: int = 1
     """Tensor-parallel degree: the target is split over this many local devices."""
     max_slots: int = 1
@@ -95,6 +105,9 @@ class RunConfig:
     """When to speculate, from measured tokens/s."""
     compare: CompareSettings = CompareSettings()
     """Only for --compare."""
+    distributed: DistributedConfig = DistributedConfig()
+    """Joining a multi-process JAX job (aurora_jax/distributed.py); null fields come from the
+    environment, and with nothing set anywhere the process runs alone."""
 
     def __post_init__(self):
         if self.spec.mode == "off":

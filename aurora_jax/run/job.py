@@ -40,6 +40,7 @@ from aurora_jax.engine.engine import Engine, Request
 from aurora_jax.learn.buffer import TraceAssembler, TraceBuffer
 from aurora_jax.learn.learner import Learner
 from aurora_jax.learn.online import EnginePublisher, OnlineLearner
+from aurora_jax.learn.placement import split_meshes
 from aurora_jax.models.eagle3_io import save_draft
 from aurora_jax.models.loading import load_pair
 from aurora_jax.models.sharding import make_mesh
@@ -80,6 +81,9 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     mesh = make_mesh(tp=cfg.tp) if cfg.tp > 1 else None
+    learner_mesh = None
+    if cfg.learner.devices is not None:  # the target serves on the other devices
+        mesh, learner_mesh = split_meshes(cfg.learner.devices, cfg.tp)
     target, draft = load_pair(target_dir, None if cfg.draft == "none" else cfg.draft,
                               dtype=cfg.dtype, seed=cfg.seed, mesh=mesh,
                               draft_vocab=scratch_draft_vocab(cfg.draft_vocab_size, tok))
@@ -97,7 +101,8 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
     # Its traces still carry the target's features at every committed token.
     engines["off"] = Engine(target, None, SpecConfig(mode="off"), **kw)
     online = _online_learner(cfg, target, draft, buffer,
-                             [engines[n] for n, s in specs.items() if s.needs_draft], eos)
+                             [engines[n] for n, s in specs.items() if s.needs_draft], eos,
+                             learner_mesh)
     monitor = UtilityMonitor(cfg.adaptive, modes=tuple(engines))
 
     gen_log, metric_log = _Writer(out / "generations.jsonl"), _Writer(out / "metrics.jsonl")
@@ -223,12 +228,13 @@ def _outside_vocab(engine: Engine | None, results) -> float | None:
     return float(1.0 - t2d[ids.astype(np.int64)].mean()) if ids.size else None
 
 
-def _online_learner(cfg: RunConfig, target, draft, buffer, spec_engines, stop_ids):
+def _online_learner(cfg: RunConfig, target, draft, buffer, spec_engines, stop_ids,
+                    learner_mesh=None):
     if not cfg.learner.enabled or not spec_engines:
         return None
     s = cfg.learner
     loss = dataclasses.replace(s.loss, tree_depth=max(cfg.spec.max_depth, 1))
-    return OnlineLearner(Learner(draft, target, loss, s.optimizer), buffer,
+    return OnlineLearner(Learner(draft, target, loss, s.optimizer, mesh=learner_mesh), buffer,
                          EnginePublisher(*spec_engines), cfg.spec.nodes + 1, s.online,
                          keep_ids=stop_ids)
 

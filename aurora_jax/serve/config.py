@@ -7,9 +7,11 @@ import dataclasses
 import os
 from typing import Literal
 
+from aurora_jax.distributed import DistributedConfig
 from aurora_jax.engine.adaptive import AdaptiveConfig
 from aurora_jax.engine.guard import GuardConfig
 from aurora_jax.errors import ConfigError
+from aurora_jax.learn import kvstore, placement
 from aurora_jax.learn.losses import LossConfig
 from aurora_jax.learn.online import OnlineConfig
 from aurora_jax.learn.optimizer import OptimizerSettings
@@ -30,7 +32,9 @@ class ServeLearning:
     engine's traces; workdir: traces go to `workdir` for an `aurora-jax learn --workdir`
     process, whose drafts the server swaps in."""
     workdir: str | None = None
-    """mode workdir: the directory shared with the learner process."""
+    """mode workdir: the store shared with the learner process: a local directory or a
+    kvstore URL (file://, gs://, s3://), so the learner may run on another host with no
+    shared filesystem (learn/kvstore.py)."""
     schedule: Schedule = "idle"
     """mode thread: "idle" steps the learner on the serving thread while no request is in
     flight (a request that arrives waits for at most one learner step); "always" runs it on
@@ -42,10 +46,27 @@ class ServeLearning:
     """mode thread: AdamW and its schedule."""
     loss: LossConfig = LossConfig(ttt_steps=3)
     """mode thread: the draft objective; its tree_depth follows spec.depth."""
+    devices: tuple[int, ...] | None = None
+    """mode thread: local devices for the learner alone, by index ([-1]: the last one); the
+    target serves on the first `tp` of the others, so a learner step never stalls a serving
+    step (then use schedule always). null: the learner shares the serving devices."""
 
     def __post_init__(self):
         if self.mode == "workdir" and not self.workdir:
             raise ConfigError("learning.mode workdir needs learning.workdir")
+        if self.devices is not None and self.mode != "thread":
+            raise ConfigError(f"learning.devices places the learner of mode thread; mode "
+                              f"{self.mode} has none in this process (set it to null)")
+        placement.check_spec(self.devices, "learning.devices")
+        if self.workdir:
+            try:
+                store = kvstore.spec(self.workdir)  # a typo'd URL fails here, not at serving
+            except ConfigError as e:
+                raise ConfigError(f"learning.workdir: {e}") from e
+            if store["driver"] == "memory":
+                raise ConfigError(f"learning.workdir: {self.workdir!r} lives in this process "
+                                  "only, where no `aurora-jax learn` process can reach it; "
+                                  "give a path or a file://, gs:// or s3:// URL")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +80,8 @@ class ServeConfig:
     """"warm" or "scratch" (day 0), an EAGLE-3 directory, or "none" (target only)."""
     draft_vocab_size: int | None = 8192
     """A scratch or warm draft's head rows (null: the whole target vocabulary)."""
-    dtype: DtypeName = "float32"
-    """Parameter dtype."""
+    dtype: DtypeName = "auto"
+    """Parameter dtype; auto: float32 on CPU, bfloat16 on GPU/TPU (models/config.device_dtype)."""
     tp: int = 1
     """Tensor-parallel degree over local devices."""
     seed: int = 0
@@ -96,6 +117,9 @@ class ServeConfig:
     """Request bodies above this are a 413."""
     learning: ServeLearning = ServeLearning()
     """Online learning while serving."""
+    distributed: DistributedConfig = DistributedConfig()
+    """Joining a multi-process JAX job (aurora_jax/distributed.py); null fields come from the
+    environment, and with nothing set anywhere the process runs alone."""
 
     def __post_init__(self):
         if min(self.max_slots, self.max_len, self.max_queue, self.default_max_tokens,

@@ -27,6 +27,7 @@ from aurora_jax.engine.engine import Engine
 from aurora_jax.errors import ConfigError
 from aurora_jax.learn.learner import Learner
 from aurora_jax.learn.online import EnginePublisher, OnlineLearner, online_engine
+from aurora_jax.learn.placement import split_meshes
 from aurora_jax.learn.remote import shared_engine
 from aurora_jax.models.eagle3_io import load_draft
 from aurora_jax.models.loading import load_pair
@@ -48,6 +49,9 @@ class Server:
         self.model_name = cfg.model_name or _model_name(Path(target_dir))
         self.started = int(time.time())
         mesh = make_mesh(tp=cfg.tp) if cfg.tp > 1 else None
+        learner_mesh = None
+        if cfg.learning.devices is not None:  # (mode thread): serving on the other devices
+            mesh, learner_mesh = split_meshes(cfg.learning.devices, cfg.tp)
         draft_name = None if cfg.draft == "none" else cfg.draft
         self.target, self.draft = load_pair(
             target_dir, draft_name, dtype=cfg.dtype, seed=cfg.seed, mesh=mesh,
@@ -60,7 +64,8 @@ class Server:
         learning = cfg.learning
         if learning.mode == "thread":
             loss = dataclasses.replace(learning.loss, tree_depth=max(cfg.spec.max_depth, 1))
-            learner = Learner(self.draft, self.target, loss, learning.optimizer)
+            learner = Learner(self.draft, self.target, loss, learning.optimizer,
+                              mesh=learner_mesh)
             self.engine, self.online = online_engine(self.target, self.draft, cfg.spec, learner,
                                                      learning.online, **kw)
         elif learning.mode == "workdir":

@@ -47,8 +47,8 @@ class OfflineConfig:
     data: str | None = None
     """The corpus: a text file, a directory of .py/.txt/.md/.rst files, or a JSONL file with
     a "text" field per line (the command reads it; required there)."""
-    dtype: DtypeName = "float32"
-    """Target and draft parameter dtype."""
+    dtype: DtypeName = "auto"
+    """Target and draft parameter dtype; auto: float32 on CPU, bfloat16 on GPU/TPU."""
     steps: int = 1000
     """Learner steps."""
     batch_size: int = 8

@@ -426,15 +426,41 @@ def cmd_serve(args) -> int:
     from aurora_jax.serve.server import serve
 
     cfg = load_config(ServeConfig, args.config, args.overrides)
-    if _join(cfg.distributed):
-        from aurora_jax.errors import ConfigError
-
-        raise ConfigError("serve runs in one process for now: process 0 would have to hand "
-                          "each step's admissions to the others, which is not built yet; "
-                          "`generate --prompts` and `run` serve across processes")
+    together = _join(cfg.distributed)
+    if together:
+        _check_multiprocess_serve(cfg)
     path = _target_dir(argparse.Namespace(target=cfg.target, cache_dir=args.cache_dir))
+    from aurora_jax.distributed import is_primary
+
+    if together and not is_primary():
+        from aurora_jax.serve.server import follow
+
+        follow(cfg, path)  # no HTTP here: process 0's requests, the same steps
+        return 0
     serve(cfg, path, grace_s=args.grace)
     return 0
+
+
+def _check_multiprocess_serve(cfg) -> None:
+    """A server across processes takes the same steps in every process: one engine chosen
+    up front (no windows timed on each process's clock), a fixed draft (a swap would have to
+    land at the same step everywhere), the target over every process's devices."""
+    import jax
+
+    from aurora_jax.errors import ConfigError
+
+    if cfg.window_steps is not None:
+        raise ConfigError("a server across processes serves one setting, chosen up front, not "
+                          "by measured speed (each process has its own clock): set "
+                          "window_steps=null")
+    if cfg.learning.mode != "off":
+        raise ConfigError("a server across processes serves a fixed draft for now (a swap "
+                          "would have to land at the same step in every process): set "
+                          "learning.mode=off")
+    if cfg.tp not in (1, jax.device_count()):
+        raise ConfigError(f"a server across processes splits the target over all "
+                          f"{jax.device_count()} devices of its processes: set "
+                          f"tp={jax.device_count()} (or 1)")
 
 
 def cmd_train_draft(args) -> int:

@@ -9,9 +9,11 @@ and host inputs (prompts, slots, sampling settings) are the same numpy values ev
 jit takes as replicated global inputs. Only the primary process (index 0) admits requests from
 the outside and writes what a user sees (stdout, files, traces, drafts, HTTP); the others run
 the same steps and keep quiet. What this rules out for now: a hot swap must land between the
-same two steps in every process, so across processes `generate` serves a fixed draft, `run`
-serves without its learner and with a fixed mode (no timing-driven adaptive policy), and
-`serve` and `learn` run as one process (aurora_jax/cli.py checks all of this up front).
+same two steps in every process, so across processes `generate` and `serve` serve a fixed
+draft, `run` serves without its learner and with a fixed mode (no timing-driven adaptive
+policy), and `learn` runs as one process (aurora_jax/cli.py checks all of this up front). A
+server's HTTP requests arrive at the primary alone: each loop iteration it hands what it
+took in to the others (`broadcast_bytes`; serve/lockstep.py).
 
 When: only when configured (a `distributed:` section) or asked by the environment; otherwise
 nothing here calls into `jax.distributed` and a process serves alone, exactly as before.
@@ -168,3 +170,31 @@ def broadcast_from_primary(tree):
     from jax.experimental import multihost_utils
 
     return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(tree))
+
+
+_LENGTH = 8  # bytes of the length prefix in `broadcast_bytes`' first buffer
+
+
+def broadcast_bytes(data: bytes, chunk: int = 4096) -> bytes:
+    """The primary's `data` on every process (a collective: every process calls it, in the same
+    order; the others pass anything, b"" say). Alone, `data` itself. One broadcast of `chunk`
+    bytes carries a length prefix and up to `chunk - 8` bytes; a longer message takes a second
+    broadcast padded to a power of two, so that only a few buffer shapes ever compile."""
+    if not is_multiprocess():
+        return data
+    head = np.zeros(chunk, np.uint8)
+    n = len(data) if is_primary() else 0
+    first = min(n, chunk - _LENGTH)
+    head[:_LENGTH] = np.frombuffer(np.int64(n).tobytes(), np.uint8)
+    if first:
+        head[_LENGTH:_LENGTH + first] = np.frombuffer(data[:first], np.uint8)
+    head = broadcast_from_primary(head)
+    n = int(head[:_LENGTH].view(np.int64)[0])
+    if n <= chunk - _LENGTH:
+        return head[_LENGTH:_LENGTH + n].tobytes()
+    rest = n - (chunk - _LENGTH)
+    tail = np.zeros(1 << (rest - 1).bit_length(), np.uint8)
+    if is_primary():
+        tail[:rest] = np.frombuffer(data[chunk - _LENGTH:], np.uint8)
+    tail = broadcast_from_primary(tail)
+    return head[_LENGTH:].tobytes() + tail[:rest].tobytes()

@@ -7,18 +7,25 @@ checkpoint's q/k/v, MLP and vocabulary dimensions really split over 8 devices (i
 stay replicated). Greedy outputs, target-only and speculative (a tree from a warm day-0
 draft, saved as an EAGLE-3 directory), must equal the single-device outputs token for token;
 only process 0 prints them. (Two prompts on two slots keep the compiled programs, the bulk of
-the test's time on two cores, to three per setting.)
+the test's time on two cores, to three per setting.) `aurora-jax serve` the same way: process
+0 answers HTTP, both take the same steps (serve/lockstep.py), and greedy completions equal
+target-only decoding on one device.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
+import re
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -58,7 +65,9 @@ def _runs(stdout: str) -> list[dict]:
     return runs
 
 
-def _launch(argvs: list[list[str]], timeout_s: float) -> list[subprocess.CompletedProcess]:
+def _start(child: str, *args: str) -> list[subprocess.Popen]:
+    """Two processes running `child` with `args`, joined into one JAX job of 2 x 4 CPU
+    devices through the environment (the coordinator on a free localhost port)."""
     port = _free_port()
     procs = []
     for i in range(2):
@@ -66,9 +75,14 @@ def _launch(argvs: list[list[str]], timeout_s: float) -> list[subprocess.Complet
                    XLA_FLAGS="--xla_force_host_platform_device_count=4",
                    AURORA_JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                    AURORA_JAX_NUM_PROCESSES="2", AURORA_JAX_PROCESS_ID=str(i))
-        procs.append(subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(argvs)], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-c", child, *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
+    return procs
+
+
+def _launch(argvs: list[list[str]], timeout_s: float) -> list[subprocess.CompletedProcess]:
+    procs = _start(CHILD, json.dumps(argvs))
     deadline, done = time.monotonic() + timeout_s, []
     try:
         for p in procs:  # a process whose peer died waits in a collective: never hang the suite
@@ -126,6 +140,98 @@ def test_two_processes_serve_like_one_device(chat_ckpt, tmp_path, capsys):
            {k: r["target_forwards"] for k, r in spec_alone.items()}
 
 
+SERVE_CHILD = "import sys\nfrom aurora_jax.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
+def _lines(stream) -> queue.Queue:
+    """The lines of a pipe, read on a thread as they come (None at its end)."""
+    q: queue.Queue = queue.Queue()
+
+    def read():
+        for line in stream:
+            q.put(line)
+        q.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return q
+
+
+def _rest(lines: queue.Queue) -> str:
+    """What is left of a pipe read by `_lines`, up to its end."""
+    out = []
+    while (line := lines.get(timeout=30)) is not None:
+        out.append(line)
+    return "".join(out)
+
+
+def _served_url(lines: queue.Queue, deadline: float) -> str:
+    seen = []
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        if line is None:
+            break
+        seen.append(line)
+        if m := re.search(r"on (http://\S+)/v1", line):
+            return m.group(1)
+    raise AssertionError(f"process 0 never said where it serves: {seen}")
+
+
+def test_two_processes_serve_http_like_one_device(chat_ckpt, tmp_path):
+    """Process 0 answers three concurrent requests (two slots: one waits; one ends at a stop
+    string) while process 1 takes the same steps; greedy texts equal target-only decoding on
+    one device. SIGTERM to process 0 stops both."""
+    openai = pytest.importorskip("openai")
+    from aurora_jax.data.tokenizer import Tokenizer
+    from aurora_jax.engine.target_only import TargetGenerator
+    from aurora_jax.models.loading import load_pair
+
+    draft = _warm_draft(chat_ckpt, tmp_path / "draft")
+    procs = _start(SERVE_CHILD, "serve", f"target={chat_ckpt}", f"draft={draft}",
+                   "spec.mode=tree", "spec.depth=3", "spec.topk=2", "spec.num_draft_tokens=6",
+                   "window_steps=null", "learning.mode=off", "max_slots=2", "max_len=192",
+                   "port=0", "model_name=tiny")
+    pipes = [(_lines(p.stdout), _lines(p.stderr)) for p in procs]  # never let a pipe fill up
+    try:
+        # The reference meanwhile, in this process: target-only greedy on one device.
+        tokenizer = Tokenizer.load(chat_ckpt)
+        target, _ = load_pair(chat_ckpt, None)
+        reference = TargetGenerator(target, eos_ids=tokenizer.stop_ids(target.cfg.eos_token_ids))
+        want = [tokenizer.decode(c.token_ids) for c in reference.generate(
+            [tokenizer.encode(p) for p in PROMPTS], 12).completions]
+        stop = next(want[0][i:i + 2] for i in range(2, len(want[0]) - 2)
+                    if want[0][i:i + 2].strip())
+        asks = [(PROMPTS[0], None), (PROMPTS[1], None), (PROMPTS[0], [stop])]
+        expected = [want[0], want[1], want[0][:want[0].find(stop)]]
+
+        url = _served_url(pipes[0][0], time.monotonic() + 300)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        with ThreadPoolExecutor(len(asks)) as pool:
+            got = list(pool.map(lambda a: c.completions.create(
+                model="tiny", prompt=a[0], max_tokens=12, temperature=0, stop=a[1]), asks))
+        assert [g.choices[0].text for g in got] == expected
+        assert got[2].choices[0].finish_reason == "stop"
+        assert max(g.usage.model_extra["acceptance_length"] for g in got) > 1.0
+    finally:
+        procs[0].send_signal(signal.SIGTERM)
+        for p in procs:  # a process whose peer died waits in a collective: never hang the suite
+            try:
+                p.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    outs = [(_rest(out), _rest(err)) for out, err in pipes]
+    for i, (p, (out, err)) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0, f"process {i}:\n{out}\n{err[-4000:]}"
+    # Only process 0 serves HTTP and speaks (gloo's own connection lines, printed from several
+    # threads at once and sometimes interleaved, are all that process 1 writes to stdout).
+    assert "serving" not in outs[1][0] and "http" not in outs[1][0]
+    assert "answered" not in outs[1][1]
+    assert "answered 3 requests" in outs[0][1]
+
+
 @pytest.mark.parametrize("environ, expected", [
     ({}, None),
     ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"},
@@ -181,3 +287,22 @@ def test_multiprocess_run_refuses_what_would_differ_between_processes():
             _check_multiprocess_run(RunConfig(**{**same, **change}), compare=False)
     with pytest.raises(ConfigError, match="--compare"):
         _check_multiprocess_run(RunConfig(**same), compare=True)
+
+
+def test_multiprocess_serve_refuses_what_would_differ_between_processes():
+    """Adaptive windows timed on each process's clock, a draft swapped in by a learner, and a
+    target on fewer than all devices are refused up front."""
+    import jax
+
+    from aurora_jax.cli import _check_multiprocess_serve
+    from aurora_jax.errors import ConfigError
+    from aurora_jax.serve.config import ServeConfig, ServeLearning
+
+    same = dict(window_steps=None, learning=ServeLearning(mode="off"))
+    _check_multiprocess_serve(ServeConfig(**same))
+    _check_multiprocess_serve(ServeConfig(**same, tp=jax.device_count()))
+    for change, message in [({"window_steps": 32}, "window_steps=null"),
+                            ({"learning": ServeLearning(mode="thread")}, "learning.mode=off"),
+                            ({"tp": jax.device_count() + 1}, "splits the target over all")]:
+        with pytest.raises(ConfigError, match=message):
+            _check_multiprocess_serve(ServeConfig(**{**same, **change}))

@@ -18,6 +18,9 @@ refuses it from then on and the learner trains on from the trusted draft.
 
 Stopping (`shutdown`): no new admissions; requests in slots finish (up to a deadline, then
 they end with `finish_reason` "abort"), queued ones end with "abort" at once.
+
+Across processes (serve/lockstep.py): every process runs this loop; the primary hands what
+it drained from its inbox to the others before applying it, so all take the same steps.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class Job:
     request: Request
     text: TextStream
     events: asyncio.Queue  # ("delta", text) ... then ("end", finish_reason, RequestResult)
-    loop: asyncio.AbstractEventLoop
+    loop: asyncio.AbstractEventLoop | None  # None: nobody listens (another process's job)
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     first_token: float | None = None
     last_token: float | None = None
@@ -70,21 +73,25 @@ class Job:
     steps: int = 0  # what the metrics have counted of it
     accepted: int = 0
     ended: bool = False
+    seq: int | None = None  # its number across processes (serve/lockstep.py)
 
     def post(self, *event: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 class ServingLoop:
     """Owns the engines on its own thread. `engines` maps mode names to engines over one
     target ("spec" first when there is a draft, "off" for target-only); with `adaptive` set
-    and more than one engine, windows of `window_steps` steps choose among them."""
+    and more than one engine, windows of `window_steps` steps choose among them. With
+    `lockstep`, this is one of several processes serving together (serve/lockstep.py)."""
 
     def __init__(self, engines: dict[str, Engine], metrics: ServerMetrics, *, max_queue: int,
                  adaptive: AdaptiveConfig | None = None, window_steps: int = 32,
                  guard: GuardConfig | None = None, online=None, watcher=None,
-                 learn_when_idle: bool = False):
+                 learn_when_idle: bool = False, lockstep=None):
         self.engines, self.metrics, self.max_queue = engines, metrics, max_queue
+        self.lockstep = lockstep
         self.engine = next(iter(engines.values()))  # drafts are published into this one
         self.max_slots = self.engine.max_slots
         self.policy = WindowPolicy(tuple(engines), adaptive, window_steps)
@@ -152,6 +159,10 @@ class ServingLoop:
         if self.watcher is not None:
             self.watcher.stop()
 
+    def wait(self) -> None:
+        """Returns when the loop has ended (another process's loop: when the primary's has)."""
+        self._thread.join()
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -176,14 +187,11 @@ class ServingLoop:
                 idle = self.idle
                 if idle and self._inbox.empty() and self._learn_one():
                     continue
-                self._drain(block=idle)
+                for item in self._take_in(block=idle):
+                    self._apply(item)
                 t0 = time.perf_counter()
-                if self._stop_deadline is not None:
-                    if self.idle:
-                        return
-                    if time.perf_counter() > self._stop_deadline:
-                        for mode, i in list(self._jobs):
-                            self.batchers[mode].cancel(i, "abort")
+                if self._stop_deadline is not None and self.idle:
+                    return
                 self._admit()
                 self._step_all(t0)
         except BaseException as e:  # noqa: BLE001 - every waiting client must hear of it
@@ -255,40 +263,53 @@ class ServingLoop:
         self._read_learner()
         return True
 
-    def _drain(self, block: bool) -> None:
-        while True:
-            try:
-                item = self._inbox.get(timeout=0.05) if block else self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            block = False
-            kind = item[0]
-            if kind == "submit":
-                job = item[1]
-                self._waiting.append(job)
-                self.metrics.prompt_tokens.inc(len(job.request.prompt))
-            elif kind == "cancel":
-                job, reason = item[1], item[2]
-                if job.ended:
-                    pass
-                elif job.mode is None:  # still waiting here
-                    self._waiting.remove(job)
-                    self._end(job, RequestResult(job.request.id, job.request.domain,
-                                                 len(job.request.prompt),
-                                                 finish_reason=reason))
-                else:
-                    self.batchers[job.mode].cancel(job.index, reason)
-            elif kind == "shutdown":
-                self._stop_deadline = time.perf_counter() + item[1]
-                while self._waiting:
-                    job = self._waiting.popleft()
-                    self._end(job, RequestResult(job.request.id, job.request.domain,
-                                                 len(job.request.prompt),
-                                                 finish_reason="abort"))
-                for batcher in self.batchers.values():
-                    for i in list(batcher.queue):
-                        batcher.cancel(i, "abort")
-            self._update_gauges()
+    def _take_in(self, block: bool) -> list[tuple]:
+        """This iteration's inbox items (waiting up to 50 ms for the first when `block`), then
+        ("expire",) once the shutdown's grace has run out; across processes, the primary's."""
+        items: list[tuple] = []
+        if self.lockstep is None or self.lockstep.primary:
+            while True:
+                try:
+                    items.append(self._inbox.get(timeout=0.05) if block
+                                 else self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+                block = False
+            if self._stop_deadline is not None and time.perf_counter() > self._stop_deadline:
+                items.append(("expire",))
+        if self.lockstep is not None:
+            items = self.lockstep.exchange(items)
+        return items
+
+    def _apply(self, item: tuple) -> None:
+        kind = item[0]
+        if kind == "submit":
+            job = item[1]
+            self._waiting.append(job)
+            self.metrics.prompt_tokens.inc(len(job.request.prompt))
+        elif kind == "cancel":
+            job, reason = item[1], item[2]
+            if job.ended:
+                pass
+            elif job.mode is None:  # still waiting here
+                self._waiting.remove(job)
+                self._end(job, RequestResult(job.request.id, job.request.domain,
+                                             len(job.request.prompt), finish_reason=reason))
+            else:
+                self.batchers[job.mode].cancel(job.index, reason)
+        elif kind == "shutdown":
+            self._stop_deadline = time.perf_counter() + item[1]
+            while self._waiting:
+                job = self._waiting.popleft()
+                self._end(job, RequestResult(job.request.id, job.request.domain,
+                                             len(job.request.prompt), finish_reason="abort"))
+            for batcher in self.batchers.values():
+                for i in list(batcher.queue):
+                    batcher.cancel(i, "abort")
+        elif kind == "expire":  # the grace ran out: what is left in slots ends now
+            for mode, i in list(self._jobs):
+                self.batchers[mode].cancel(i, "abort")
+        self._update_gauges()
 
     def _tokens(self, mode: str, res: RequestResult) -> None:
         job = self._jobs.get((mode, res.index))
@@ -318,6 +339,8 @@ class ServingLoop:
 
     def _end(self, job: Job, res: RequestResult) -> None:
         job.ended = True
+        if self.lockstep is not None:
+            self.lockstep.ended(job)
         with self._lock:
             self._pending -= 1
         delta = job.text.update(res.token_ids, final=True)

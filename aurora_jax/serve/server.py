@@ -7,6 +7,10 @@ writes traces to a directory for an `aurora-jax learn --workdir` process and swa
 drafts it publishes there. SIGTERM or Ctrl-C: uvicorn stops accepting connections and gives
 open ones `grace_s` to finish; then the loop ends what is left with "abort", the learner
 finishes its step, and the process exits 0 (SIGTERM) or 130 (Ctrl-C, interrupt.py).
+
+Across processes (a multi-process job, aurora_jax/distributed.py): the target spans every
+process's devices; the primary serves HTTP, the others run the same serving loop without it
+(`follow`) and stop when the primary stops (serve/lockstep.py).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.data.vocab import scratch_draft_vocab
+from aurora_jax.distributed import is_multiprocess
 from aurora_jax.engine.adaptive import spec_modes
 from aurora_jax.engine.batcher import Request
 from aurora_jax.engine.engine import Engine
@@ -31,8 +36,9 @@ from aurora_jax.learn.placement import split_meshes
 from aurora_jax.learn.remote import shared_engine
 from aurora_jax.models.eagle3_io import load_draft
 from aurora_jax.models.loading import load_pair
-from aurora_jax.models.sharding import make_mesh
+from aurora_jax.models.sharding import serving_mesh
 from aurora_jax.serve.config import ServeConfig
+from aurora_jax.serve.lockstep import Lockstep
 from aurora_jax.serve.loop import ServingLoop
 from aurora_jax.serve.metrics import ServerMetrics
 from aurora_jax.speculative.config import SpecConfig
@@ -48,7 +54,7 @@ class Server:
         self.tokenizer = Tokenizer.load(target_dir)
         self.model_name = cfg.model_name or _model_name(Path(target_dir))
         self.started = int(time.time())
-        mesh = make_mesh(tp=cfg.tp) if cfg.tp > 1 else None
+        mesh = serving_mesh(cfg.tp)
         learner_mesh = None
         if cfg.learning.devices is not None:  # (mode thread): serving on the other devices
             mesh, learner_mesh = split_meshes(cfg.learning.devices, cfg.tp)
@@ -80,11 +86,13 @@ class Server:
         # version numbers stay unique (rollbacks included).
         self.publisher = self.online.publisher if self.online else EnginePublisher(self.engine)
         self.metrics = ServerMetrics(max(e.spec.max_depth for e in self.engines.values()))
+        self.lockstep = Lockstep(self.tokenizer.decode) if is_multiprocess() else None
         self.loop = ServingLoop(self.engines, self.metrics, max_queue=cfg.max_queue,
                                 adaptive=cfg.adaptive if cfg.window_steps else None,
                                 window_steps=cfg.window_steps or 1, guard=cfg.guard,
                                 online=self.online, watcher=watcher,
-                                learn_when_idle=learning.schedule == "idle")
+                                learn_when_idle=learning.schedule == "idle",
+                                lockstep=self.lockstep)
         warmup = Request(self.tokenizer.encode("Hello") or [0], 4) if warm else None
         self.loop.start(warmup)
         from aurora_jax.serve.app import create_app
@@ -124,6 +132,9 @@ class Server:
         """Swaps in the EAGLE-3 draft at `path` (same layout as the serving one)."""
         if self.draft is None:
             raise ConfigError("this server serves without a draft")
+        if self.lockstep is not None:
+            raise ConfigError("a server across processes serves a fixed draft: a swap would "
+                              "have to land at the same step in every process")
         new = load_draft(path, target=self.target.cfg, dtype=self.target.dtype,
                          mesh=self.target.mesh)
         return self.publisher.publish(new.state)
@@ -213,6 +224,21 @@ def serve(cfg: ServeConfig, target_dir: str | Path, grace_s: float = 30.0) -> No
     if interrupted:
         raise Interrupted(_kept(server))
     print(f"serve: stopped; {_kept(server)}", file=sys.stderr, flush=True)
+
+
+def follow(cfg: ServeConfig, target_dir: str | Path) -> None:
+    """Serves as one of the other processes of a multi-process job: the same engines and
+    serving loop as the primary, no HTTP; returns when the primary's loop has stopped. A
+    SIGTERM here is ignored: the job stops when the primary does (a process that left early
+    would leave the others waiting in a collective)."""
+    import signal
+
+    server = Server(cfg, target_dir)
+    signal.signal(signal.SIGTERM, lambda signum, _frame: log.warning(
+        "SIGTERM ignored: this process stops when process 0 stops serving"))
+    server.loop.wait()
+    if server.loop.error is not None:
+        raise server.loop.error
 
 
 def _kept(server: Server) -> str:

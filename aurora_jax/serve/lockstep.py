@@ -1,0 +1,96 @@
+"""Serving across processes: one serving loop per process, all taking the same steps.
+
+In a multi-process job (aurora_jax/distributed.py) the target spans every process's devices,
+so every process must dispatch the same jitted steps, over the same requests, in the same
+order. The serving loop (serve/loop.py) is deterministic given what it takes in between two
+steps: the requests submitted, the cancellations, the shutdown, and whether the shutdown's
+grace has run out (the one clock it reads). Only the primary has an HTTP server, so only its
+inbox fills; each loop iteration it hands the items it drained to the other processes
+(`exchange`, one small broadcast when there is nothing new), and every process then applies
+the same items. Each submitted request gets a sequence number that names it in the
+cancellations that follow; on the other processes it becomes a `Job` that posts nowhere, and
+its stop strings cut its text there exactly as on the primary, so a stop string frees the
+slot at the same step everywhere.
+
+What the processes must not do differently is kept out up front (cli.py): no learner, no
+draft watcher, no timing-driven adaptive windows, no /admin/draft swaps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import Any
+
+from aurora_jax.distributed import broadcast_bytes, is_primary
+from aurora_jax.engine.batcher import Request
+from aurora_jax.sampling import SamplingParams
+from aurora_jax.serve.text import TextStream
+
+
+class Lockstep:
+    """Hands the primary's inbox items to every process, one loop iteration at a time."""
+
+    def __init__(self, decode: Callable[[list[int]], str],
+                 broadcast: Callable[[bytes], bytes] = broadcast_bytes,
+                 primary: bool | None = None):
+        self.decode, self.broadcast = decode, broadcast
+        self.primary = is_primary() if primary is None else primary
+        self._jobs: dict[int, Any] = {}  # sequence number -> Job, until it ends
+        self._next = 0
+
+    def exchange(self, items: list[tuple]) -> list[tuple]:
+        """The primary's `items` (what its loop drained this iteration), on every process: the
+        same kinds, with each submitted job rebuilt on the other processes. Every process
+        calls this once per iteration (the others with [])."""
+        if self.primary:  # a job that ended is forgotten everywhere: its late cancel is moot
+            items = [i for i in items if not (i[0] == "cancel" and i[1].ended)]
+        wire = [self._encode(item) for item in items] if self.primary else []
+        received = json.loads(self.broadcast(json.dumps(wire).encode()) or b"[]")
+        if self.primary:
+            return items
+        return [self._decode(item) for item in received]
+
+    def ended(self, job) -> None:
+        """Forgets a job that ended (a cancellation of it is dropped on the primary)."""
+        self._jobs.pop(getattr(job, "seq", -1), None)
+
+    def _encode(self, item: tuple) -> dict:
+        kind = item[0]
+        if kind == "submit":
+            job = item[1]
+            job.seq, self._next = self._next, self._next + 1
+            self._jobs[job.seq] = job
+            r = job.request
+            return {"kind": kind, "seq": job.seq, "prompt": list(r.prompt),
+                    "max_new_tokens": r.max_new_tokens,
+                    "sampling": dataclasses.asdict(r.sampling), "id": r.id,
+                    "domain": r.domain, "stops": list(job.text.stops)}
+        if kind == "cancel":
+            return {"kind": kind, "seq": item[1].seq, "reason": item[2]}
+        if kind == "shutdown":
+            return {"kind": kind, "grace_s": item[1]}
+        if kind == "expire":
+            return {"kind": kind}
+        raise ValueError(f"unknown serving-loop item {kind!r}")
+
+    def _decode(self, item: dict) -> tuple:
+        from aurora_jax.serve.loop import Job
+
+        kind = item["kind"]
+        if kind == "submit":
+            request = Request(item["prompt"], item["max_new_tokens"],
+                              SamplingParams(**item["sampling"]), id=item["id"],
+                              domain=item["domain"])
+            job = Job(request, TextStream(self.decode, tuple(item["stops"])),
+                      events=asyncio.Queue(), loop=None)
+            job.seq = item["seq"]
+            self._jobs[job.seq] = job
+            return (kind, job)
+        if kind == "cancel":
+            return (kind, self._jobs[item["seq"]], item["reason"])
+        if kind == "shutdown":
+            return (kind, item["grace_s"])
+        return (kind,)

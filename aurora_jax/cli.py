@@ -162,6 +162,7 @@ def _generate_many(args, sampling, spec, items: list[dict]) -> int:
     from aurora_jax.distributed import is_primary
     from aurora_jax.engine.engine import Request
     from aurora_jax.learn.online import OnlineConfig
+    from aurora_jax.learn.remote import workdir_paths
     from aurora_jax.learn.serving import LearningEngine
 
     path = _target_dir(args)
@@ -201,7 +202,7 @@ def _generate_many(args, sampling, spec, items: list[dict]) -> int:
     try:
         run = serving.run(requests, on_result=report)
     except interrupt.Interrupted:
-        traces = f"; traces in {Path(args.workdir) / 'traces'}" if args.workdir else ""
+        traces = f"; traces in {workdir_paths(args.workdir)[0]}" if args.workdir else ""
         raise interrupt.Interrupted(f"kept the {len(done)} of {len(requests)} results that "
                                     f"finished (on stdout, as they came){traces}") from None
     if not primary:
@@ -313,7 +314,7 @@ def cmd_learn(args) -> int:
     from aurora_jax.config_io import load_config
     from aurora_jax.data.tokenizer import Tokenizer
     from aurora_jax.errors import ConfigError
-    from aurora_jax.learn.remote import LearnJobConfig, run_learner
+    from aurora_jax.learn.remote import LearnJobConfig, run_learner, workdir_paths
 
     if _join():
         raise ConfigError("`learn` runs as one process: it reads the traces and writes the "
@@ -334,7 +335,7 @@ def cmd_learn(args) -> int:
                         version=online.publisher.version, sequences=follower.sequences,
                         refresh=False)
 
-    print(f"learner: waiting for traces in {Path(args.workdir) / 'traces'}", file=sys.stderr)
+    print(f"learner: waiting for traces in {workdir_paths(args.workdir)[0]}", file=sys.stderr)
     try:
         stops = (Tokenizer.load(path).stop_ids(target.cfg.eos_token_ids)
                  if Tokenizer.present(path) else None)  # the engine's stop tokens
@@ -342,7 +343,7 @@ def cmd_learn(args) -> int:
             online = run_learner(target, draft, args.workdir, cfg.online, cfg.loss,
                                  cfg.optimizer, stop_ids=stops, on_progress=progress,
                                  should_stop=interrupt.requested)
-            interrupt.check(_published(online, Path(args.workdir)))
+            interrupt.check(_published(online, args.workdir))
     finally:
         bar.close()
     if online.error is not None:
@@ -352,12 +353,15 @@ def cmd_learn(args) -> int:
     return 0
 
 
-def _published(online, workdir: Path) -> str:
-    """What an interrupted learner kept, for the Ctrl-C line."""
+def _published(online, workdir: str) -> str:
+    """What an interrupted learner kept, for the Ctrl-C line (a path or a store URL)."""
+    from aurora_jax.learn.remote import workdir_paths
+
+    traces, drafts = workdir_paths(workdir)
     version = online.publisher.version
     if not version:
-        return f"no draft published yet; the traces stay in {workdir / 'traces'}"
-    return (f"kept the drafts in {workdir / 'drafts'} (newest version {version}, "
+        return f"no draft published yet; the traces stay in {traces}"
+    return (f"kept the drafts in {drafts} (newest version {version}, "
             f"{online.published} published by this run; the same command resumes from the "
             "newest)")
 

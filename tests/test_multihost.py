@@ -179,7 +179,7 @@ def _served_url(lines: queue.Queue, deadline: float) -> str:
     raise AssertionError(f"process 0 never said where it serves: {seen}")
 
 
-def test_two_processes_serve_http_like_one_device(chat_ckpt, tmp_path):
+def test_two_processes_serve_http_like_one_device(chat_ckpt):
     """Process 0 answers three concurrent requests (two slots: one waits; one ends at a stop
     string) while process 1 takes the same steps; greedy texts equal target-only decoding on
     one device. SIGTERM to process 0 stops both."""
@@ -188,8 +188,9 @@ def test_two_processes_serve_http_like_one_device(chat_ckpt, tmp_path):
     from aurora_jax.engine.target_only import TargetGenerator
     from aurora_jax.models.loading import load_pair
 
-    draft = _warm_draft(chat_ckpt, tmp_path / "draft")
-    procs = _start(SERVE_CHILD, "serve", f"target={chat_ckpt}", f"draft={draft}",
+    # A warm day-0 draft, made in each process from the target split across both of them.
+    procs = _start(SERVE_CHILD, "serve", f"target={chat_ckpt}", "draft=warm",
+                   "draft_vocab_size=null",
                    "spec.mode=tree", "spec.depth=3", "spec.topk=2", "spec.num_draft_tokens=6",
                    "window_steps=null", "learning.mode=off", "max_slots=2", "max_len=192",
                    "port=0", "model_name=tiny")

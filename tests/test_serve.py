@@ -166,6 +166,11 @@ def test_metrics_parse_and_match_the_usage(served):
     usages = [c.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0).usage
               for p in PROMPTS[3:6]]
     after = _metrics(url)
+    # Compile work is reported: every program the engine built, warm-up included.
+    assert after["aurora_jax:compiled_programs{mode=spec}"] == server.engine.compilations >= 2
+    assert after["aurora_jax:compile_seconds{mode=spec}"] == \
+        pytest.approx(server.engine.compile_s, rel=1e-6)
+    assert server.engine.compile_s > 0
 
     def delta(name):
         return after.get(name, 0.0) - before.get(name, 0.0)

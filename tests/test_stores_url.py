@@ -276,3 +276,17 @@ def test_a_rejection_note_written_through_a_url_reaches_the_learner(location):
     (version, state), = pub.take_rejections()
     assert version == 2 and _equal(state, good)
     assert DraftPublisher(location, draft.state).resume()[0] == 1
+
+
+def test_the_learners_ctrl_c_line_names_a_url_workdir_as_given():
+    """An interrupted `learn --workdir gs://...` says where its traces and drafts are in the
+    URL's own form (a path join would fold the scheme's // into /)."""
+    from types import SimpleNamespace
+
+    from aurora_jax.cli import _published
+
+    online = SimpleNamespace(publisher=SimpleNamespace(version=0), published=0)
+    assert _published(online, "gs://bucket/work").endswith("stay in gs://bucket/work/traces")
+    online.publisher.version, online.published = 3, 2
+    assert "kept the drafts in gs://bucket/work/drafts (newest version 3, 2 published" in \
+        _published(online, "gs://bucket/work")

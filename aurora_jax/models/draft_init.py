@@ -27,9 +27,14 @@ from aurora_jax.models.eagle3 import Draft, draft_ids
 from aurora_jax.models.transformer import Target
 
 
-def _set(node, value) -> None:
+def _set(node, value, select=lambda v: v) -> None:
+    """Writes `select(value)` into `node` with the node's dtype and sharding. One jitted copy:
+    `value` may be numpy or a device array on any sharding, one spanning several processes'
+    devices included (a tp-split target in a multi-process job, which no process can read
+    into numpy alone)."""
     old = node[...]
-    node.set_value(jax.device_put(jnp.asarray(value, old.dtype), old.sharding))
+    place = jax.jit(lambda v: jnp.asarray(select(v), old.dtype), out_shardings=old.sharding)
+    node.set_value(place(value))
 
 
 def warm_start(draft: Draft, target: Target, layer: int | None = -1) -> Draft:
@@ -41,8 +46,8 @@ def warm_start(draft: Draft, target: Target, layer: int | None = -1) -> Draft:
                          f"({draft.cfg.hidden_size} != {target.cfg.hidden_size})")
     state = jax.tree.map(jnp.copy, draft.state)
     t = target.state
-    head = np.asarray(target.head_kernel())
-    _set(state["lm_head"]["kernel"], head[:, draft_ids(state["d2t"][...])])
+    ids = draft_ids(np.asarray(state["d2t"][...]))  # (the draft's buffers are replicated)
+    _set(state["lm_head"]["kernel"], target.head_kernel(), lambda w: w[:, ids])
     _set(state["norm"]["weight"], t["norm"]["weight"][...])
     if layer is not None:
         src = t["layers"][layer % target.cfg.num_layers]
@@ -51,8 +56,8 @@ def warm_start(draft: Draft, target: Target, layer: int | None = -1) -> Draft:
         _set(mid["input_layernorm"]["weight"], norm)
         _set(mid["hidden_norm"]["weight"], norm)
         for p in ("q_proj", "k_proj", "v_proj"):
-            w = np.asarray(src["attn"][p]["kernel"][...])
-            _set(mid["self_attn"][p]["kernel"], np.concatenate([w, w], 0))
+            _set(mid["self_attn"][p]["kernel"], src["attn"][p]["kernel"][...],
+                 lambda w: jnp.concatenate([w, w], 0))
         _set(mid["self_attn"]["o_proj"]["kernel"], src["attn"]["o_proj"]["kernel"][...])
         _set(mid["post_attention_layernorm"]["weight"],
              src["post_attention_layernorm"]["weight"][...])

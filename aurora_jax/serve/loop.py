@@ -179,6 +179,7 @@ class ServingLoop:
                 for engine in self.engines.values():  # compiles each steady-state step
                     engine.run([dataclasses.replace(self._warmup, id=f"warmup-{id(engine)}")])
                 self.batchers = self._new_batchers()
+            self._show_compiles()
             if self.online is not None and not self.learn_when_idle:
                 self.online.start()
             self.ready.set()
@@ -385,6 +386,7 @@ class ServingLoop:
         if engine.draft is not None:
             self._judge(engine)
         self._update_gauges()
+        self._show_compiles()
         self._read_learner()
 
     def _judge(self, engine: Engine) -> None:
@@ -432,6 +434,11 @@ class ServingLoop:
         for mode, engine in self.engines.items():
             self.metrics.spec_mode.labels(mode=mode, setting=engine.spec.label).set(
                 float(mode == self.policy.last_mode))
+
+    def _show_compiles(self) -> None:
+        for mode, engine in self.engines.items():
+            self.metrics.compiled_programs.labels(mode=mode).set(engine.compilations)
+            self.metrics.compile_seconds.labels(mode=mode).set(engine.compile_s)
 
     def _update_gauges(self) -> None:
         bs = self.batchers.values()

@@ -70,6 +70,12 @@ class ServerMetrics:
         self.adaptive_windows = Counter(p + "adaptive_windows",
                                         "Adaptive windows served, by mode", ["mode"],
                                         registry=r)
+        self.compiled_programs = Gauge(p + "compiled_programs",
+                                       "Device programs compiled so far (one per step function "
+                                       "and shape bucket), by engine", ["mode"], registry=r)
+        self.compile_seconds = Gauge(p + "compile_seconds",
+                                     "Seconds spent compiling device programs so far, warm-up "
+                                     "included, by engine", ["mode"], registry=r)
         self.adaptive_rate = Gauge(p + "adaptive_tokens_per_second",
                                    "Measured tokens/s per mode (moving average) at the load "
                                    "of the last window", ["mode"], registry=r)

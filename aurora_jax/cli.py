@@ -447,8 +447,9 @@ def cmd_serve(args) -> int:
 
 def _check_multiprocess_serve(cfg) -> None:
     """A server across processes takes the same steps in every process: one engine chosen
-    up front (no windows timed on each process's clock), a fixed draft (a swap would have to
-    land at the same step everywhere), the target over every process's devices."""
+    up front (no windows timed on each process's clock), drafts swapped in only by the
+    serving loop (from a learner process's workdir: serve/lockstep.py), the target over every
+    process's devices."""
     import jax
 
     from aurora_jax.errors import ConfigError
@@ -457,9 +458,10 @@ def _check_multiprocess_serve(cfg) -> None:
         raise ConfigError("a server across processes serves one setting, chosen up front, not "
                           "by measured speed (each process has its own clock): set "
                           "window_steps=null")
-    if cfg.learning.mode != "off":
-        raise ConfigError("a server across processes serves a fixed draft for now (a swap "
-                          "would have to land at the same step in every process): set "
+    if cfg.learning.mode == "thread":
+        raise ConfigError("a server across processes learns through a learner process, not a "
+                          "thread (its swaps would land at different steps in each process): "
+                          "set learning.mode=workdir with an `aurora-jax learn` process, or "
                           "learning.mode=off")
     if cfg.tp not in (1, jax.device_count()):
         raise ConfigError(f"a server across processes splits the target over all "

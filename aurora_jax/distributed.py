@@ -9,11 +9,12 @@ and host inputs (prompts, slots, sampling settings) are the same numpy values ev
 jit takes as replicated global inputs. Only the primary process (index 0) admits requests from
 the outside and writes what a user sees (stdout, files, traces, drafts, HTTP); the others run
 the same steps and keep quiet. What this rules out for now: a hot swap must land between the
-same two steps in every process, so across processes `generate` and `serve` serve a fixed
-draft, `run` serves without its learner and with a fixed mode (no timing-driven adaptive
-policy), and `learn` runs as one process (aurora_jax/cli.py checks all of this up front). A
-server's HTTP requests arrive at the primary alone: each loop iteration it hands what it
-took in to the others (`broadcast_bytes`; serve/lockstep.py).
+same two steps in every process, so across processes `generate` serves a fixed draft, `run`
+serves without its learner and with a fixed mode (no timing-driven adaptive policy), and
+`learn` runs as one process (aurora_jax/cli.py checks all of this up front). A server's HTTP
+requests and its learner process's drafts arrive at the primary alone: each loop iteration
+it hands what it took in to the others (`broadcast_bytes`), and a draft is swapped in only
+once every process has read it (`all_agree`; serve/lockstep.py).
 
 When: only when configured (a `distributed:` section) or asked by the environment; otherwise
 nothing here calls into `jax.distributed` and a process serves alone, exactly as before.
@@ -198,3 +199,14 @@ def broadcast_bytes(data: bytes, chunk: int = 4096) -> bytes:
         tail[:rest] = np.frombuffer(data[chunk - _LENGTH:], np.uint8)
     tail = broadcast_from_primary(tail)
     return head[_LENGTH:].tobytes() + tail[:rest].tobytes()
+
+
+def all_agree(flag: bool) -> bool:
+    """Whether `flag` holds in every process (a collective: every process calls it, in the
+    same order). Alone, `flag`."""
+    if not is_multiprocess():
+        return flag
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.array([int(flag)], np.int32))
+    return bool(np.asarray(flags).min())

@@ -174,3 +174,37 @@ def test_learner_process_killed_mid_run_leaves_the_engine_serving(tmp_path):
     for a, b in zip(jax.tree.leaves(kept.params), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert Path(work / "traces").is_dir() and store.shards_written >= 2
+
+
+def test_a_staging_watcher_reads_and_checks_but_leaves_the_swap_to_the_loop(tmp_path,
+                                                                            monkeypatch):
+    """In a multi-process server the watcher only stages (serve/lockstep.py): a good version
+    is read to host memory and held once; the engine keeps serving its draft until the loop
+    places and swaps it; a damaged version is refused as in the swapping watcher."""
+    from aurora_jax.learn.draft_sync import place_like
+
+    target, draft = random_pair(tiny_cfg(eos=()), seed=3)
+    engine, store, watcher = shared_engine(target, draft, SPEC, tmp_path, poll_s=3600,
+                                           max_slots=2, max_len=32, stage=True)
+    pub = DraftPublisher(tmp_path / "drafts", draft.state)
+    good = swap_state(draft, seed=1)
+    assert pub.publish(good) == 1
+    assert watcher.poll() == 1 and engine.draft_version == 0  # staged, not swapped
+    assert watcher.poll() is None  # held once
+    version, host = watcher.take_staged()
+    assert version == 1 and watcher.take_staged() is None
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host))
+    placed = place_like(host, engine.draft_state)
+    assert _equal(placed, good)
+    assert [x.sharding for x in jax.tree.leaves(placed)] == \
+        [x.sharding for x in jax.tree.leaves(engine.draft_state)]
+    engine.set_draft(placed, version=1)
+    watcher.swapped(1, host)
+
+    nan = jax.tree.map(lambda x: x.at[0].set(jnp.nan) if x.dtype == jnp.float32 else x,
+                       swap_state(draft, seed=3))
+    monkeypatch.setattr("aurora_jax.learn.draft_sync.draft_problem", lambda *a: None)
+    pub.publish(nan)  # a learner that does not check: the watcher must
+    assert watcher.poll() is None and watcher.take_staged() is None
+    assert "non-finite" in watcher.refused[2]
+    assert engine.draft_version == 1 and watcher.swaps == 1

@@ -63,8 +63,9 @@ def test_the_other_processes_get_the_same_items_in_the_same_order():
 
     primary = Lockstep(str, broadcast=record, primary=True)
     a, b = _job([1, 2, 3], stops=("x",)), _job([4, 5], temperature=0.7, seed=3)
-    iterations = [[("submit", a), ("submit", b)], [], [("cancel", a, "abort"), ("shutdown", 2.5)],
-                  [("expire",)]]
+    host_draft = {"w": np.ones(3)}  # the primary's staged copy: never sent
+    iterations = [[("submit", a), ("submit", b)], [("draft", 3, host_draft)],
+                  [("cancel", a, "abort"), ("shutdown", 2.5)], [("expire",)]]
     for items in iterations:
         assert primary.exchange(list(items)) == items  # the primary applies its own
 
@@ -79,6 +80,8 @@ def test_the_other_processes_get_the_same_items_in_the_same_order():
         assert theirs.text.stops == mine.text.stops and theirs.seq == mine.seq
         assert theirs.loop is None  # posts nowhere
         theirs.post("delta", "ignored")
+    assert got[1] == [("draft", 3, None)]  # the others read version 3 from the store
+    assert b"ones" not in wire[1] and len(wire[1]) < 64
     assert got[2][0][1] is a2 and got[2][0][2] == "abort"  # the same job, by its number
     assert got[2][1] == ("shutdown", 2.5) and got[3] == [("expire",)]
 

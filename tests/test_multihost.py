@@ -179,26 +179,35 @@ def _served_url(lines: queue.Queue, deadline: float) -> str:
     raise AssertionError(f"process 0 never said where it serves: {seen}")
 
 
-def test_two_processes_serve_http_like_one_device(chat_ckpt):
+def test_two_processes_serve_http_like_one_device(chat_ckpt, tmp_path):
     """Process 0 answers three concurrent requests (two slots: one waits; one ends at a stop
     string) while process 1 takes the same steps; greedy texts equal target-only decoding on
-    one device. SIGTERM to process 0 stops both."""
+    one device. A draft published to the workdir (as an `aurora-jax learn` process would) is
+    swapped in by both processes; process 0 alone writes the traces. SIGTERM to process 0
+    stops both."""
     openai = pytest.importorskip("openai")
     from aurora_jax.data.tokenizer import Tokenizer
     from aurora_jax.engine.target_only import TargetGenerator
+    from aurora_jax.learn.draft_sync import DraftPublisher
+    from aurora_jax.learn.trace_store import list_shards, read_shard
+    from aurora_jax.models.draft_init import warm_start
     from aurora_jax.models.loading import load_pair
+    from aurora_jax.serve.loadgen import scrape
 
     # A warm day-0 draft, made in each process from the target split across both of them.
+    work = tmp_path / "work"
     procs = _start(SERVE_CHILD, "serve", f"target={chat_ckpt}", "draft=warm",
                    "draft_vocab_size=null",
                    "spec.mode=tree", "spec.depth=3", "spec.topk=2", "spec.num_draft_tokens=6",
-                   "window_steps=null", "learning.mode=off", "max_slots=2", "max_len=192",
-                   "port=0", "model_name=tiny")
+                   "window_steps=null", "learning.mode=workdir", f"learning.workdir={work}",
+                   "max_slots=2", "max_len=192", "port=0", "model_name=tiny")
     pipes = [(_lines(p.stdout), _lines(p.stderr)) for p in procs]  # never let a pipe fill up
     try:
-        # The reference meanwhile, in this process: target-only greedy on one device.
+        # The reference meanwhile, in this process: target-only greedy on one device; and the
+        # draft to publish later: another warm start (the head only).
         tokenizer = Tokenizer.load(chat_ckpt)
-        target, _ = load_pair(chat_ckpt, None)
+        target, scratch = load_pair(chat_ckpt, "scratch", draft_vocab=None)
+        published = warm_start(scratch, target, layer=None).state
         reference = TargetGenerator(target, eos_ids=tokenizer.stop_ids(target.cfg.eos_token_ids))
         want = [tokenizer.decode(c.token_ids) for c in reference.generate(
             [tokenizer.encode(p) for p in PROMPTS], 12).completions]
@@ -215,6 +224,17 @@ def test_two_processes_serve_http_like_one_device(chat_ckpt):
         assert [g.choices[0].text for g in got] == expected
         assert got[2].choices[0].finish_reason == "stop"
         assert max(g.usage.model_extra["acceptance_length"] for g in got) > 1.0
+        assert {g.usage.model_extra["draft_version"] for g in got} == {0}
+
+        assert DraftPublisher(work / "drafts", None).publish(published) == 1
+        deadline = time.monotonic() + 60
+        while scrape(url).get("aurora_jax:draft_version") != 1:
+            assert time.monotonic() < deadline, "the published draft was never swapped in"
+            time.sleep(0.2)
+        after = c.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=12,
+                                     temperature=0)
+        assert after.choices[0].text == want[1]
+        assert after.usage.model_extra["draft_version"] == 1
     finally:
         procs[0].send_signal(signal.SIGTERM)
         for p in procs:  # a process whose peer died waits in a collective: never hang the suite
@@ -230,7 +250,12 @@ def test_two_processes_serve_http_like_one_device(chat_ckpt):
     # threads at once and sometimes interleaved, are all that process 1 writes to stdout).
     assert "serving" not in outs[1][0] and "http" not in outs[1][0]
     assert "answered" not in outs[1][1]
-    assert "answered 3 requests" in outs[0][1]
+    assert "answered 4 requests" in outs[0][1]
+    assert "serving draft version 1" in outs[1][1]  # process 1 swapped it in too
+    traces = str(work / "traces")
+    seqs = [q for n in list_shards(traces) for q in read_shard(traces, n)
+            if str(q.request_id).startswith("cmpl-")]
+    assert sorted(q.draft_version for q in seqs) == [0, 0, 0, 1]
 
 
 @pytest.mark.parametrize("environ, expected", [
@@ -301,9 +326,11 @@ def test_multiprocess_serve_refuses_what_would_differ_between_processes():
 
     same = dict(window_steps=None, learning=ServeLearning(mode="off"))
     _check_multiprocess_serve(ServeConfig(**same))
+    _check_multiprocess_serve(ServeConfig(window_steps=None,
+                                          learning=ServeLearning(mode="workdir", workdir="w")))
     _check_multiprocess_serve(ServeConfig(**same, tp=jax.device_count()))
     for change, message in [({"window_steps": 32}, "window_steps=null"),
-                            ({"learning": ServeLearning(mode="thread")}, "learning.mode=off"),
+                            ({"learning": ServeLearning(mode="thread")}, "learning.mode=workdir"),
                             ({"tp": jax.device_count() + 1}, "splits the target over all")]:
         with pytest.raises(ConfigError, match=message):
             _check_multiprocess_serve(ServeConfig(**{**same, **change}))

@@ -31,13 +31,16 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
+from typing import Any
 
 import jax
 import numpy as np
 import tensorstore as ts
 from flax import nnx
 
+from aurora_jax.distributed import to_host
 from aurora_jax.errors import DraftRefused, SwapError
 from aurora_jax.learn import kvstore
 from aurora_jax.learn.periodic import Periodic
@@ -118,10 +121,10 @@ def _manifest(store: ts.KvStore, version: int) -> dict:
 
 
 def _read_tree(store: ts.KvStore, version: int, tree_name: str, manifest: dict, like,
-               finite: bool):
+               finite: bool, place: bool = True):
     """Tree `tree_name` of a version, placed like `like`: each leaf on the sharding of the
-    same leaf of `like`. Raises on any mismatch with `like`, on damage, and (with `finite`)
-    on a non-finite value."""
+    same leaf of `like` (`place` False: host numpy arrays). Raises on any mismatch with
+    `like`, on damage, and (with `finite`) on a non-finite value."""
     flat, treedef = jax.tree.flatten(like)
     want = [[k, list(x.shape), np.dtype(x.dtype).name] for k, x in _named_leaves(like).items()]
     got = manifest["leaves"][tree_name]
@@ -141,19 +144,27 @@ def _read_tree(store: ts.KvStore, version: int, tree_name: str, manifest: dict, 
         if finite and not np.isfinite(a).all():
             raise ValueError(f"non-finite values in {name}")
         host.append(a)
-    placed = [jax.device_put(a, x.sharding) for a, x in zip(host, flat, strict=True)]
-    return jax.tree.unflatten(treedef, placed)
+    if not place:
+        return jax.tree.unflatten(treedef, host)
+    return place_like(jax.tree.unflatten(treedef, host), like)
 
 
-def restore_draft(directory: Store, version: int, like) -> tuple:
-    """(state, meta) of one version, arrays placed like `like`; raises on any damage or
-    mismatch, and on a non-finite value."""
+def place_like(host_tree, like):
+    """`host_tree`'s numpy leaves, each on the sharding of the same leaf of `like` (in a
+    multi-process job every process passes the same values)."""
+    return jax.tree.map(lambda a, x: jax.device_put(a, x.sharding), host_tree, like)
+
+
+def restore_draft(directory: Store, version: int, like, place: bool = True) -> tuple:
+    """(state, meta) of one version, arrays placed like `like` (`place` False: host numpy
+    arrays, shaped and typed like `like`); raises on any damage or mismatch, and on a
+    non-finite value."""
     store = kvstore.open_store(directory)
     manifest = _manifest(store, version)
     meta = dict(manifest["meta"])
     if meta.get("version") != version:
         raise ValueError(f"its meta names version {meta.get('version')!r}")
-    return _read_tree(store, version, "draft", manifest, like, finite=True), meta
+    return _read_tree(store, version, "draft", manifest, like, finite=True, place=place), meta
 
 
 def mark_rejected(directory: Store, version: int, reason: str) -> None:
@@ -255,22 +266,37 @@ class DraftPublisher:
 
 class DraftWatcher:
     """Engine side: every `poll_s` seconds, swaps in the newest version above the serving one
-    that restores cleanly (see the module docstring for what is refused)."""
+    that restores cleanly (see the module docstring for what is refused). With `stage`, it
+    swaps nothing itself: it reads and checks the version into host memory and holds it for
+    the serving loop, which swaps it in at the same step in every process of a multi-process
+    server (serve/lockstep.py)."""
 
-    def __init__(self, engine, directory: kvstore.Location, poll_s: float = 1.0):
+    def __init__(self, engine, directory: kvstore.Location, poll_s: float = 1.0,
+                 stage: bool = False):
         self.engine, self.location, self.poll_s = engine, os.fspath(directory), poll_s
         self.store = kvstore.open_store(directory)
         self.refused: dict[int, str] = {}
         self.swaps = 0
+        self.stage = stage
+        self._staged: tuple[int, Any] | None = None  # (version, host tree) for the loop
+        self._seen = engine.draft_version  # newest version staged
+        self._serving_host = to_host(engine.draft_state) if stage else None
+        self._lock = threading.Lock()
         self._loop: Periodic | None = None
 
     def poll(self) -> int | None:
-        """One look at the store; returns the version swapped in, if any."""
+        """One look at the store; returns the version swapped in (staged), if any."""
         serving = self.engine.draft_version
+        if self.stage:
+            serving = max(serving, self._seen)
         for v in reversed(list_versions(self.store)):
             if v <= serving:
                 return None
             if v in self.refused:
+                continue
+            if self.stage:
+                if self._stage(v):
+                    return v
                 continue
             try:
                 state, _ = restore_draft(self.store, v, self.engine.draft_state)
@@ -290,6 +316,35 @@ class DraftWatcher:
             log.info("serving draft version %d", v)
             return v
         return None
+
+    def _stage(self, v: int) -> bool:
+        """Reads and checks version `v` on the host and holds it for `take_staged`."""
+        try:
+            host, _ = restore_draft(self.store, v, self.engine.draft_state, place=False)
+            problem = draft_problem(host, self._serving_host)
+            if problem is not None:
+                raise DraftRefused(problem)
+        except Exception as e:  # noqa: BLE001 (refuse anything that does not restore)
+            self.refused[v] = f"{type(e).__name__}: {e}"
+            log.warning("refusing draft version %d from %s: %s", v, self.location,
+                        self.refused[v])
+            return False
+        with self._lock:
+            self._staged, self._seen = (v, host), v
+        log.info("draft version %d read; the serving loop swaps it in", v)
+        return True
+
+    def take_staged(self) -> tuple[int, Any] | None:
+        """(version, host tree) of the newest version staged since the last call, if any."""
+        with self._lock:
+            staged, self._staged = self._staged, None
+        return staged
+
+    def swapped(self, version: int, host_tree) -> None:
+        """The serving loop swapped in a staged version (what the next one is checked
+        against, e.g. for a stale publication)."""
+        self.swaps += 1
+        self._serving_host = host_tree
 
     def refuse(self, version: int, reason: str) -> None:
         """Never swaps `version` in again (the engine rolled it back), and leaves a note for

@@ -51,10 +51,11 @@ def workdir_paths(workdir: kvstore.Location) -> tuple[str, str]:
 
 
 def shared_engine(target, draft: Draft, spec, workdir: kvstore.Location, *, poll_s: float = 1.0,
-                  sequences_per_shard: int = 8, **engine_kwargs):
+                  sequences_per_shard: int = 8, stage: bool = False, **engine_kwargs):
     """(engine, store, watcher): an engine whose traces go to `workdir`/traces and whose draft
-    follows `workdir`/drafts; the watcher is started. Call `store.flush()` (after
-    `engine.traces.flush()`) and `watcher.stop()` when done."""
+    follows `workdir`/drafts; the watcher is started (with `stage`, it only stages each new
+    draft for a multi-process serving loop to swap in: learn/draft_sync.DraftWatcher). Call
+    `store.flush()` (after `engine.traces.flush()`) and `watcher.stop()` when done."""
     if draft is None:
         raise ConfigError("a shared workdir needs a draft for the learner to train")
     traces, drafts = workdir_paths(workdir)
@@ -64,7 +65,7 @@ def shared_engine(target, draft: Draft, spec, workdir: kvstore.Location, *, poll
     kvstore.write_json(kvstore.open_store(workdir), ENGINE_KEY,
                        {"tree_size": spec.nodes + 1, "spec": dataclasses.asdict(spec)})
     engine = Engine(target, draft, spec, trace_sink=TraceAssembler(store.add), **engine_kwargs)
-    watcher = DraftWatcher(engine, drafts, poll_s)
+    watcher = DraftWatcher(engine, drafts, poll_s, stage=stage)
     watcher.poll()  # a learner that already published: start from its newest draft
     return engine, store, watcher.start()
 

@@ -12,8 +12,16 @@ cancellations that follow; on the other processes it becomes a `Job` that posts 
 its stop strings cut its text there exactly as on the primary, so a stop string frees the
 slot at the same step everywhere.
 
-What the processes must not do differently is kept out up front (cli.py): no learner, no
-draft watcher, no timing-driven adaptive windows, no /admin/draft swaps.
+Hot swaps (a server whose learner is another process, `learning.mode: workdir`): the
+primary's draft watcher reads and checks each new version into host memory in the background;
+the loop then hands the others ("draft", version). Every process reads that version from the
+store itself (so nothing as large as a draft goes through the broadcast), all agree that each
+of them has it, and every process swaps it in before the same step; if one could not read it,
+none swaps (`ServingLoop._swap_together`).
+
+What the processes must not do differently is kept out up front (cli.py): no learner thread
+(its publications would land at different steps), no timing-driven adaptive windows, no
+/admin/draft swaps.
 """
 
 from __future__ import annotations
@@ -35,8 +43,11 @@ class Lockstep:
 
     def __init__(self, decode: Callable[[list[int]], str],
                  broadcast: Callable[[bytes], bytes] = broadcast_bytes,
-                 primary: bool | None = None):
+                 primary: bool | None = None,
+                 read_draft: Callable[[int, Any], Any] | None = None):
         self.decode, self.broadcast = decode, broadcast
+        self.read_draft = read_draft
+        """(version, like) -> that draft version from the store as host arrays (workdir)."""
         self.primary = is_primary() if primary is None else primary
         self._jobs: dict[int, Any] = {}  # sequence number -> Job, until it ends
         self._next = 0
@@ -74,6 +85,8 @@ class Lockstep:
             return {"kind": kind, "grace_s": item[1]}
         if kind == "expire":
             return {"kind": kind}
+        if kind == "draft":  # (the primary keeps its own host copy, item[2])
+            return {"kind": kind, "version": item[1]}
         raise ValueError(f"unknown serving-loop item {kind!r}")
 
     def _decode(self, item: dict) -> tuple:
@@ -93,4 +106,6 @@ class Lockstep:
             return (kind, self._jobs[item["seq"]], item["reason"])
         if kind == "shutdown":
             return (kind, item["grace_s"])
+        if kind == "draft":
+            return (kind, item["version"], None)
         return (kind,)

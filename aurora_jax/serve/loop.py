@@ -37,10 +37,12 @@ from typing import Any
 
 import jax
 
+from aurora_jax.distributed import all_agree
 from aurora_jax.engine.adaptive import AdaptiveConfig
 from aurora_jax.engine.batcher import Request, RequestResult
 from aurora_jax.engine.engine import Engine
 from aurora_jax.engine.guard import CollapseGuard, GuardConfig
+from aurora_jax.learn.draft_sync import place_like
 from aurora_jax.serve.metrics import ServerMetrics
 from aurora_jax.serve.policy import WindowPolicy
 from aurora_jax.serve.text import TextStream
@@ -278,6 +280,9 @@ class ServingLoop:
                 block = False
             if self._stop_deadline is not None and time.perf_counter() > self._stop_deadline:
                 items.append(("expire",))
+            staged = self.watcher.take_staged() if self.lockstep and self.watcher else None
+            if staged is not None:  # a draft the watcher read: swapped in everywhere at once
+                items.append(("draft", *staged))
         if self.lockstep is not None:
             items = self.lockstep.exchange(items)
         return items
@@ -310,7 +315,26 @@ class ServingLoop:
         elif kind == "expire":  # the grace ran out: what is left in slots ends now
             for mode, i in list(self._jobs):
                 self.batchers[mode].cancel(i, "abort")
+        elif kind == "draft":
+            self._swap_together(item[1], item[2])
         self._update_gauges()
+
+    def _swap_together(self, version: int, host) -> None:
+        """Swaps draft `version` in, in every process before the same step, or in none: the
+        primary has it on the host (`host`), the others read it from the store now."""
+        like = self.engine.draft_state
+        if host is None and self.lockstep is not None and self.lockstep.read_draft:
+            try:
+                host = self.lockstep.read_draft(version, like)
+            except Exception:  # noqa: BLE001 - then no process swaps it in
+                log.exception("cannot read draft version %d", version)
+        if not all_agree(host is not None):
+            log.warning("draft version %d not swapped in: a process could not read it; "
+                        "serving version %d stays", version, self.engine.draft_version)
+            return
+        self.engine.set_draft(place_like(host, like), version=version)
+        if self.watcher is not None:
+            self.watcher.swapped(version, host)
 
     def _tokens(self, mode: str, res: RequestResult) -> None:
         job = self._jobs.get((mode, res.index))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import sys
 import time
@@ -25,15 +26,16 @@ from pathlib import Path
 
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.data.vocab import scratch_draft_vocab
-from aurora_jax.distributed import is_multiprocess
+from aurora_jax.distributed import is_multiprocess, is_primary
 from aurora_jax.engine.adaptive import spec_modes
 from aurora_jax.engine.batcher import Request
 from aurora_jax.engine.engine import Engine
 from aurora_jax.errors import ConfigError
+from aurora_jax.learn.draft_sync import restore_draft
 from aurora_jax.learn.learner import Learner
 from aurora_jax.learn.online import EnginePublisher, OnlineLearner, online_engine
 from aurora_jax.learn.placement import split_meshes
-from aurora_jax.learn.remote import shared_engine
+from aurora_jax.learn.remote import shared_engine, workdir_paths
 from aurora_jax.models.eagle3_io import load_draft
 from aurora_jax.models.loading import load_pair
 from aurora_jax.models.sharding import serving_mesh
@@ -74,10 +76,15 @@ class Server:
                               mesh=learner_mesh)
             self.engine, self.online = online_engine(self.target, self.draft, cfg.spec, learner,
                                                      learning.online, **kw)
+        elif learning.mode == "workdir" and not is_primary():
+            # Another process of a multi-process server: the same steps, traces included
+            # (the primary writes them), drafts swapped in when the primary's loop says.
+            self.engine = Engine(self.target, self.draft, cfg.spec, trace_sink=_discard, **kw)
         elif learning.mode == "workdir":
             assert learning.workdir is not None
-            self.engine, self.store, watcher = shared_engine(self.target, self.draft, cfg.spec,
-                                                             learning.workdir, **kw)
+            self.engine, self.store, watcher = shared_engine(
+                self.target, self.draft, cfg.spec, learning.workdir, stage=is_multiprocess(),
+                **kw)
         else:
             self.engine = Engine(self.target, self.draft if cfg.spec.needs_draft else None,
                                  cfg.spec, **kw)
@@ -86,7 +93,13 @@ class Server:
         # version numbers stay unique (rollbacks included).
         self.publisher = self.online.publisher if self.online else EnginePublisher(self.engine)
         self.metrics = ServerMetrics(max(e.spec.max_depth for e in self.engines.values()))
-        self.lockstep = Lockstep(self.tokenizer.decode) if is_multiprocess() else None
+        self.lockstep = None
+        if is_multiprocess():
+            read = None
+            if learning.mode == "workdir":
+                drafts = workdir_paths(learning.workdir or "")[1]
+                read = functools.partial(_read_host_draft, drafts)
+            self.lockstep = Lockstep(self.tokenizer.decode, read_draft=read)
         self.loop = ServingLoop(self.engines, self.metrics, max_queue=cfg.max_queue,
                                 adaptive=cfg.adaptive if cfg.window_steps else None,
                                 window_steps=cfg.window_steps or 1, guard=cfg.guard,
@@ -174,6 +187,14 @@ def serving_in_thread(server: Server) -> Iterator[str]:
         server.close()
 
 
+def _discard(trace) -> None:
+    """The trace sink of a process that serves beside the primary (which keeps them)."""
+
+
+def _read_host_draft(drafts: str, version: int, like):
+    return restore_draft(drafts, version, like, place=False)[0]
+
+
 def _model_name(target_dir: Path) -> str:
     """The target's folder name (the built-in ones live in <name>/hf, or are a .gguf file)."""
     if target_dir.suffix.lower() == ".gguf":
@@ -239,12 +260,15 @@ def follow(cfg: ServeConfig, target_dir: str | Path) -> None:
     server.loop.wait()
     if server.loop.error is not None:
         raise server.loop.error
+    import jax
+
+    print(f"serve: process {jax.process_index()} stopped with process 0, after "
+          f"{sum(b.steps for b in server.loop.batchers.values())} steps; serving draft "
+          f"version {server.engine.draft_version}", file=sys.stderr, flush=True)
 
 
 def _kept(server: Server) -> str:
     """What a stopped server leaves, in one clause."""
-    from aurora_jax.learn.remote import workdir_paths
-
     answered = sum(s.value for m in server.metrics.requests.collect() for s in m.samples
                    if s.name.endswith("_total"))
     learning = server.cfg.learning

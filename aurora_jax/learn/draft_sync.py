@@ -125,7 +125,7 @@ def _read_tree(store: ts.KvStore, version: int, tree_name: str, manifest: dict, 
     """Tree `tree_name` of a version, placed like `like`: each leaf on the sharding of the
     same leaf of `like` (`place` False: host numpy arrays). Raises on any mismatch with
     `like`, on damage, and (with `finite`) on a non-finite value."""
-    flat, treedef = jax.tree.flatten(like)
+    treedef = jax.tree.structure(like)
     want = [[k, list(x.shape), np.dtype(x.dtype).name] for k, x in _named_leaves(like).items()]
     got = manifest["leaves"][tree_name]
     if [w[0] for w in want] != [g[0] for g in got]:
@@ -144,9 +144,8 @@ def _read_tree(store: ts.KvStore, version: int, tree_name: str, manifest: dict, 
         if finite and not np.isfinite(a).all():
             raise ValueError(f"non-finite values in {name}")
         host.append(a)
-    if not place:
-        return jax.tree.unflatten(treedef, host)
-    return place_like(jax.tree.unflatten(treedef, host), like)
+    tree = jax.tree.unflatten(treedef, host)
+    return place_like(tree, like) if place else tree
 
 
 def place_like(host_tree, like):
@@ -294,45 +293,35 @@ class DraftWatcher:
                 return None
             if v in self.refused:
                 continue
-            if self.stage:
-                if self._stage(v):
-                    return v
-                continue
             try:
-                state, _ = restore_draft(self.store, v, self.engine.draft_state)
-                problem = draft_problem(state, self.engine.draft_state)
-                if problem is not None:
-                    raise DraftRefused(problem)
-                self.engine.set_draft(state, version=v)
-                if self.engine.draft_version != v:
-                    raise SwapError(f"the swap did not take: the engine serves version "
-                                    f"{self.engine.draft_version}")
+                self._take(v)
             except Exception as e:  # noqa: BLE001 (refuse anything that does not restore)
                 self.refused[v] = f"{type(e).__name__}: {e}"
                 log.warning("refusing draft version %d from %s: %s; serving version %d stays",
-                            v, self.location, self.refused[v], serving)
+                            v, self.location, self.refused[v], self.engine.draft_version)
                 continue
-            self.swaps += 1
-            log.info("serving draft version %d", v)
             return v
         return None
 
-    def _stage(self, v: int) -> bool:
-        """Reads and checks version `v` on the host and holds it for `take_staged`."""
-        try:
-            host, _ = restore_draft(self.store, v, self.engine.draft_state, place=False)
-            problem = draft_problem(host, self._serving_host)
-            if problem is not None:
-                raise DraftRefused(problem)
-        except Exception as e:  # noqa: BLE001 (refuse anything that does not restore)
-            self.refused[v] = f"{type(e).__name__}: {e}"
-            log.warning("refusing draft version %d from %s: %s", v, self.location,
-                        self.refused[v])
-            return False
-        with self._lock:
-            self._staged, self._seen = (v, host), v
-        log.info("draft version %d read; the serving loop swaps it in", v)
-        return True
+    def _take(self, v: int) -> None:
+        """Reads and checks version `v`, then swaps it in (with `stage`: holds it on the host
+        for `take_staged`); raises what makes it unfit to serve."""
+        like = self.engine.draft_state
+        state, _ = restore_draft(self.store, v, like, place=not self.stage)
+        problem = draft_problem(state, self._serving_host if self.stage else like)
+        if problem is not None:
+            raise DraftRefused(problem)
+        if self.stage:
+            with self._lock:
+                self._staged, self._seen = (v, state), v
+            log.info("draft version %d read; the serving loop swaps it in", v)
+            return
+        self.engine.set_draft(state, version=v)
+        if self.engine.draft_version != v:
+            raise SwapError(f"the swap did not take: the engine serves version "
+                            f"{self.engine.draft_version}")
+        self.swaps += 1
+        log.info("serving draft version %d", v)
 
     def take_staged(self) -> tuple[int, Any] | None:
         """(version, host tree) of the newest version staged since the last call, if any."""

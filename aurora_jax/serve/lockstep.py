@@ -66,7 +66,7 @@ class Lockstep:
 
     def ended(self, job) -> None:
         """Forgets a job that ended (a cancellation of it is dropped on the primary)."""
-        self._jobs.pop(getattr(job, "seq", -1), None)
+        self._jobs.pop(job.seq, None)
 
     def _encode(self, item: tuple) -> dict:
         kind = item[0]

@@ -146,8 +146,9 @@ class Server:
         if self.draft is None:
             raise ConfigError("this server serves without a draft")
         if self.lockstep is not None:
-            raise ConfigError("a server across processes serves a fixed draft: a swap would "
-                              "have to land at the same step in every process")
+            raise ConfigError("a server across processes takes drafts only from its learner "
+                              "process's workdir: a swap must land at the same step in every "
+                              "process, which /admin/draft cannot arrange")
         new = load_draft(path, target=self.target.cfg, dtype=self.target.dtype,
                          mesh=self.target.mesh)
         return self.publisher.publish(new.state)

@@ -413,6 +413,35 @@ def test_jit_is_not_rebuilt_per_step(shared):
     assert engine.compilations == compiled
 
 
+@pytest.mark.parametrize("mode", ["chain", "off"])
+def test_precompile_builds_every_program_traffic_can_use(randoms, shared, mode):
+    """After `precompile`, prompts of every length up to the longest the engine takes, admitted
+    in groups of every size, a cancelled request and steps compile nothing more, and the
+    programs run compiled ahead of use serve target-only's tokens."""
+    from aurora_jax.speculative.config import SpecConfig
+
+    target, draft = randoms
+    spec = SpecConfig(mode="off") if mode == "off" else _spec(mode)
+    engine = Engine(target, draft if spec.needs_draft else None, spec, max_slots=2, max_len=48)
+    buckets = engine.prefill_buckets()
+    # Groups of up to 2 requests, prompts of up to 47 tokens (64: a 47-token prompt's bucket).
+    assert sorted({b for b, _ in buckets}) == [1, 2]
+    assert sorted({t for _, t in buckets}) == [16, 32, 64]
+    assert engine.precompile() == engine.compilations == 2 * len(buckets) + 2
+    before = engine.compilations
+    # Lengths 1 to 47, admitted in groups of 2 and 1 as slots free up.
+    prompts = _prompts([1, 16, 17, 33, 47, 2, 40], 40, seed=12)
+    run = engine.run([Request(p, 1 if len(p) > 40 else 6) for p in prompts])
+    assert [r.token_ids for r in run.results] == [
+        shared.target_only("randoms", [p], 1 if len(p) > 40 else 6)[0] for p in prompts]
+    loop = engine.batcher()
+    loop.submit(Request(prompts[0], 30))
+    loop.step()
+    loop.cancel(0, "abort")
+    loop.run_until_idle()
+    assert engine.compilations == before and engine.precompile() == 0
+
+
 def test_bad_input_is_refused_with_a_clear_error(randoms, shared):
     from aurora_jax.errors import CheckpointError, ConfigError, PromptError
     from aurora_jax.models.eagle3 import DraftConfig, init_draft

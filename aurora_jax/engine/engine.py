@@ -125,22 +125,68 @@ class Engine:
             tokens[i, : len(p)], lengths[i] = p, len(p)
         key = jax.random.fold_in(jax.random.key(self.seed + 1), self._prefills)
         self._prefills += 1
+        return self._call(("prefill", b, t), self._prefill,
+                          *self._prefill_args(tokens, lengths, key, sampling))
+
+    def _prefill_args(self, tokens_bxT: np.ndarray, lengths_b: np.ndarray, key,
+                      sampling: list[SamplingParams]) -> tuple:
         tgraph, dgraph = self.target.graphdef, self.draft and self.draft.graphdef
-        return self._call(("prefill", b, t), self._prefill, tgraph, self.target.state, dgraph,
-                          self._serving[0],
-                          jnp.asarray(tokens), jnp.asarray(lengths), key,
-                          SamplingRows.stack(sampling, b))
+        return (tgraph, self.target.state, dgraph, self._serving[0], jnp.asarray(tokens_bxT),
+                jnp.asarray(lengths_b), key, SamplingRows.stack(sampling, len(lengths_b)))
 
     def insert(self, prefix: step.Prefix, state: step.DecodeState, slots: list[int],
                max_new: list[int], sampling: list[SamplingParams]) -> step.DecodeState:
         """Puts prefilled rows into `slots` (the first len(slots) rows of the prefix)."""
+        return self._call(("insert", *prefix.tokens.shape), self._insert,
+                          *self._insert_args(prefix, state, slots, max_new, sampling))
+
+    def _insert_args(self, prefix, state, slots: list[int], max_new: list[int],
+                     sampling: list[SamplingParams]) -> tuple:
         b = prefix.lengths.shape[0]
         pad = b - len(slots)
         slot_arr = np.array(list(slots) + [self.max_slots] * pad, np.int32)  # >= B: dropped
-        return self._call(("insert", *prefix.tokens.shape), self._insert, prefix, state,
-                          jnp.asarray(slot_arr),
-                          jnp.asarray(np.array(list(max_new) + [1] * pad, np.int32)),
-                          SamplingRows.stack(sampling, b), self.eos)
+        return (prefix, state, jnp.asarray(slot_arr),
+                jnp.asarray(np.array(list(max_new) + [1] * pad, np.int32)),
+                SamplingRows.stack(sampling, b), self.eos)
+
+    def prefill_buckets(self, max_prompt_len: int | None = None) -> list[tuple[int, int]]:
+        """Every (group, length) shape `prefill` pads prompts of up to `max_prompt_len` tokens
+        to (default: the longest prompt the engine takes), for groups of 1 to max_slots."""
+        longest = min(max_prompt_len or self.max_len - 1, self.max_len - 1)
+        groups = sorted({_bucket(n, 1) for n in range(1, self.max_slots + 1)})
+        lengths = sorted({min(_bucket(n, 16), self.cache_size) for n in range(1, longest + 1)})
+        return [(b, t) for b in groups for t in lengths]
+
+    def precompile(self, max_prompt_len: int | None = None,
+                   on_program: Callable[[], None] | None = None) -> int:
+        """Compiles, or loads from the persistent compilation cache, every program that
+        traffic of prompts up to `max_prompt_len` tokens can use: prefill and insert for each
+        of `prefill_buckets`, the step and the slot release; runs none of them. Afterwards
+        `compilations` stays where it is whatever comes. `on_program` is called after each
+        (a progress bar). Returns how many programs were new."""
+        before = self.compilations
+        state = self.init_decode_state()
+        key = jax.random.key(self.seed + 1)
+
+        def build(name: tuple, fn, *args) -> jax.stages.Compiled:
+            program = self._compile(name, fn, *args)
+            if on_program is not None:
+                on_program()
+            return program
+
+        for b, t in self.prefill_buckets(max_prompt_len):
+            prefill = build(("prefill", b, t), self._prefill, *self._prefill_args(
+                np.zeros((b, t), np.int32), np.ones((b,), np.int32), key, []))
+            prefix = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                prefill.out_info)
+            build(("insert", b, t), self._insert,
+                  *self._insert_args(prefix, state, [0], [1], []))
+        dgraph = self.draft and self.draft.graphdef
+        build(("generate",), self._generate, self.target.graphdef, self.target.state, dgraph,
+              self._serving[0], state, self.eos)
+        build(("deactivate",), self._deactivate, state, jnp.int32(0))
+        return self.compilations - before
 
     def generate(self, state: step.DecodeState) -> tuple[step.DecodeState, step.StepOutput]:
         """One speculative step for every slot; `state` is consumed."""
@@ -231,9 +277,14 @@ class Engine:
         """Runs the program compiled for `key`, compiling it first (timed into compile_s).
         Arguments of another shape, dtype or sharding than the program's are an error, never
         a silent recompile."""
+        return self._compile(key, fn, *args)(*args)
+
+    def _compile(self, key: tuple, fn, *args) -> jax.stages.Compiled:
+        """The program for `key`, compiled from `args` (arrays or shape structs) on first
+        use. A program loaded from the persistent compilation cache counts as one too."""
         program = self._programs.get(key)
         if program is None:
             t0 = time.perf_counter()
             program = self._programs[key] = fn.lower(*args).compile()
             self.compile_s += time.perf_counter() - t0
-        return program(*args)
+        return program

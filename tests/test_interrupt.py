@@ -31,7 +31,7 @@ class _Command:
             self.proc = subprocess.Popen([sys.executable, "-m", "aurora_jax.cli", *args],
                                          stdout=out, stderr=err, env=env)
 
-    def wait_for(self, done, what: str, timeout_s: float = 120) -> None:
+    def wait_for(self, done, what: str, timeout_s: float = 300) -> None:
         deadline = time.time() + timeout_s
         while not done():
             if self.proc.poll() is not None or time.time() > deadline:
@@ -118,7 +118,8 @@ def test_ctrl_c_stops_train_draft_between_steps_keeping_a_checkpoint(small_ckpt,
 
 def test_ctrl_c_stops_serve_with_status_130(small_ckpt, tmp_path):
     cmd = _Command(["serve", f"target={small_ckpt}", "draft=none", "spec.mode=off",
-                    "learning.mode=off", "port=0", "max_len=192"], tmp_path)
+                    "learning.mode=off", "port=0", "max_len=192", "warmup_prompt_tokens=16"],
+                   tmp_path)
     cmd.wait_for(lambda: "serving " in cmd.out.read_text(), "server")
     rc, said = cmd.interrupt()
     assert rc == 130
@@ -143,9 +144,10 @@ def test_a_second_ctrl_c_ends_the_process_at_once(tmp_path):
         proc = subprocess.Popen([sys.executable, "-c", CHILD], stdout=f,
                                 stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 30
+        deadline = time.time() + 120
         while "ready" not in out.read_text() and time.time() < deadline:
             time.sleep(0.02)
+        assert "ready" in out.read_text(), f"the child never got ready: {out.read_text()}"
         proc.send_signal(signal.SIGINT)  # held: the block has not ended
         while "held" not in out.read_text() and time.time() < deadline:
             time.sleep(0.02)

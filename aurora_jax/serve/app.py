@@ -34,12 +34,16 @@ if TYPE_CHECKING:
     from aurora_jax.serve.server import Server
 
 
+RETRY_AFTER_S = 1
+"""What a 429 (the queue is full) tells the client to wait before it tries again."""
+
+
 def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="aurora-jax", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(APIError)
     async def api_error(_request: Request, e: APIError) -> Response:
-        return _error(e)
+        return _error(e, e.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, e: HTTPException) -> Response:
@@ -167,7 +171,9 @@ async def _serve(server: Server, http: Request, parsed: Parsed, chat: bool) -> R
     try:
         server.loop.submit(job)
     except ServerBusy as e:
-        raise APIError(429, str(e), kind="rate_limit_error") from e
+        # (OpenAI's clients wait Retry-After seconds before they try again)
+        raise APIError(429, str(e), kind="rate_limit_error",
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from e
     except ShuttingDown as e:
         raise APIError(503, str(e), kind="server_error") from e
     except AuroraError as e:

@@ -104,6 +104,11 @@ class ServeConfig:
     """Requests waiting for a slot; one more is answered 429 at once."""
     default_max_tokens: int = 128
     """max_tokens when a request gives none."""
+    warmup_prompt_tokens: int | None = None
+    """Before /health says ok, every engine compiles (or loads from the compilation cache)
+    each program prompts of up to this many tokens use: one prefill per prompt-length and
+    group-size bucket. null: up to max_len, so no request waits for a compile; 0: only the
+    decode steps and one short prompt's (other prompt shapes compile on first use)."""
     host: str = "127.0.0.1"
     """Interface to listen on; only this one."""
     port: int = 8000
@@ -126,6 +131,9 @@ class ServeConfig:
                self.max_body_bytes, self.tp) < 1:
             raise ConfigError("max_slots, max_len, max_queue, default_max_tokens, "
                               "max_body_bytes and tp must be >= 1")
+        if self.warmup_prompt_tokens is not None and self.warmup_prompt_tokens < 0:
+            raise ConfigError("warmup_prompt_tokens must be >= 0 or null, got "
+                              f"{self.warmup_prompt_tokens}")
         if self.window_steps is not None and self.window_steps < 1:
             raise ConfigError(f"window_steps must be >= 1 or null, got {self.window_steps}")
         if self.draft == "none" and any(a.needs_draft for a in self.adaptive.alternatives):

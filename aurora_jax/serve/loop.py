@@ -129,10 +129,22 @@ class ServingLoop:
 
     # ---- called from HTTP handlers (any thread) ----------------------------------------------
 
-    def start(self, warmup: Request | None = None) -> ServingLoop:
-        self._warmup = warmup
+    def start(self, warmup: Request | None = None, *, prompt_tokens: int | None = None,
+              on_program=None) -> ServingLoop:
+        """Starts the loop thread. With `warmup`, before `ready` is set, each engine compiles
+        (or loads from the compilation cache) every program that prompts of up to
+        `prompt_tokens` tokens can use (None: up to max_len; 0: none ahead of use;
+        Engine.precompile, calling `on_program` after each), then serves `warmup` once."""
+        self._warmup, self._prompt_tokens, self._on_program = warmup, prompt_tokens, on_program
         self._thread.start()
         return self
+
+    def programs_to_warm(self, prompt_tokens: int | None = None) -> int:
+        """How many programs `start` with a warm-up builds before `ready` (a progress bar's
+        total)."""
+        if prompt_tokens == 0:
+            return 0
+        return sum(2 * len(e.prefill_buckets(prompt_tokens)) + 2 for e in self.engines.values())
 
     def submit(self, job: Job) -> None:
         """Queues `job`; raises PromptError for a request no engine can take, ServerBusy when
@@ -150,11 +162,18 @@ class ServingLoop:
     def cancel(self, job: Job, reason: str = "abort") -> None:
         self._inbox.put(("cancel", job, reason))
 
-    def shutdown(self, grace_s: float = 30.0) -> None:
-        """Stops admitting; in-flight requests get `grace_s` to finish, then end "abort"."""
+    def stop_admitting(self, grace_s: float) -> None:
+        """Refuses new requests from now on (ShuttingDown); queued ones end "abort" at once
+        and those in slots get `grace_s` from now to finish, then end "abort", each with its
+        final event. Returns at once; a later call can shorten the grace, never extend it."""
         with self._lock:
             self._admitting = False
         self._inbox.put(("shutdown", grace_s))
+
+    def shutdown(self, grace_s: float = 30.0) -> None:
+        """`stop_admitting(grace_s)`, then waits for the loop to end and stops the learner
+        and the draft watcher."""
+        self.stop_admitting(grace_s)
         self._thread.join()
         if self.online is not None:
             self.online.stop()  # it finishes its step and its last publication
@@ -178,7 +197,9 @@ class ServingLoop:
     def _run(self) -> None:
         try:
             if self._warmup is not None:
-                for engine in self.engines.values():  # compiles each steady-state step
+                for engine in self.engines.values():  # every program traffic will use
+                    if self._prompt_tokens != 0:
+                        engine.precompile(self._prompt_tokens, self._on_program)
                     engine.run([dataclasses.replace(self._warmup, id=f"warmup-{id(engine)}")])
                 self.batchers = self._new_batchers()
             self._show_compiles()
@@ -303,8 +324,9 @@ class ServingLoop:
                                              len(job.request.prompt), finish_reason=reason))
             else:
                 self.batchers[job.mode].cancel(job.index, reason)
-        elif kind == "shutdown":
-            self._stop_deadline = time.perf_counter() + item[1]
+        elif kind == "shutdown":  # (the earliest deadline asked for stands)
+            deadline = time.perf_counter() + item[1]
+            self._stop_deadline = min(self._stop_deadline or deadline, deadline)
             while self._waiting:
                 job = self._waiting.popleft()
                 self._end(job, RequestResult(job.request.id, job.request.domain,

@@ -19,10 +19,13 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+import uvicorn
 
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.data.vocab import scratch_draft_vocab
@@ -51,7 +54,8 @@ log = logging.getLogger(__name__)
 class Server:
     """Everything `aurora-jax serve` runs, built and warm; `app` is the ASGI app."""
 
-    def __init__(self, cfg: ServeConfig, target_dir: str | Path, *, warm: bool = True):
+    def __init__(self, cfg: ServeConfig, target_dir: str | Path, *, warm: bool = True,
+                 progress: bool = False):
         self.cfg = cfg
         self.tokenizer = Tokenizer.load(target_dir)
         self.model_name = cfg.model_name or _model_name(Path(target_dir))
@@ -107,10 +111,28 @@ class Server:
                                 learn_when_idle=learning.schedule == "idle",
                                 lockstep=self.lockstep)
         warmup = Request(self.tokenizer.encode("Hello") or [0], 4) if warm else None
-        self.loop.start(warmup)
+        self.loop.start(warmup, prompt_tokens=cfg.warmup_prompt_tokens,
+                        on_program=self._progress(warm and progress))
         from aurora_jax.serve.app import create_app
 
         self.app = create_app(self)
+
+    def _progress(self, show: bool):
+        """A progress bar's update for the programs warm-up builds (None: no bar); the bar
+        closes itself at its total."""
+        total = self.loop.programs_to_warm(self.cfg.warmup_prompt_tokens)
+        if not show or not total:
+            return None
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="serve: compiling", unit="program", file=sys.stderr)
+
+        def update() -> None:
+            bar.update()
+            if bar.n >= bar.total:
+                bar.close()
+
+        return update
 
     def _other_engines(self, kw: dict) -> dict[str, Engine]:
         """Mode name -> engine: `self.engine` first ("spec", or "off" when it does not
@@ -154,11 +176,15 @@ class Server:
         return self.publisher.publish(new.state)
 
     def close(self, grace_s: float = 5.0) -> None:
+        """Stops in order: the serving loop (requests get `grace_s`), the learner and the
+        draft watcher, each engine's trace thread once its last trace reached the learner or
+        the store, then the store's last shard. A trace thread left running would crash the
+        process's exit (engine/trace.py)."""
         self.loop.shutdown(grace_s)
+        for engine in self.engines.values():
+            if engine.traces:
+                engine.traces.close()
         if getattr(self, "store", None) is not None:
-            for engine in self.engines.values():
-                if engine.traces:
-                    engine.traces.flush()
             self.store.flush()
 
 
@@ -167,8 +193,6 @@ def serving_in_thread(server: Server) -> Iterator[str]:
     """Serves `server.app` on a free 127.0.0.1 port from a background thread (tests,
     benchmarks, notebooks); yields the base URL, then stops uvicorn and closes the server."""
     import threading
-
-    import uvicorn
 
     if not server.loop.ready.wait(600) or server.loop.error is not None:
         raise RuntimeError(f"the server did not start: {server.loop.error}")
@@ -210,18 +234,19 @@ def serve(cfg: ServeConfig, target_dir: str | Path, grace_s: float = 30.0) -> No
     import signal
     import threading
 
-    import uvicorn
-
     from aurora_jax.interrupt import Interrupted
 
     print(f"serve: loading {target_dir} and compiling ...", file=sys.stderr, flush=True)
-    server = Server(cfg, target_dir)
+    server = Server(cfg, target_dir, progress=is_primary())
     server.loop.ready.wait()
     if server.loop.error is not None:
         raise server.loop.error
+    # uvicorn's own grace is longer than the loop's: requests still in slots when the loop's
+    # runs out end "abort" and their streams get that final chunk before connections close.
     config = uvicorn.Config(server.app, host=cfg.host, port=cfg.port, log_level="warning",
-                            timeout_graceful_shutdown=int(grace_s), lifespan="off")
-    http = uvicorn.Server(config)
+                            timeout_graceful_shutdown=math.ceil(grace_s) + _HTTP_GRACE_EXTRA_S,
+                            lifespan="off")
+    http = _Http(config, server.loop.stop_admitting, grace_s)
 
     def announce():
         while not http.started:
@@ -248,6 +273,25 @@ def serve(cfg: ServeConfig, target_dir: str | Path, grace_s: float = 30.0) -> No
     print(f"serve: stopped; {_kept(server)}", file=sys.stderr, flush=True)
 
 
+_HTTP_GRACE_EXTRA_S = 5
+"""Seconds uvicorn waits for connections past the serving loop's grace."""
+
+
+class _Http(uvicorn.Server):
+    """uvicorn, which on SIGTERM or Ctrl-C also starts the serving loop's grace at once (not
+    after uvicorn's own wait for connections): new requests are refused, queued ones end
+    "abort", and each in-flight one gets the grace, then ends "abort" with its final chunk.
+    A second signal ends what is left at once."""
+
+    def __init__(self, config: uvicorn.Config, stop_admitting, grace_s: float):
+        super().__init__(config)
+        self._stop_admitting, self._grace_s = stop_admitting, grace_s
+
+    def handle_exit(self, sig, frame) -> None:
+        self._stop_admitting(0.0 if self.should_exit else self._grace_s)
+        super().handle_exit(sig, frame)
+
+
 def follow(cfg: ServeConfig, target_dir: str | Path) -> None:
     """Serves as one of the other processes of a multi-process job: the same engines and
     serving loop as the primary, no HTTP; returns when the primary's loop has stopped. A
@@ -259,6 +303,7 @@ def follow(cfg: ServeConfig, target_dir: str | Path) -> None:
     signal.signal(signal.SIGTERM, lambda signum, _frame: log.warning(
         "SIGTERM ignored: this process stops when process 0 stops serving"))
     server.loop.wait()
+    server.close()  # (its loop has ended: this stops the threads beside it)
     if server.loop.error is not None:
         raise server.loop.error
     import jax

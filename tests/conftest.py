@@ -9,6 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from aurora_jax.compile_cache import directory as compile_cache_directory
+
+# One persistent compilation cache for the whole suite, set in the environment before jax is
+# imported, so that every process a test starts (multi-process jobs, learner processes,
+# servers, the notebook's kernel) reads and writes it too: an engine built by a second test
+# loads the programs the first one compiled. Every program is written, however fast it
+# compiled. `AURORA_JAX_COMPILE_CACHE=off` runs the suite without it; a folder there, or in
+# JAX_COMPILATION_CACHE_DIR, replaces the default (<cache root>/jax-compile).
+_COMPILE_CACHE = compile_cache_directory()
+if _COMPILE_CACHE is not None:
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_COMPILE_CACHE))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 # The builtin-scratch recipe at test size: a Llama-architecture model with a SentencePiece
 # tokenizer, trained for a few seconds on the standard library, in Hugging Face layout.
 SMALL_RECIPE = dict(
@@ -50,6 +63,20 @@ def chat_ckpt(small_ckpt, tmp_path_factory) -> Path:
     shutil.copytree(small_ckpt, out)
     (out / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
     return out
+
+
+@pytest.fixture(scope="session")
+def shared_server(chat_ckpt):
+    """(server, base url): one server for test_serve.py and test_serve_fuzz.py
+    (serving.shared_config), built and warmed once per session. A test that changes its
+    runtime state (its queue bound, its draft) puts it back or says what it leaves."""
+    from serving import shared_config
+
+    from aurora_jax.serve.server import Server, serving_in_thread
+
+    server = Server(shared_config(chat_ckpt), chat_ckpt)
+    with serving_in_thread(server) as url:
+        yield server, url
 
 
 @pytest.fixture(scope="session")

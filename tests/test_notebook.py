@@ -36,8 +36,20 @@ def test_committed_notebook_has_no_outputs_and_a_parameters_cell():
     assert len(tagged) == 1 and "SMALL =" in tagged[0].source
 
 
+def _with_parameters(nb, **values):
+    """The notebook with a cell setting `values` right after its parameters cell (as
+    papermill injects them)."""
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    source = "\n".join(f"{k} = {v!r}" for k, v in values.items())
+    cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+    nb.cells.insert(at + 1, cell)
+    return nb
+
+
 @pytest.mark.slow
-def test_quickstart_runs_small_on_cpu(tmp_path, monkeypatch):
+def test_quickstart_runs_small_on_cpu(chat_ckpt, tmp_path, monkeypatch):
+    """The suite's small chat checkpoint is the notebook's target (TARGET injected after its
+    parameters cell), so the notebook trains no model of its own."""
     before = sorted(p.relative_to(ROOT) for p in NOTEBOOK.parent.rglob("*"))
     copy = tmp_path / "quickstart.ipynb"
     shutil.copy(NOTEBOOK, copy)
@@ -45,7 +57,7 @@ def test_quickstart_runs_small_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("AURORA_JAX_CACHE", str(tmp_path / "cache"))  # no user cache touched
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # one CPU device, as a user has
-    nb = nbformat.read(copy, as_version=4)
+    nb = _with_parameters(nbformat.read(copy, as_version=4), TARGET=str(chat_ckpt))
     t0 = time.perf_counter()
     # Raises CellExecutionError, naming the cell, if any cell fails (asserts included).
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
@@ -56,6 +68,8 @@ def test_quickstart_runs_small_on_cpu(tmp_path, monkeypatch):
     assert all(o.get("output_type") != "error" for c in code for o in c.outputs)
     assert all(c.execution_count is not None for c in code)
     out = "\n".join(_stdout(c) for c in code)
+    assert f"target: {chat_ckpt}" in out  # the given checkpoint, not one trained here
+    assert not (tmp_path / "quickstart" / "cache").exists()
 
     # The run: its summary's side-by-side check, and its three plots shown as images.
     assert "greedy outputs equal: True" in out

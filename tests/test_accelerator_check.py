@@ -1,12 +1,16 @@
-"""scripts/accelerator_check.py --small: every section's path runs on CPU and its results
-hold the invariants the full check reports on hardware."""
+"""scripts/accelerator_check.py --small: every section's path runs on CPU, and what a CPU can
+check holds: the kernel (in Pallas interpret mode) agrees with its reference, speculative
+greedy output equals target-only's token for token, each setting's step is timed and its
+compile time reported, the draft trains, and both report files hold every section.
+
+On CPU the "device" is the CPU itself, so this test makes none of the hardware claims the
+full check reports: a target-only parity row compares a program with itself there, and the
+memory floors and the target-only baseline's ratios (1 by definition) are arithmetic."""
 
 from __future__ import annotations
 
 import json
 import math
-
-import jax
 
 from aurora_jax.hardware.check import SECTIONS, main
 
@@ -17,31 +21,33 @@ def test_small_check_runs_every_section(small_ckpt, tmp_path):
     assert list(sections) == list(SECTIONS)
     for name, res in sections.items():
         assert "error" not in res, f"{name}: {res.get('error')}"
-    assert sections["device"]["backend"] == jax.default_backend()
-    assert sections["device"]["copy_bandwidth_gbps"] > 0
+    assert sections["device"]["copy_bandwidth_gbps"] > 0  # a copy was timed
 
     # The kernel (interpret mode here) agreed with the reference before it was timed.
     (krow,) = sections["kernels"]["rows"]
     assert krow["kernel_us"] is not None and "kernel_error" not in krow
 
-    # Greedy output: device == CPU, and speculative == target-only, token for token.
-    for row in sections["parity"]["rows"] + sections["pretrained"]["parity"]:
+    # Speculative greedy output == target-only's, token for token, on the random model and
+    # on the small checkpoint (the parity sections' speculative rows: here both sides run on
+    # the CPU, so that is all they check).
+    parity = sections["parity"]["rows"] + sections["pretrained"]["parity"]
+    speculative = [row for row in parity if row["spec"] != "off"]
+    assert [row["spec"] for row in speculative] == ["tree", "tree"]
+    for row in speculative:
         assert row["equal"] == row["sequences"], row
 
     decode = {(r["batch"], r["spec"]): r for r in sections["decode"]["rows"]}
     assert set(decode) == {(2, "off"), (2, "tree"), (2, "chain")}
-    assert decode[(2, "off")]["vs_off"] == 1.0
     for r in decode.values():
-        assert r["step_ms"] > 0 and r["floor_weights_kv_ms"] > r["floor_weights_ms"] > 0
+        assert r["step_ms"] > 0  # timed
         assert r["compile_s"] > 0  # its program was compiled in the section, and reported
 
     pre = sections["pretrained"]
     assert pre["training"]["steps"] == 4 and math.isfinite(pre["training"]["final_loss"])
     speed = {r["spec"]: r for r in pre["rows"]}
     assert set(speed) == {"off", "tree"}
-    assert speed["off"]["speedup_vs_target_only"] == 1.0
-    for r in speed.values():
-        assert r["outputs_equal_target_only"] == "8/8" and r["acceptance_length"] >= 1.0
+    assert speed["tree"]["outputs_equal_target_only"] == "8/8"
+    assert speed["tree"]["acceptance_length"] >= 1.0  # each step commits the target's token
 
     # Both files hold every section.
     on_disk = json.loads((tmp_path / "accelerator_check.json").read_text())

@@ -82,10 +82,26 @@ def copycat():
     return copycat_pair(tiny_cfg())
 
 
-def test_publications_of_unfit_drafts_are_refused_and_a_skipped_swap_raises(copycat,
-                                                                          monkeypatch):
+@pytest.fixture(scope="module")
+def copycat_engine(copycat) -> Engine:
+    """The one engine over the copycat pair that this module's tests share (built and
+    compiled once); take it through `engine`."""
     target, draft, _ = copycat
-    engine = Engine(target, draft, SpecConfig(mode="chain", depth=3), max_slots=1, max_len=64)
+    return Engine(target, draft, SpecConfig(mode="chain", depth=3), max_slots=2, max_len=96)
+
+
+@pytest.fixture
+def engine(copycat, copycat_engine) -> Engine:
+    """The shared copycat engine as a test expects a new one: serving the copycat draft
+    itself (the very state object) as version 0, whatever the last test swapped in. A swap
+    takes params as arguments, so handing the engine on recompiles nothing."""
+    copycat_engine.set_draft(copycat[1].state, version=0)
+    return copycat_engine
+
+
+def test_publications_of_unfit_drafts_are_refused_and_a_skipped_swap_raises(copycat, engine,
+                                                                          monkeypatch):
+    _, draft, _ = copycat
     pub = EnginePublisher(engine)
     other = swap_state(draft, seed=7)
     assert draft_problem(other, draft.state) is None
@@ -116,29 +132,40 @@ class _Direct:
         fn(*args)
 
 
+WAIT_S = 300
+"""Seconds a test waits for the serving loop's next event: its first steps compile programs,
+tens of seconds on a loaded 2-core machine."""
+
+
 def _serve(loop: ServingLoop, prompts, max_new: int) -> list:
     jobs = [Job(Request(p, max_new), TextStream(lambda ids: "", []), queue.Queue(),
                 _Direct()) for p in prompts]  # type: ignore[arg-type]
     for job in jobs:
         loop.submit(job)
     results = []
-    for job in jobs:
-        while (event := job.events.get(timeout=120))[0] != "end":
+    for i, job in enumerate(jobs):
+        while True:
+            try:
+                event = job.events.get(timeout=WAIT_S)
+            except queue.Empty:
+                pytest.fail(f"request {i} of {len(jobs)} got no event in {WAIT_S} s "
+                            f"(the loop's error: {loop.error!r})")
+            if event[0] == "end":
+                break
             assert event[0] == "delta", event
         results.append(event[2])
     return results
 
 
-def test_the_guard_rolls_back_a_random_draft_while_serving_losslessly(copycat):
+def test_the_guard_rolls_back_a_random_draft_while_serving_losslessly(copycat, engine):
     """The copycat draft accepts everything (tau = depth + 1); a random draft of the same
     shape published mid-traffic accepts nothing, is rolled back within min_rows rows and a
     step or two, and every output stays the target's."""
     target, draft, _ = copycat
-    engine = Engine(target, draft, SpecConfig(mode="chain", depth=3), max_slots=2, max_len=96)
     metrics = ServerMetrics(3)
     loop = ServingLoop({"spec": engine}, metrics, max_queue=32,
                        guard=GuardConfig(min_rows=16)).start()
-    assert loop.ready.wait(120)
+    assert loop.ready.wait(WAIT_S), f"the serving loop was not ready in {WAIT_S} s: {loop.error!r}"
     reference = TargetGenerator(target, eos_ids=engine.eos_ids)
     rng = np.random.default_rng(0)
     prompts = [[int(x) for x in rng.integers(3, 40, size=5)] for _ in range(16)]
@@ -162,14 +189,14 @@ def test_the_guard_rolls_back_a_random_draft_while_serving_losslessly(copycat):
     assert metrics.rollbacks._value.get() == 1
 
 
-def test_a_rolled_back_version_is_never_swapped_in_again_nor_trained_on(copycat, tmp_path):
+def test_a_rolled_back_version_is_never_swapped_in_again_nor_trained_on(copycat, engine,
+                                                                        tmp_path):
     """Across processes: the engine's watcher refuses the version the guard rolled back and
     leaves a note; the learner process takes the note, trains on from the newest version
     not rolled back, and a restarted learner does not resume from the bad one."""
     from aurora_jax.learn.draft_sync import DraftPublisher, DraftWatcher, rejected_versions
 
-    target, draft, _ = copycat
-    engine = Engine(target, draft, SpecConfig(mode="chain", depth=3), max_slots=1, max_len=64)
+    _, draft, _ = copycat
     drafts = tmp_path / "drafts"
     pub = DraftPublisher(drafts, draft.state)
     watcher = DraftWatcher(engine, drafts, poll_s=3600)
@@ -196,10 +223,11 @@ def test_a_rolled_back_version_is_never_swapped_in_again_nor_trained_on(copycat,
     assert DraftPublisher(rejected_only, draft.state).resume()[0] == 1
 
 
-def test_the_learner_trains_on_from_the_rolled_back_draft_with_fresh_moments():
+def test_the_learner_trains_on_from_the_rolled_back_draft_with_fresh_moments(monkeypatch):
     """OnlineLearner.roll_back: at its next step the learner starts from the given draft
     (not from the state that collapsed), with zeroed optimizer moments and its step count
-    kept; that step then moves the weights away from the given draft as a first step does."""
+    kept; that step then moves the weights away from the given draft as a first step does.
+    The step is the learner's own `train_step`, which must apply the pending reset itself."""
     from spec_models import random_pair
 
     from aurora_jax.engine.engine import Engine
@@ -228,17 +256,20 @@ def test_the_learner_trains_on_from_the_rolled_back_draft_with_fresh_moments():
     fresh.state = fresh.state.replace(step=learner.state.step)  # the same schedule point
     fresh.reset_to(trusted)
     before = int(learner.state.step)
-    batch = online._batch()
-    online.learner.reset_to(trusted)  # what train_step does first, here by hand to compare
-    online._reset_to = None
-    m_rolled = online.learner.step(batch)
+    batches = []  # the batch train_step draws, to give the fresh learner the same one
+    draw = online._batch
+    monkeypatch.setattr(online, "_batch", lambda: batches.append(draw()) or batches[-1])
+    online.train_step()  # applies the pending reset, then steps
+    m_rolled = online.last_metrics
+    (batch,) = batches
     m_fresh = fresh.step(batch)
     assert int(learner.state.step) == before + 1 and online.rollbacks == 1
+    assert online._reset_to is None
     np.testing.assert_allclose(float(m_rolled["loss"]), float(m_fresh["loss"]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(learner.state.params), jax.tree.leaves(fresh.state.params),
                     strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    # And through train_step itself: the pending reset is applied before the step.
+    # A second rollback is taken as the first: pending until the next step, then applied.
     online.roll_back(trusted, bad_version=2)
     online.train_step()
     assert online._reset_to is None and online.rollbacks == 2

@@ -49,6 +49,21 @@ def test_arms_differ_only_in_their_objective(experiment):
         assert fp[0] != fp[1]
 
 
+def test_other_objectives_train_other_drafts(experiment):
+    """The arms differ in what they learn, not only in name: on the same batches from the
+    same start, each arm's last loss differs from every other arm's, and so does its last
+    TTT loss (the term every arm shares, on weights its own objective trained)."""
+    _, results = experiment
+    for name, sc in results["scenarios"].items():
+        for seed in (0, 1):
+            last = {arm: next(r for r in runs if r["seed"] == seed)["last_metrics"]
+                    for arm, runs in sc["runs"].items()}
+            assert len(last) >= 2
+            for key in ("loss", "ttt_loss"):
+                values = {arm: m[key] for arm, m in last.items()}
+                assert len(set(values.values())) == len(values), (name, seed, key, values)
+
+
 def test_report_files_and_summary(experiment):
     out, results = experiment
     saved = json.loads((out / "results.json").read_text())

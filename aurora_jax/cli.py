@@ -18,6 +18,10 @@ typo) are printed as one line naming the problem, with exit status 2. Ctrl-C sto
 cleanly: it keeps what finished, says in one line what and where, and exits 130; a second
 Ctrl-C ends it at once (interrupt.py).
 
+Compiled programs are kept on disk and loaded by the next command that builds them (a
+server's second start compiles nothing): see compile_cache.py; `AURORA_JAX_COMPILE_CACHE=off`
+turns that off, a folder there moves it.
+
 Multi-host: `run`, `serve`, `generate` and `learn` first join a multi-process JAX job when
 their config's `distributed:` section or the environment asks for one (distributed.py); the
 target is then split over every process's devices, every process runs the same steps, and only
@@ -200,7 +204,8 @@ def _generate_many(args, sampling, spec, items: list[dict]) -> int:
             print(f"--- {res.id}: {text}", flush=True)
 
     try:
-        run = serving.run(requests, on_result=report)
+        with serving:  # the trace thread and the store end before the process does
+            run = serving.run(requests, on_result=report)
     except interrupt.Interrupted:
         traces = f"; traces in {workdir_paths(args.workdir)[0]}" if args.workdir else ""
         raise interrupt.Interrupted(f"kept the {len(done)} of {len(requests)} results that "
@@ -589,6 +594,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="aurora-jax: %(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.command != "convert":  # every command that compiles: programs from disk next time
+        from aurora_jax import compile_cache
+
+        compile_cache.enable()
     with interrupt.handled():
         try:
             return args.func(args)

@@ -133,6 +133,12 @@ class TraceEmitter:
         self._queue.join()
 
     def close(self) -> None:
+        """Hands every submitted trace to the consumer, then ends the worker thread and waits
+        for it; calling it again does nothing. Close before the process exits: a worker still
+        converting device arrays while the interpreter and JAX's runtime tear down crashes the
+        process (SIGSEGV after the last line it printed)."""
+        if not self._thread.is_alive():
+            return
         self.flush()
         self._queue.put(None)
         self._thread.join()

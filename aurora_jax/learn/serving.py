@@ -9,7 +9,10 @@ Three ways to serve a stream of requests (what `aurora-jax generate --prompts` o
 - workdir: traces written to a shared workdir (a directory or a kvstore URL) and drafts
   restored from it (learn/remote.py), for an `aurora-jax learn --workdir` process.
 `LearningEngine.run` starts what needs starting and stops, flushes and joins it afterwards,
-also when serving fails, so a launcher script needs none of this bookkeeping.
+also when serving fails, so a launcher script needs none of this bookkeeping; `close()` (or
+leaving a `with` block) ends the rest, in order: the draft watcher, the trace thread after
+the last trace, the trace store's last shard. A process that exits with the trace thread
+still converting a step's device arrays crashes in JAX's teardown (engine/trace.py).
 """
 
 from __future__ import annotations
@@ -66,13 +69,30 @@ class LearningEngine:
         try:
             return self.engine.run(requests, on_result=callback)
         finally:
+            if self.engine.traces:  # the last step's trace is submitted after its results
+                self.engine.traces.flush()
             if online is not None:
                 online.stop()
             if self.watcher is not None and self.store is not None:
                 self.watcher.stop()
-                if self.engine.traces:
-                    self.engine.traces.flush()
                 self.store.flush()
+
+    def close(self) -> None:
+        """Stops the draft watcher, ends the trace thread once every trace reached the learner
+        or the store, and writes the store's last shard. Serving again afterwards is an
+        error; calling it again does nothing."""
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.engine.traces:
+            self.engine.traces.close()
+        if self.store is not None:
+            self.store.flush()
+
+    def __enter__(self) -> LearningEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def describe(self) -> str:
         """What the learning did, in a few words."""

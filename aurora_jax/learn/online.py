@@ -166,9 +166,15 @@ class OnlineLearner:
         return self
 
     def stop(self) -> None:
+        """Ends the thread after its step (and any publication), then waits for the steps
+        already dispatched to the devices: the interleaved schedule dispatches its last steps
+        right before serving ends, and nothing must still run on them while the process tears
+        JAX down."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self.error is None:  # (a failed step may have left its donated state deleted)
+            jax.block_until_ready(self.learner.state)
 
     @property
     def running(self) -> bool:

@@ -2,11 +2,12 @@
 has learned and published drafts, exits 0 with none of its threads left running.
 
 The bug this guards (issue 26): the engine hands a step's trace to its trace thread after the
-step's finished requests were reported, so the command returned while that thread was still
-turning the last step's device arrays into numpy. The interpreter and JAX's runtime then tore
-down under it: SIGSEGV (exit 139) after the summary line, in 3 of 4 runs on a 16M-parameter
-target. Whether a given run crashes is a race; a trace thread still alive when the command
-returns is not, so the child also reports the threads left once `main` returned.
+step's finished requests were reported, and nothing closed that thread, so the command returned
+while it was still turning the last step's device arrays into numpy (and the learner's last
+steps were still running). The interpreter and JAX's runtime then tore down under it: SIGSEGV
+(exit 139) after the summary line, in 3 of 4 runs on a 16M-parameter target. Whether a given
+run crashes is a race; a trace thread still alive when the command returns is not, so the child
+also reports the threads left once `main` returned.
 """
 
 from __future__ import annotations

@@ -135,8 +135,8 @@ class TraceEmitter:
     def close(self) -> None:
         """Hands every submitted trace to the consumer, then ends the worker thread and waits
         for it; calling it again does nothing. Close before the process exits: a worker still
-        converting device arrays while the interpreter and JAX's runtime tear down crashes the
-        process (SIGSEGV after the last line it printed)."""
+        inside JAX (turning a step's arrays into numpy) when the interpreter and JAX's runtime
+        tear down kills the process after its last line (SIGSEGV or SIGABRT)."""
         if not self._thread.is_alive():
             return
         self.flush()

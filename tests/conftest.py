@@ -41,6 +41,34 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _mapped_regions() -> int | None:
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs(request):
+    """Frees what a test module compiled once it ends. Every compiled XLA:CPU program holds
+    memory mappings of its own (its JIT-linked code sections), and Linux caps a process at
+    vm.max_map_count (65530) of them: a suite that kept every engine's programs alive ended
+    with LLVM aborting ("report_fatal_error" from RuntimeDyld's emitSection) when the next
+    program could not be mapped. Programs still in use (a session fixture's server) stay."""
+    yield
+    import gc
+
+    import jax
+
+    gc.collect()
+    jax.clear_caches()
+    log = os.environ.get("AURORA_JAX_TEST_MAPS_LOG")
+    if log:  # a debugging aid: mapped regions left after each module
+        with open(log, "a") as f:
+            f.write(f"{request.module.__name__} {_mapped_regions()}\n")
+
+
 @pytest.fixture(scope="session")
 def small_ckpt(tmp_path_factory) -> Path:
     """A small trained checkpoint directory (config.json, model.safetensors, tokenizer.model),

@@ -78,3 +78,42 @@ def test_generate_online_exits_0_after_publishing_drafts(small_ckpt, tmp_path: P
     left = re.search(r"threads left: (.*)", proc.stderr)
     assert left is not None, said
     assert set(json.loads(left.group(1))) <= HARMLESS, said
+
+
+def test_an_emitter_dropped_without_close_frees_its_consumer_and_ends_its_thread():
+    """An engine dropped unclosed must not live on through its trace thread: the worker
+    holds its emitter weakly, so the emitter (and whatever its consumer holds: an engine,
+    its compiled programs) is freed, and the worker ends within a few seconds. Closed, an
+    emitter delivers every trace first."""
+    import gc
+    import threading
+    import time
+    import weakref
+
+    from aurora_jax.engine.trace import TraceEmitter
+
+    class Holder:  # what a consumer holds in real use (an online learner holds its engine)
+        def __init__(self):
+            self.got = []
+            self.emitter = TraceEmitter(self.take)
+
+        def take(self, trace):
+            self.got.append(trace)
+
+    kept = Holder()
+    kept.emitter.submit("a")
+    kept.emitter.close()
+    assert kept.got == ["a"] and not kept.emitter._thread.is_alive()
+
+    dropped = Holder()
+    dropped.emitter.submit("b")
+    dropped.emitter.flush()
+    thread, alive = dropped.emitter._thread, weakref.ref(dropped)
+    del dropped
+    gc.collect()
+    assert alive() is None, "the worker thread kept its emitter's consumer alive"
+    deadline = time.monotonic() + 10
+    while thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not thread.is_alive(), "the worker of a dropped emitter never ended"
+    assert thread not in threading.enumerate()

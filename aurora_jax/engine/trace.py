@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 
 import jax
@@ -91,14 +92,19 @@ class EndTrace:
 
 
 class TraceEmitter:
-    """Hands traces to `sink` on a worker thread, at most `max_pending` waiting."""
+    """Hands traces to `sink` on a worker thread, at most `max_pending` waiting.
+
+    The worker holds only a weak reference to its emitter: an engine dropped without `close`
+    (a test's, a benchmark's) can then be freed with its compiled programs, and the worker ends
+    within a second once the emitter is gone. Traces still queued then are not delivered."""
 
     def __init__(self, sink: Callable[[object], None], max_pending: int = 64):
         self.sink = sink
         self.dropped = 0
         self.emitted = 0
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
-        self._thread = threading.Thread(target=self._work, name="aurora-traces", daemon=True)
+        self._thread = threading.Thread(target=_work, args=(self._queue, weakref.ref(self)),
+                                        name="aurora-traces", daemon=True)
         self._thread.start()
 
     def submit(self, trace) -> None:
@@ -112,21 +118,15 @@ class TraceEmitter:
         for x in jax.tree.leaves(arrays):
             x.copy_to_host_async()
 
-    def _work(self) -> None:
-        while True:
-            trace = self._queue.get()
-            if trace is None:
-                return
-            try:
-                if isinstance(trace, VerifyTrace):
-                    trace.arrays = {k: np.asarray(v) for k, v in trace.arrays.items()}
-                self.sink(trace)
-                self.emitted += 1
-            except Exception:  # a failing consumer must not take the server down
-                log.exception("trace consumer failed; trace dropped")
-                self.dropped += 1
-            finally:
-                self._queue.task_done()
+    def _deliver(self, trace) -> None:
+        try:
+            if isinstance(trace, VerifyTrace):
+                trace.arrays = {k: np.asarray(v) for k, v in trace.arrays.items()}
+            self.sink(trace)
+            self.emitted += 1
+        except Exception:  # a failing consumer must not take the server down
+            log.exception("trace consumer failed; trace dropped")
+            self.dropped += 1
 
     def flush(self) -> None:
         """Waits until every submitted trace reached the consumer."""
@@ -142,3 +142,24 @@ class TraceEmitter:
         self.flush()
         self._queue.put(None)
         self._thread.join()
+
+
+def _work(pending: queue.Queue, owner: weakref.ref) -> None:
+    """The worker: delivers each trace through its emitter until `close` sends None, or until
+    the emitter has been garbage collected."""
+    while True:
+        try:
+            trace = pending.get(timeout=1.0)
+        except queue.Empty:
+            if owner() is None:
+                return
+            continue
+        if trace is None:
+            return
+        try:
+            emitter = owner()
+            if emitter is not None:
+                emitter._deliver(trace)
+            del emitter
+        finally:
+            pending.task_done()

@@ -12,6 +12,14 @@ without a cache (training, which needs gradients the kernel does not define, and
 an empty cache) always take the reference. `attention` checks its operands' shapes first (at
 trace time), so a mismatch is named the same way whichever implementation would have run.
 
+The platform is the one the program is being compiled for: the devices of the context mesh
+(`jax.set_mesh`, which the engine sets around every program it compiles, and which lets a CPU
+host compile for an abstract TPU topology), else the default backend. Under a mesh of more
+than one device the kernel runs inside `shard_map` (Mosaic and Triton calls cannot be
+partitioned automatically): the batch split over "dp" and the KV heads (with their query
+heads) over "tp", as the cache is laid out (models/sharding.py); an axis that does not divide
+stays whole, and each device then computes that part of the problem in full.
+
 Before "auto" first picks a kernel on a backend, it compiles and runs it once on a small
 problem against the reference; a kernel that fails to lower or disagrees (a jax version whose
 Pallas backend changed, say) is logged and the reference is used instead, so serving never
@@ -26,6 +34,7 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import tree_attention_tpu as tpu
 from pallas_kernels._common import BlockSizes, check_operands
@@ -48,11 +57,21 @@ def check_impl(impl: str) -> str:
     return impl
 
 
+def platform() -> str:
+    """The platform the program being traced is for: the context mesh's, else the default
+    backend's ("cpu", "gpu" or "tpu")."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    if device is None or device.platform is None:
+        return jax.default_backend()
+    return "gpu" if device.platform in ("cuda", "rocm") else device.platform
+
+
 def resolve(impl: str) -> str:
-    """"auto" made concrete for the default backend: "pallas" or "reference"."""
+    """"auto" made concrete for the platform: "pallas" or "reference"."""
     if check_impl(impl) != "auto":
         return impl
-    backend = jax.default_backend()
+    backend = platform()
     return "pallas" if backend in KERNEL_BACKENDS and kernel_works(backend) else "reference"
 
 
@@ -89,18 +108,36 @@ def attention(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
     kernel's block sizes (None: that kernel's DEFAULT_BLOCKS)."""
     check_operands("attention", q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
                    k_cache_BxSxKxD, v_cache_BxSxKxD, cache_len_B, needs_cache=False)
-    how = "reference" if k_cache_BxSxKxD is None else resolve(impl)
-    on_tpu = how == "pallas" and jax.default_backend() == "tpu"
-    if blocks is None:
-        blocks = tpu.DEFAULT_BLOCKS if on_tpu else DEFAULT_BLOCKS
-    if on_tpu and not tpu.supported(q_BxTxQxD.shape[-1], k_cache_BxSxKxD.shape[1], blocks):
-        how = "reference"
-    if how == "reference":
-        return tree_attention_reference(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD,
-                                        block_mask_BxTxJ, k_cache_BxSxKxD, v_cache_BxSxKxD,
-                                        cache_len_B)
     args = (q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ, k_cache_BxSxKxD,
             v_cache_BxSxKxD, cache_len_B)
-    if on_tpu:
-        return tpu.tree_attention_tpu(*args, blocks=blocks)
-    return tree_attention(*args, blocks=blocks, interpret=how == "interpret")
+    how = "reference" if k_cache_BxSxKxD is None else resolve(impl)
+    if how == "reference":
+        return tree_attention_reference(*args)
+    if how == "interpret":
+        return _per_shard(functools.partial(tree_attention, blocks=blocks or DEFAULT_BLOCKS,
+                                            interpret=True), args)
+    if platform() != "tpu":
+        return _per_shard(functools.partial(tree_attention, blocks=blocks or DEFAULT_BLOCKS),
+                          args)
+    blocks = blocks or tpu.DEFAULT_BLOCKS
+    if not tpu.supported(q_BxTxQxD.shape[-1], k_cache_BxSxKxD.shape[1], blocks):
+        return tree_attention_reference(*args)
+    return _per_shard(functools.partial(tpu.tree_attention_tpu, blocks=blocks), args)
+
+
+def _per_shard(kernel, args):
+    """`kernel(*args)`, inside `shard_map` over the context mesh when it has more than one
+    device: the batch over "dp" and the KV heads over "tp" where they divide (see above)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(*args)
+    q, k_new = args[0], args[1]
+
+    def axis(name: str, size: int):
+        return name if name in mesh.axis_names and size % mesh.shape[name] == 0 else None
+
+    b, h = axis("dp", q.shape[0]), axis("tp", k_new.shape[2])
+    heads = P(b, None, h, None)  # q [B,T,Q,D], k/v new [B,J,K,D], caches [B,S,K,D]
+    in_specs = (heads, heads, heads, P(b, None, None), heads, heads, P(b))
+    return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=heads,
+                         check_vma=False)(*args)

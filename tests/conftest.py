@@ -3,6 +3,7 @@ built-in target, and tiny random Hugging Face models."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -21,6 +22,13 @@ _COMPILE_CACHE = compile_cache_directory()
 if _COMPILE_CACHE is not None:
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_COMPILE_CACHE))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+# libtpu (the `tpu` extra, for the TPU compile tests) makes every jax process try a TPU backend
+# first; on a host without one that fails, after printing warnings into the output of every
+# subprocess a test reads. Keep such hosts on the CPU unless JAX_PLATFORMS says otherwise.
+if ("JAX_PLATFORMS" not in os.environ and importlib.util.find_spec("libtpu") is not None
+        and not any(Path("/dev").glob("accel*")) and not Path("/dev/vfio").exists()):
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 # The builtin-scratch recipe at test size: a Llama-architecture model with a SentencePiece
 # tokenizer, trained for a few seconds on the standard library, in Hugging Face layout.

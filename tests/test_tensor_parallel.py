@@ -1,4 +1,5 @@
-"""Tensor-parallel logits and generations on 8 CPU devices equal single-device ones.
+"""Tensor-parallel logits and generations on 8 CPU devices equal single-device ones, with the
+attention kernel (interpret mode, inside shard_map) as with the reference.
 
 jax fixes its device count at import, so the check runs in a child process with
 XLA_FLAGS=--xla_force_host_platform_device_count=8.
@@ -54,6 +55,11 @@ CHILD = textwrap.dedent("""
                             num_draft_tokens=5), max_slots=2, max_len=32)
             run = engine.run([Request(p, 12) for p in prompts])
             assert [r.token_ids for r in run.results] == [c.token_ids for c in ga.completions]
+        if kv in (8, 2):  # the kernel (interpret mode) inside shard_map: heads over tp=8,
+            # or the batch over dp=2 with the 2 kv heads whole on each of the 4 tp devices
+            kernel = load_target(path, mesh=mesh, cfg_overrides={"attention": "interpret"})
+            gk = TargetGenerator(kernel).generate(prompts, 12)
+            assert [c.token_ids for c in gk.completions] == [c.token_ids for c in ga.completions]
     print("TP-OK")
 """)
 

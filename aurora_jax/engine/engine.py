@@ -285,6 +285,7 @@ class Engine:
         program = self._programs.get(key)
         if program is None:
             t0 = time.perf_counter()
-            program = self._programs[key] = fn.lower(*args).compile()
+            with jax.set_mesh(self.target.mesh):  # the kernels shard over it (dispatch.py)
+                program = self._programs[key] = fn.lower(*args).compile()
             self.compile_s += time.perf_counter() - t0
         return program

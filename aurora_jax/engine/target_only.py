@@ -145,7 +145,8 @@ class TargetGenerator:
             t0 = time.perf_counter()
             fn = jax.jit(functools.partial(_decode, max_new_tokens=max_new_tokens, cache_len=s,
                                            cache_sharding=sharding))
-            self._compiled[sig] = fn.lower(*args).compile()
+            with jax.set_mesh(mesh):  # the kernels shard over it (pallas_kernels/dispatch.py)
+                self._compiled[sig] = fn.lower(*args).compile()
             compile_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         out, counts = self._compiled[sig](*args)

@@ -1,0 +1,386 @@
+"""The engine's programs compiled for TPU topologies, on a host that has no TPU.
+
+`libtpu` (the `tpu-compile` extra) carries the real XLA:TPU and Mosaic compilers, and
+`jax.experimental.topologies.get_topology_desc` describes the chips of a TPU slice as abstract
+devices. With the default backend left on the CPU (`JAX_PLATFORMS=cpu`), a program lowered
+with shape structs placed on a mesh of those devices compiles exactly as it would on the
+slice, and the compiled program reports its memory (`memory_analysis`) and XLA's cost model
+(`cost_analysis`). Nothing runs: this proves a program compiles and fits, not how fast it is.
+
+The parameters are shape structs (no weights exist), placed by the project's own rules
+(models/sharding.py); the programs are the engine's own jitted prefill, insert and step
+functions (engine/engine.py), traced under the topology's mesh so that dispatch picks the
+TPU kernel and wraps it in `shard_map` (pallas_kernels/dispatch.py).
+
+Bytes accessed come from XLA's cost model, which does not see inside a Mosaic call: a
+kernel's own reads of the KV cache are not in it. `must_move` is what a step cannot avoid
+reading once: the weights (less the embedding table, of which a step reads a few rows) and
+the live KV (every layer's keys and values up to the context length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from aurora_jax.engine import step
+from aurora_jax.engine.engine import Engine
+from aurora_jax.models.config import TargetConfig
+from aurora_jax.models.eagle3 import DTYPES, Draft, DraftConfig, Eagle3Draft
+from aurora_jax.models.sharding import cache_sharding, param_sharding, state_path
+from aurora_jax.models.transformer import Target, Transformer
+from aurora_jax.speculative.config import SpecConfig
+
+GiB = 1 << 30
+HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
+"""High-bandwidth memory per chip, by TPU generation."""
+
+_TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})(?:/(?:dp(\d+))?x?(?:tp(\d+))?)?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """A TPU slice and the ("dp", "tp") mesh laid over its chips."""
+
+    name: str
+    """`generation:AxB[xC]`, as `get_topology_desc` names it (v5e:2x2, v5p:1x1x1)."""
+    dp: int = 1
+    """Data-parallel degree: the batch (and the cache's batch axis) split over dp groups."""
+    tp: int = 1
+    """Tensor-parallel degree: heads and MLP units split over tp chips."""
+
+    @classmethod
+    def parse(cls, text: str) -> Topology:
+        """`v6e:2x2/tp4`, `v5e:2x2/dp2xtp2` or `v5e:1x1` (dp = tp = 1)."""
+        m = _TOPOLOGY.match(text.strip())
+        if m is None:
+            raise ValueError(f"topology {text!r}: expected GEN:AxB[xC][/dpNxtpM] with GEN one "
+                             f"of {sorted(HBM_BYTES)} (e.g. v6e:2x2/tp4)")
+        gen, dims, dp, tp = m.groups()
+        topo = cls(f"{gen}:{dims}", int(dp or 1), int(tp or 1))
+        if topo.dp * topo.tp > topo.chips:
+            raise ValueError(f"topology {text!r}: dp={topo.dp} x tp={topo.tp} needs "
+                             f"{topo.dp * topo.tp} chips, the slice has {topo.chips}")
+        return topo
+
+    @property
+    def generation(self) -> str:
+        return self.name.split(":")[0]
+
+    @property
+    def chips(self) -> int:
+        return int(np.prod([int(d) for d in self.name.split(":")[1].split("x")]))
+
+    @property
+    def hbm_bytes(self) -> int:
+        return HBM_BYTES[self.generation]
+
+    def __str__(self) -> str:
+        return f"{self.name}/dp{self.dp}xtp{self.tp}"
+
+    def mesh(self) -> Mesh:
+        """The mesh over the slice's abstract devices (the first dp * tp chips)."""
+        from jax.experimental import topologies
+
+        kwargs = {"chips_per_host_bounds": (1, 1, 1)} if self.chips == 1 else {}
+        desc = topologies.get_topology_desc(topology_name=self.name, platform="tpu", **kwargs)
+        devices: np.ndarray = np.array(desc.devices[: self.dp * self.tp]).reshape(self.dp, self.tp)
+        return Mesh(devices, ("dp", "tp"))
+
+
+def tpu_compiler_available() -> str | None:
+    """None when TPU programs can be compiled here, else why not."""
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        return "libtpu is not installed (pip install -e '.[tpu-compile]')"
+    try:
+        Topology("v5e:1x1").mesh()
+    except Exception as e:  # noqa: BLE001 (any failure: say it)
+        return f"no TPU topology could be described ({type(e).__name__}: {e})"
+    return None
+
+
+def _shape(x, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def abstract_target(cfg: TargetConfig, dtype: str, mesh: Mesh) -> Target:
+    """A target of `cfg`'s shapes whose parameters are shape structs placed on `mesh`."""
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: Transformer(cfg, dtype=DTYPES[dtype], rngs=nnx.Rngs(0))))
+    state = jax.tree_util.tree_map_with_path(
+        lambda kp, x: _shape(x, param_sharding(mesh, state_path(kp), x.shape)), state)
+    return Target(cfg, graphdef, state, mesh, dtype)
+
+
+def abstract_draft(cfg: DraftConfig, dtype: str, mesh: Mesh) -> Draft:
+    """An EAGLE-3 draft of `cfg`'s shapes, replicated on `mesh` as `init_draft` places it."""
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: Eagle3Draft(cfg, dtype=DTYPES[dtype], rngs=nnx.Rngs(0))))
+    replicated = NamedSharding(mesh, P())
+    return Draft(cfg, graphdef, jax.tree.map(lambda x: _shape(x, replicated), state))
+
+
+def _abstract(tree, mesh: Mesh):
+    """Every array of `tree` as a shape struct: one already placed keeps its sharding, a
+    host value (tokens, lengths, sampling settings) is replicated on `mesh`."""
+    replicated = NamedSharding(mesh, P())
+
+    def one(x):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(x, jax.ShapeDtypeStruct) and isinstance(sharding, NamedSharding):
+            return x
+        return _shape(x, replicated)
+
+    return jax.tree.map(one, tree)
+
+
+def decode_state(engine: Engine) -> step.DecodeState:
+    """The engine's decode state as shape structs: the target's cache split as
+    `cache_sharding` says, everything else replicated."""
+    target, cfg = engine.target, engine.target.cfg
+    shape = (engine.max_slots, engine.cache_size, cfg.num_kv_heads, cfg.head_dim)
+    sharding = cache_sharding(target.mesh, shape)
+    state = jax.eval_shape(lambda: step.init_state(
+        cfg, None if engine.draft is None else engine.draft.cfg, engine.spec, engine.max_slots,
+        engine.cache_size, target.dtype, engine.seed))
+    state = _abstract(state, target.mesh)
+    cache = jax.tree.map(lambda x: _shape(x, sharding), state.cache)
+    return dataclasses.replace(state, cache=cache)
+
+
+CompileFn = Callable[[str, Callable, tuple], "jax.stages.Compiled | None"]
+
+
+def compile_engine_programs(engine: Engine, prompt_lens: tuple[int, ...],
+                            compile_fn: CompileFn) -> None:
+    """Hands `compile_fn(name, jitted, abstract args)` what `Engine.precompile` compiles:
+    prefill and insert for a group of max_slots prompts at each prompt length, then the step
+    (insert is skipped where prefill did not compile: its arguments are prefill's output)."""
+    state = decode_state(engine)
+    mesh = engine.target.mesh
+    key = jax.random.key(engine.seed)
+    b = engine.max_slots
+    for t in prompt_lens:
+        args = engine._prefill_args(np.zeros((b, t), np.int32), np.ones((b,), np.int32), key, [])
+        prefill = compile_fn(f"prefill b{b} t{t}", engine._prefill, _abstract(args, mesh))
+        if prefill is not None:
+            prefix = jax.tree.map(lambda x: _shape(x, x.sharding), prefill.out_info)
+            args = engine._insert_args(prefix, state, list(range(b)), [1] * b, [])
+            compile_fn(f"insert b{b} t{t}", engine._insert, _abstract(args, mesh))
+    dgraph = engine.draft and engine.draft.graphdef
+    dstate = None if engine.draft is None else engine.draft.state
+    args = (engine.target.graphdef, engine.target.state, dgraph, dstate, state, engine.eos)
+    compile_fn("generate", engine._generate, _abstract(args, mesh))
+
+
+def _per_device_bytes(x) -> int:
+    """Bytes of one device's shard of a placed shape struct."""
+    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    return int(np.prod(shape)) * jnp.dtype(x.dtype).itemsize
+
+
+def must_move_bytes(engine: Engine, context: int) -> int:
+    """What one target-only decode step cannot avoid reading on one chip: its shard of the
+    weights (less the embedding table, of which a step reads B rows; a tied embedding is the
+    lm_head too and counts) and of every layer's keys and values for max_slots sequences of
+    `context` tokens."""
+    target, cfg = engine.target, engine.target.cfg
+    weights = sum(_per_device_bytes(x)
+                  for path, x in jax.tree_util.tree_leaves_with_path(target.state)
+                  if "embed" not in jax.tree_util.keystr(path) or cfg.tie_word_embeddings)
+    shape = (engine.max_slots, context, cfg.num_kv_heads, cfg.head_dim)
+    kv = jax.ShapeDtypeStruct(shape, jnp.dtype(target.dtype),
+                              sharding=cache_sharding(target.mesh, shape))
+    return weights + 2 * cfg.num_layers * _per_device_bytes(kv)
+
+
+def compile_report(compiled: jax.stages.Compiled) -> dict:
+    """Peak memory, flops, bytes accessed and XLA's estimated seconds of a compiled program
+    (None where the backend does not say)."""
+    row: dict = {}
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        row["peak_bytes"] = int(getattr(mem, "peak_memory_in_bytes", 0) or (
+            mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes))
+        row["argument_bytes"] = int(mem.argument_size_in_bytes)
+        row["temp_bytes"] = int(mem.temp_size_in_bytes)
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):  # older jax: one dict per partition
+        cost = cost[0] if cost else None
+    if cost:
+        row["flops"] = float(cost.get("flops", 0.0))
+        row["bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
+        seconds = float(cost.get("optimal_seconds", -1.0))
+        if seconds >= 0:  # negative where the cost model has no estimate
+            row["estimated_s"] = seconds
+    return row
+
+
+MODELS: dict[str, TargetConfig] = {
+    "llama3.1-8b": TargetConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
+        max_position_embeddings=131072, eos_token_ids=(128009,)),
+    "qwen3-8b": TargetConfig(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
+        num_heads=32, num_kv_heads=8, head_dim=128, family="qwen3", rms_norm_eps=1e-6,
+        rope_theta=1000000.0, max_position_embeddings=40960, eos_token_ids=(151645, 151643)),
+    "smollm2-135m": TargetConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+        num_kv_heads=3, head_dim=64, rope_theta=100000.0, max_position_embeddings=8192,
+        tie_word_embeddings=True, eos_token_ids=(2, 0)),
+    "tiny": TargetConfig(
+        vocab_size=1024, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8,
+        num_kv_heads=4, head_dim=128, max_position_embeddings=4096, eos_token_ids=(0,)),
+}
+"""The shapes compiled (published configs; no weights are needed): the 8B targets of
+configs/, the built-in SmolLM2, and a two-layer model with TPU-tileable heads for tests."""
+
+SPECS = {"off": SpecConfig(mode="off"), "chain": SpecConfig(mode="chain", depth=4),
+         "tree": SpecConfig(mode="tree"), "ngram": SpecConfig(mode="ngram", depth=4)}
+
+
+def engine_for(cfg: TargetConfig, attention: str, mode: str, topo_mesh: Mesh, batch: int,
+            cache_size: int, dtype: str) -> Engine:
+    """An engine over abstract weights whose cache holds exactly `cache_size` slots."""
+    cfg = dataclasses.replace(cfg, attention=attention)
+    target = abstract_target(cfg, dtype, topo_mesh)
+    spec = SPECS[mode]
+    draft = (abstract_draft(DraftConfig.for_target(cfg), dtype, topo_mesh)
+             if spec.needs_draft else None)
+    room = spec.nodes + spec.max_depth + 2  # what Engine adds to max_len before rounding
+    return Engine(target, draft, spec, max_slots=batch, max_len=cache_size - room)
+
+
+def compile_program(fn, args, mesh: Mesh) -> tuple[jax.stages.Compiled | None, dict]:
+    """`fn` lowered for `args` under `mesh` and compiled: (the program or None, its report,
+    or the compiler's error verbatim)."""
+    t0 = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh):
+            compiled = fn.lower(*args).compile()
+    except Exception as e:  # noqa: BLE001 (reported verbatim)
+        return None, {"compiled": False, "error": f"{type(e).__name__}: {e}",
+                      "compile_s": round(time.perf_counter() - t0, 1)}
+    return compiled, {"compiled": True, **compile_report(compiled),
+                      "compile_s": round(time.perf_counter() - t0, 1)}
+
+
+def check_engine(model: str, topo: Topology, mesh: Mesh, attention: str, mode: str,
+                 batch: int, context: int, prompt_lens: tuple[int, ...],
+                 dtype: str = "bfloat16") -> list[dict]:
+    """One row per program of one engine setting (see the module docstring)."""
+    engine = engine_for(MODELS[model], attention, mode, mesh, batch, context, dtype)
+    base = dict(model=model, topology=str(topo), attention=attention, spec=mode, batch=batch,
+                context=context, hbm_bytes=topo.hbm_bytes)
+    rows = []
+
+    def compile_fn(name, fn, args):
+        compiled, report = compile_program(fn, args, mesh)
+        row = dict(base, program=name, **report)
+        if compiled is not None:
+            row["fits"] = row.get("peak_bytes", 0) <= topo.hbm_bytes
+        if compiled is not None and name == "generate":
+            row["must_move_bytes"] = must_move_bytes(engine, context)
+            if row.get("bytes_accessed"):
+                row["accessed_over_must_move"] = row["bytes_accessed"] / row["must_move_bytes"]
+        rows.append(row)
+        return compiled
+
+    compile_engine_programs(engine, prompt_lens, compile_fn)
+    return rows
+
+
+DEFAULT_TOPOLOGIES = ("v5e:1x1", "v6e:1x1", "v5p:1x1x1", "v6e:2x2/tp4", "v5e:2x2/dp2xtp2")
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as a markdown table (bytes in GB, XLA's estimate in microseconds)."""
+    head = ("| model | topology | attention | spec | B | S | program | compiled | peak GB / HBM "
+            "| accessed / must move | GFLOP | XLA est. us |")
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        if not r["compiled"]:
+            verdict = "no: " + r["error"].splitlines()[0][:120].replace("|", "/")
+        else:
+            verdict = "yes" if r.get("fits", True) else "yes, does not fit"
+        ratio = r.get("accessed_over_must_move")
+        est = r.get("estimated_s")
+        lines.append(
+            f"| {r['model']} | {r['topology']} | {r['attention']} | {r['spec']} | {r['batch']} "
+            f"| {r['context']} | {r['program']} | {verdict} "
+            f"| {r.get('peak_bytes', 0) / 1e9:.2f} / {r['hbm_bytes'] / 1e9:.1f} "
+            f"| {'' if ratio is None else f'{ratio:.2f}x'} "
+            f"| {r.get('flops', 0) / 1e9:.1f} | {'' if est is None else f'{est * 1e6:.0f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="tpu_compile_check", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="llama3.1-8b", choices=sorted(MODELS))
+    ap.add_argument("--topology", nargs="+", default=list(DEFAULT_TOPOLOGIES),
+                    help="GEN:AxB[xC][/dpNxtpM], e.g. v6e:2x2/tp4")
+    ap.add_argument("--attention", nargs="+", default=["pallas", "reference"],
+                    choices=["pallas", "reference"])
+    ap.add_argument("--spec", nargs="+", default=["off", "tree"], choices=sorted(SPECS))
+    ap.add_argument("--batch", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--context", nargs="+", type=int, default=[2048],
+                    help="cache slots per sequence (a multiple of 64)")
+    ap.add_argument("--prompt-len", nargs="+", type=int, default=[128, 1024],
+                    help="prefill buckets compiled (with insert), once per topology/attention")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--out", default="bench_results/tpu_compile")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    """Compiles every combination asked for; writes <out>/tpu_compile.{json,md}."""
+    import itertools
+    import json
+    import os
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    args = parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    why_not = tpu_compiler_available()
+    if why_not is not None:
+        raise SystemExit(f"tpu_compile_check: {why_not}")
+    topologies = [Topology.parse(t) for t in args.topology]
+    combos = list(itertools.product(topologies, args.attention, args.spec, args.batch,
+                                    args.context))
+    rows: list[dict] = []
+    meshes: dict[str, Mesh] = {}
+    first: set[tuple] = set()
+    for topo, attention, mode, batch, context in tqdm(combos, desc="compiling", unit="setting"):
+        mesh = meshes.setdefault(str(topo), topo.mesh())
+        lens = () if (str(topo), attention) in first else tuple(args.prompt_len)
+        first.add((str(topo), attention))
+        for row in check_engine(args.model, topo, mesh, attention, mode, batch, context, lens,
+                                args.dtype):
+            rows.append(row)
+            tqdm.write(f"{row['topology']} {attention} {mode} B{batch} S{context} "
+                       f"{row['program']}: " + ("ok" if row["compiled"] else row["error"][:200]))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tpu_compile.json").write_text(json.dumps({"args": vars(args), "rows": rows},
+                                                     indent=1))
+    (out / "tpu_compile.md").write_text(markdown(rows))
+    print(markdown(rows))
+    print(f"wrote {out / 'tpu_compile.json'} and {out / 'tpu_compile.md'}")
+    return rows

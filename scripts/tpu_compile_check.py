@@ -1,0 +1,16 @@
+"""Compiles the engine's programs for TPU slices on this host, which needs no TPU: the real
+XLA:TPU and Mosaic compilers from libtpu, abstract chips from jax's topology descriptions.
+
+    pip install -e ".[tpu-compile]"
+    python scripts/tpu_compile_check.py                      # Llama-3.1-8B shapes, 5 slices
+    python scripts/tpu_compile_check.py --model qwen3-8b --topology v6e:2x2/tp4 --spec tree
+
+Writes bench_results/tpu_compile/tpu_compile.{json,md}: per program whether it compiled (the
+compiler's error where not), peak memory against the chip's HBM, bytes accessed over what a
+step must move, flops and XLA's estimate. See aurora_jax/hardware/tpu_compile.py.
+"""
+
+from aurora_jax.hardware.tpu_compile import main
+
+if __name__ == "__main__":
+    main()

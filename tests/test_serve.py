@@ -387,7 +387,7 @@ def test_admin_draft_needs_a_configured_key_and_the_right_one(served, tmp_path, 
     assert loads == []
 
 
-GRACE_S = 1.0
+GRACE_S = 0.5
 
 
 def test_sigterm_answers_in_flight_requests_and_exits_cleanly(chat_ckpt, tmp_path):
@@ -396,9 +396,12 @@ def test_sigterm_answers_in_flight_requests_and_exits_cleanly(chat_ckpt, tmp_pat
     with [DONE], a new request is refused, and the server exits 0 saying it stopped.
 
     The race and why its margins hold on a loaded 2-core machine: the short request needs 4
-    more steps against a grace of 1 s (about 25x a step of this tiny tree engine even under
-    load); the long one needs about 300 more, each a scratch-draft tree step of 3-5 ms at
-    best on an idle machine (so at least 1 s), and a loaded machine only slows it. Neither
+    more steps against a grace of 0.5 s (over 10x four steps of this tiny tree engine even
+    under load); the long one asks for all the room its prompt leaves in 512 slots, over 400
+    tokens, each step a scratch-draft tree step of at least 3 ms on an idle machine with a
+    warm compilation cache (so well over 1 s), and a loaded machine slows both alike. (With
+    300 tokens, a 1 s grace and 320 slots, a quiet machine with a warm cache finished the
+    long one inside the grace.) Neither
     depends on when the signal lands: both streams have their first chunk before it is sent."""
     port_file = tmp_path / "out.txt"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -408,7 +411,8 @@ def test_sigterm_answers_in_flight_requests_and_exits_cleanly(chat_ckpt, tmp_pat
             [sys.executable, "-m", "aurora_jax.cli", "serve", "--grace", str(GRACE_S),
              f"target={chat_ckpt}", "draft=scratch", "draft_vocab_size=null",
              "spec.mode=tree", "spec.depth=3", "spec.topk=2", "spec.num_draft_tokens=6",
-             "window_steps=null", "learning.mode=off", "port=0", "max_len=320",
+             "window_steps=null", "learning.mode=off", "port=0", "max_len=512",
+             "default_max_tokens=512",
              "warmup_prompt_tokens=16", "model_name=tiny"],
             stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
@@ -420,13 +424,14 @@ def test_sigterm_answers_in_flight_requests_and_exits_cleanly(chat_ckpt, tmp_pat
                     url = line.split(" on ")[1].split()[0].removesuffix("/v1")
             time.sleep(0.1)
         assert url, f"the server never said where it serves:\n{port_file.read_text()[-2000:]}"
-        streams = {"short": 6, "long": 300}
+        streams = {"short": 6, "long": None}  # None: all the room the prompt leaves
         chunks: dict[str, list[str]] = {name: [] for name in streams}
         started = {name: threading.Event() for name in streams}
 
         def stream(name):
-            body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": streams[name],
-                    "temperature": 0, "stream": True}
+            body = {"model": "tiny", "prompt": PROMPTS[0], "temperature": 0, "stream": True}
+            if streams[name] is not None:
+                body["max_tokens"] = streams[name]
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
                 for line in r.iter_lines():
                     if line.startswith("data: "):

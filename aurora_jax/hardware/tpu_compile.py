@@ -268,12 +268,19 @@ def compile_program(fn, args, mesh: Mesh) -> tuple[jax.stages.Compiled | None, d
     """`fn` lowered for `args` under `mesh` and compiled: (the program or None, its report,
     or the compiler's error verbatim)."""
     t0 = time.perf_counter()
+    # Nothing is written to the persistent compilation cache: a TPU program cannot be loaded
+    # on this host (its entry would only raise a warning when read back), and the cache is
+    # for the programs this host runs.
+    min_s = jax.config.jax_persistent_cache_min_compile_time_secs  # type: ignore[attr-defined]
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1e12)
     try:
         with jax.set_mesh(mesh):
             compiled = fn.lower(*args).compile()
     except Exception as e:  # noqa: BLE001 (reported verbatim)
         return None, {"compiled": False, "error": f"{type(e).__name__}: {e}",
                       "compile_s": round(time.perf_counter() - t0, 1)}
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_s)
     return compiled, {"compiled": True, **compile_report(compiled),
                       "compile_s": round(time.perf_counter() - t0, 1)}
 

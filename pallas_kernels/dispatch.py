@@ -113,12 +113,9 @@ def attention(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
     how = "reference" if k_cache_BxSxKxD is None else resolve(impl)
     if how == "reference":
         return tree_attention_reference(*args)
-    if how == "interpret":
+    if how == "interpret" or platform() != "tpu":
         return _per_shard(functools.partial(tree_attention, blocks=blocks or DEFAULT_BLOCKS,
-                                            interpret=True), args)
-    if platform() != "tpu":
-        return _per_shard(functools.partial(tree_attention, blocks=blocks or DEFAULT_BLOCKS),
-                          args)
+                                            interpret=how == "interpret"), args)
     blocks = blocks or tpu.DEFAULT_BLOCKS
     if not tpu.supported(q_BxTxQxD.shape[-1], k_cache_BxSxKxD.shape[1], blocks):
         return tree_attention_reference(*args)

@@ -1,7 +1,7 @@
 """Compiles the engine's programs for TPU slices on this host, which needs no TPU: the real
 XLA:TPU and Mosaic compilers from libtpu, abstract chips from jax's topology descriptions.
 
-    pip install -e ".[tpu-compile]"
+    pip install -e ".[tpu]"
     python scripts/tpu_compile_check.py                      # Llama-3.1-8B shapes, 5 slices
     python scripts/tpu_compile_check.py --model qwen3-8b --topology v6e:2x2/tp4 --spec tree
 

@@ -1,7 +1,7 @@
 """The engine's programs compile for TPU slices on this CPU host (libtpu's XLA:TPU and Mosaic
 compilers, abstract chips): with the Pallas kernel on one chip and on 4-chip meshes split by
 heads (tp) and by batch (dp), and with the jnp reference. Skipped, saying why, where libtpu is
-not installed (`pip install -e ".[tpu-compile]"`).
+not installed (`pip install -e ".[tpu]"`).
 
 What this guards (issue 27): dispatch chose the kernel by the default backend, so a program
 compiled for a TPU from a CPU host got the GPU-style kernel, and the TPU kernel on a mesh of

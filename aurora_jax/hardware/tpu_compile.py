@@ -1,6 +1,6 @@
 """The engine's programs compiled for TPU topologies, on a host that has no TPU.
 
-`libtpu` (the `tpu-compile` extra) carries the real XLA:TPU and Mosaic compilers, and
+`libtpu` (the `tpu` extra) carries the real XLA:TPU and Mosaic compilers, and
 `jax.experimental.topologies.get_topology_desc` describes the chips of a TPU slice as abstract
 devices. With the default backend left on the CPU (`JAX_PLATFORMS=cpu`), a program lowered
 with shape structs placed on a mesh of those devices compiles exactly as it would on the
@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from aurora_jax.engine import step
 from aurora_jax.engine.engine import Engine
+from aurora_jax.hardware.decode import LLAMA_31_8B
 from aurora_jax.models.config import TargetConfig
 from aurora_jax.models.eagle3 import DTYPES, Draft, DraftConfig, Eagle3Draft
 from aurora_jax.models.sharding import cache_sharding, param_sharding, state_path
@@ -102,7 +103,7 @@ def tpu_compiler_available() -> str | None:
     try:
         import libtpu  # noqa: F401
     except ImportError:
-        return "libtpu is not installed (pip install -e '.[tpu-compile]')"
+        return "libtpu is not installed (pip install -e '.[tpu]')"
     try:
         Topology("v5e:1x1").mesh()
     except Exception as e:  # noqa: BLE001 (any failure: say it)
@@ -229,10 +230,7 @@ def compile_report(compiled: jax.stages.Compiled) -> dict:
 
 
 MODELS: dict[str, TargetConfig] = {
-    "llama3.1-8b": TargetConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-        num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0,
-        max_position_embeddings=131072, eos_token_ids=(128009,)),
+    "llama3.1-8b": LLAMA_31_8B,
     "qwen3-8b": TargetConfig(
         vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
         num_heads=32, num_kv_heads=8, head_dim=128, family="qwen3", rms_norm_eps=1e-6,
@@ -253,7 +251,7 @@ SPECS = {"off": SpecConfig(mode="off"), "chain": SpecConfig(mode="chain", depth=
 
 
 def engine_for(cfg: TargetConfig, attention: str, mode: str, topo_mesh: Mesh, batch: int,
-            cache_size: int, dtype: str) -> Engine:
+               cache_size: int, dtype: str) -> Engine:
     """An engine over abstract weights whose cache holds exactly `cache_size` slots."""
     cfg = dataclasses.replace(cfg, attention=attention)
     target = abstract_target(cfg, dtype, topo_mesh)

@@ -28,14 +28,14 @@ def _generate(meshes, name: str, attention: str, mode: str = "tree"):
     topo, mesh = meshes[name]
     engine = tc.engine_for(tc.MODELS["tiny"], attention, mode, mesh, batch=2, cache_size=256,
                         dtype="bfloat16")
-    programs = {}
+    programs = {}  # name -> (compiled program or None, report)
 
-    def keep(program, fn, args):
-        programs[program], programs[program + " report"] = tc.compile_program(fn, args, mesh)
-        return programs[program]
+    def keep(name, fn, args):
+        programs[name] = tc.compile_program(fn, args, mesh)
+        return programs[name][0]
 
     tc.compile_engine_programs(engine, (), keep)
-    return programs["generate"], programs["generate report"]
+    return programs["generate"]
 
 
 @pytest.mark.parametrize("name", MESHES)
@@ -45,7 +45,7 @@ def test_the_tpu_kernel_compiles_on_one_chip_and_on_split_meshes(meshes, name):
     compiled, report = _generate(meshes, name, "pallas")
     assert compiled is not None, report.get("error")
     assert "tpu_custom_call" in compiled.as_text()
-    assert report["fits"] if "fits" in report else report["peak_bytes"] < 16 << 30
+    assert report["peak_bytes"] < 16 << 30  # v5e's HBM, the smallest of the three
 
 
 @pytest.mark.parametrize("name", MESHES)

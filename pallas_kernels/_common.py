@@ -44,7 +44,7 @@ class BlockSizes:
 
 # The axes of each operand, and what a mismatch in each is called.
 _AXES = {"q": "BTQD", "k_new": "BJKD", "v_new": "BJKD", "block_mask": "BTJ",
-         "k_cache": "BSKD", "v_cache": "BSKD", "cache_len": "B"}
+         "k_cache": "BKSD", "v_cache": "BKSD", "cache_len": "B"}
 _AXIS_NAMES = {"B": "batch", "T": "queries", "J": "new keys", "S": "cache slots",
                "Q": "query heads", "K": "kv heads", "D": "head dim"}
 

@@ -83,8 +83,8 @@ def kernel_works(backend: str) -> bool:
     b, t, nq, nk, d, s = 2, 8, 4, 2, 128, 256
     f = lambda *shape: jnp.asarray(rs.randn(*shape), jnp.float32)  # noqa: E731
     args = (f(b, t, nq, d), f(b, t, nk, d), f(b, t, nk, d),
-            jnp.tril(jnp.ones((t, t), bool))[None].repeat(b, 0), f(b, s, nk, d),
-            f(b, s, nk, d), jnp.asarray([s, 37], jnp.int32))
+            jnp.tril(jnp.ones((t, t), bool))[None].repeat(b, 0), f(b, nk, s, d),
+            f(b, nk, s, d), jnp.asarray([s, 37], jnp.int32))
     try:
         with jax.default_matmul_precision("highest"):
             kernel = (tpu.tree_attention_tpu(*args) if backend == "tpu"
@@ -101,23 +101,23 @@ def kernel_works(backend: str) -> bool:
 
 
 def attention(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
-              k_cache_BxSxKxD=None, v_cache_BxSxKxD=None, cache_len_B=None, *,
+              k_cache_BxKxSxD=None, v_cache_BxKxSxD=None, cache_len_B=None, *,
               impl: str = "auto", blocks: BlockSizes | None = None):
     """Grouped-query attention of T new queries against a cache prefix (< cache_len) and J
     new keys under `block_mask`; see tree_attention.py for the contract. `blocks`: the
-    kernel's block sizes (None: that kernel's DEFAULT_BLOCKS)."""
+    kernel's block sizes (None: that kernel's DEFAULT_BLOCKS; on TPU shrunk to fit VMEM)."""
     check_operands("attention", q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
-                   k_cache_BxSxKxD, v_cache_BxSxKxD, cache_len_B, needs_cache=False)
-    args = (q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ, k_cache_BxSxKxD,
-            v_cache_BxSxKxD, cache_len_B)
-    how = "reference" if k_cache_BxSxKxD is None else resolve(impl)
+                   k_cache_BxKxSxD, v_cache_BxKxSxD, cache_len_B, needs_cache=False)
+    args = (q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ, k_cache_BxKxSxD,
+            v_cache_BxKxSxD, cache_len_B)
+    how = "reference" if k_cache_BxKxSxD is None else resolve(impl)
     if how == "reference":
         return tree_attention_reference(*args)
     if how == "interpret" or platform() != "tpu":
         return _per_shard(functools.partial(tree_attention, blocks=blocks or DEFAULT_BLOCKS,
                                             interpret=how == "interpret"), args)
-    blocks = blocks or tpu.DEFAULT_BLOCKS
-    if not tpu.supported(q_BxTxQxD.shape[-1], k_cache_BxSxKxD.shape[1], blocks):
+    if not tpu.supported(q_BxTxQxD.shape[-1], k_cache_BxKxSxD.shape[2],
+                         blocks or tpu.DEFAULT_BLOCKS):
         return tree_attention_reference(*args)
     return _per_shard(functools.partial(tpu.tree_attention_tpu, blocks=blocks), args)
 
@@ -134,7 +134,8 @@ def _per_shard(kernel, args):
         return name if name in mesh.axis_names and size % mesh.shape[name] == 0 else None
 
     b, h = axis("dp", q.shape[0]), axis("tp", k_new.shape[2])
-    heads = P(b, None, h, None)  # q [B,T,Q,D], k/v new [B,J,K,D], caches [B,S,K,D]
-    in_specs = (heads, heads, heads, P(b, None, None), heads, heads, P(b))
+    heads = P(b, None, h, None)  # q [B,T,Q,D], k/v new [B,J,K,D]
+    cache = P(b, h, None, None)  # [B,K,S,D]
+    in_specs = (heads, heads, heads, P(b, None, None), cache, cache, P(b))
     return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=heads,
                          check_vma=False)(*args)

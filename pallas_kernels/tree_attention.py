@@ -6,6 +6,8 @@ Contract (SpecInfer, Miao et al. 2024; EAGLE-2, Li et al. 2024): query t of sequ
 every cached slot s < cache_len[b] and new token j iff block_mask[b, t, j]. Shapes: B batch,
 T queries, J new keys (J = T for a forward over the new tokens, J > T for a draft's side
 buffer), S cache slots, Q query heads, K kv heads (G = Q / K per group), D head dim.
+The cache is [B, K, S, D], one contiguous [S, D] matrix per (sequence, kv head): the layout
+both kernels read in blocks, so no call reshapes or copies it (models/kv_cache.py keeps it).
 
 Kernel: one program per (sequence, kv head), with the online softmax of FlashAttention
 (Milakov & Gimelshein 2018; Dao et al. 2022). Its T * G query rows (all query heads of the
@@ -47,11 +49,11 @@ DEFAULT_BLOCKS = BlockSizes(block_s=128)
 
 
 def tree_attention_reference(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
-                             k_cache_BxSxKxD=None, v_cache_BxSxKxD=None, cache_len_B=None):
+                             k_cache_BxKxSxD=None, v_cache_BxKxSxD=None, cache_len_B=None):
     """Grouped-query attention in plain jnp; softmax in float32; returns [B, T, Q, D] in q's
     dtype. Without a cache, only the new block is attended (training, prefill from empty)."""
     check_operands("tree_attention_reference", q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD,
-                   block_mask_BxTxJ, k_cache_BxSxKxD, v_cache_BxSxKxD, cache_len_B,
+                   block_mask_BxTxJ, k_cache_BxKxSxD, v_cache_BxKxSxD, cache_len_B,
                    needs_cache=False)
     b, t, nq, d = q_BxTxQxD.shape
     nk = k_new_BxJxKxD.shape[2]
@@ -62,30 +64,35 @@ def tree_attention_reference(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask
     s_new = jnp.einsum("btkgd,bjkd->bkgtj", q_BxTxKxGxD, k_new_BxJxKxD,
                        preferred_element_type=f32) * scale
     s_new = jnp.where(block_mask_BxTxJ[:, None, None], s_new, NEG)
-    if k_cache_BxSxKxD is None:
+    if k_cache_BxKxSxD is None:
         p = jax.nn.softmax(s_new, axis=-1)
         out = jnp.einsum("bkgtj,bjkd->btkgd", p.astype(v_new_BxJxKxD.dtype), v_new_BxJxKxD,
                          preferred_element_type=f32)
         return out.reshape(b, t, nq, d).astype(q_BxTxQxD.dtype)
 
-    s_len = k_cache_BxSxKxD.shape[1]
-    s_old = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_cache_BxSxKxD,
+    s_len = k_cache_BxKxSxD.shape[2]
+    s_old = jnp.einsum("btkgd,bksd->bkgts", q_BxTxKxGxD, k_cache_BxKxSxD,
                        preferred_element_type=f32) * scale
     visible_BxS = jnp.arange(s_len)[None, :] < cache_len_B[:, None]
     s_old = jnp.where(visible_BxS[:, None, None, None, :], s_old, NEG)
     p = jax.nn.softmax(jnp.concatenate([s_old, s_new], axis=-1), axis=-1)
     p_old, p_new = p[..., :s_len], p[..., s_len:]
-    out = jnp.einsum("bkgts,bskd->btkgd", p_old.astype(v_cache_BxSxKxD.dtype), v_cache_BxSxKxD,
-                     preferred_element_type=f32)
-    out = out + jnp.einsum("bkgtj,bjkd->btkgd", p_new.astype(v_new_BxJxKxD.dtype), v_new_BxJxKxD,
-                           preferred_element_type=f32)
+    # The products keep the cache's (b, k) batch order and transpose only the small result:
+    # XLA:CPU cannot run a bfloat16 dot with a float32 result laid out in another order
+    # ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32").
+    out_BxKxGxTxD = jnp.einsum("bkgts,bksd->bkgtd", p_old.astype(v_cache_BxKxSxD.dtype),
+                               v_cache_BxKxSxD, preferred_element_type=f32)
+    out_BxKxGxTxD = out_BxKxGxTxD + jnp.einsum(
+        "bkgtj,bjkd->bkgtd", p_new.astype(v_new_BxJxKxD.dtype), v_new_BxJxKxD,
+        preferred_element_type=f32)
+    out = out_BxKxGxTxD.transpose(0, 3, 1, 2, 4)
     return out.reshape(b, t, nq, d).astype(q_BxTxQxD.dtype)
 
 
 def _kernel(cache_len_ref, q_ref, k_new_ref, v_new_ref, mask_ref, k_cache_ref, v_cache_ref,
             o_ref, *, block_s: int, scale: float):
     """One (sequence b, kv head k). Refs: cache_len [B], q [R, D] (R = padded T * G rows),
-    k_new/v_new [Jp, D], mask [R, Jp], caches [B, S, K, D] (whole), out [R, D]."""
+    k_new/v_new [Jp, D], mask [R, Jp], caches [B, K, S, D] (whole), out [R, D]."""
     b, k = pl.program_id(0), pl.program_id(1)
     f32 = jnp.float32
     q_RxD = q_ref[...]
@@ -110,8 +117,8 @@ def _kernel(cache_len_ref, q_ref, k_new_ref, v_new_ref, mask_ref, k_cache_ref, v
 
     def prefix_block(i, carry):
         start = pl.multiple_of(i * block_s, block_s)
-        k_CxD = k_cache_ref[b, pl.ds(start, block_s), k, :]
-        v_CxD = v_cache_ref[b, pl.ds(start, block_s), k, :]
+        k_CxD = k_cache_ref[b, k, pl.ds(start, block_s), :]
+        v_CxD = v_cache_ref[b, k, pl.ds(start, block_s), :]
         slot_C = start + jax.lax.broadcasted_iota(jnp.int32, (rows, block_s), 1)
         return fold(carry, scores(k_CxD), slot_C < cache_len, v_CxD)
 
@@ -123,15 +130,15 @@ def _kernel(cache_len_ref, q_ref, k_new_ref, v_new_ref, mask_ref, k_cache_ref, v
 
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
-def tree_attention(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ, k_cache_BxSxKxD,
-                   v_cache_BxSxKxD, cache_len_B, *, blocks: BlockSizes = DEFAULT_BLOCKS,
+def tree_attention(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ, k_cache_BxKxSxD,
+                   v_cache_BxKxSxD, cache_len_B, *, blocks: BlockSizes = DEFAULT_BLOCKS,
                    interpret: bool = False):
     """The kernel; same contract and result as `tree_attention_reference` with a cache."""
     check_operands("tree_attention", q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
-                   k_cache_BxSxKxD, v_cache_BxSxKxD, cache_len_B, needs_cache=True)
+                   k_cache_BxKxSxD, v_cache_BxKxSxD, cache_len_B, needs_cache=True)
     b, t, nq, d = q_BxTxQxD.shape
     j, nk = k_new_BxJxKxD.shape[1], k_new_BxJxKxD.shape[2]
-    g, s = nq // nk, k_cache_BxSxKxD.shape[1]
+    g, s = nq // nk, k_cache_BxKxSxD.shape[2]
     # GPU (Triton) tiles need power-of-two sides of at least 16: pad the query rows and the
     # new block; padded keys are masked out and padded rows are sliced off.
     rows = max(16, pl.next_power_of_2(t * g))
@@ -161,6 +168,6 @@ def tree_attention(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ, k_
         out_shape=jax.ShapeDtypeStruct((b, nk, rows, d), q_BxTxQxD.dtype),
         interpret=interpret,
         name="tree_attention",
-    )(cache_len_B.astype(jnp.int32), q_BxKxRxD, k_new, v_new, mask_BxRxJ, k_cache_BxSxKxD,
-      v_cache_BxSxKxD)
+    )(cache_len_B.astype(jnp.int32), q_BxKxRxD, k_new, v_new, mask_BxRxJ, k_cache_BxKxSxD,
+      v_cache_BxKxSxD)
     return from_query_rows(out, t, g)

@@ -11,10 +11,13 @@ the output are handled at the last step. Like the GPU-style kernel this is Flash
 online softmax with one (sequence, KV head) walking its cache blocks in order; the cache axis
 is a sequential grid dimension, not split across cores (no flash-decoding split-K).
 
-TPU tiles need their last two block dimensions divisible by (8, 128): the cache is viewed as
-[B, S, K * D] (a free reshape) and read in [block_s, D] tiles, which needs D % 128 == 0 and
-a cache block (`BlockSizes.cache_block`) of a multiple of 8 slots; `supported` says whether a
-shape qualifies (dispatch falls back to the reference otherwise).
+TPU tiles need their last two block dimensions divisible by (8, 128). The cache is
+[B, K, S, D] (models/kv_cache.py keeps it so), and each step reads one [block_s, D] tile of it
+as it lies in HBM: no relayout of the cache before the call. (An earlier [B, S, K, D] cache,
+viewed as [B, S, K * D], was not a free reshape under TPU tiling: XLA copied the whole cache
+at every layer of every step.) The tile needs D % 128 == 0 and a cache block
+(`BlockSizes.cache_block`) of a multiple of 8 slots; `supported` says whether a shape
+qualifies (dispatch falls back to the reference otherwise).
 """
 
 from __future__ import annotations
@@ -39,6 +42,77 @@ from pallas_kernels._common import (
 )
 
 DEFAULT_BLOCKS = BlockSizes(block_s=512)
+
+MiB = 1 << 20
+SCOPED_VMEM_BYTES = {"v4": 16 * MiB, "v5e": 16 * MiB, "v5p": 16 * MiB, "v6e": 32 * MiB}
+"""The VMEM a Mosaic kernel may use unless its compiler parameters raise the limit (XLA's
+default scoped VMEM), by TPU generation. A block whose working set exceeds it fails to
+compile ("CompileTimeScopedVmemOom")."""
+
+_GENERATIONS = (("v6", "v6e"), ("v5 lite", "v5e"), ("v5e", "v5e"), ("v5p", "v5p"),
+                ("v5", "v5p"), ("v4", "v4"))
+
+
+def generation(device_kind: str) -> str | None:
+    """The TPU generation of a device kind ("TPU v5 lite" -> "v5e"), None if not a TPU's."""
+    kind = device_kind.lower()
+    if "tpu" not in kind:
+        return None
+    return next((gen for part, gen in _GENERATIONS if part in kind), None)
+
+
+def scoped_vmem_bytes(device_kind: str) -> int:
+    """The scoped VMEM limit for a device kind; the smallest of any generation where the kind
+    is unknown (another TPU, or the interpret mode on a CPU)."""
+    return SCOPED_VMEM_BYTES.get(generation(device_kind) or "", min(SCOPED_VMEM_BYTES.values()))
+
+
+def vmem_bytes(blocks: BlockSizes, s: int, rows: int, jp: int, d: int, dtype) -> int:
+    """The kernel's VMEM working set for a cache of S slots, R query rows, Jp new keys and
+    head dim D: its input and output tiles, each double-buffered by the pipeline (q, out,
+    the new keys and values, the mask, one cache block of keys and one of values), its f32
+    scratch, and the f32 scores and probabilities of one cache block. Lane dimensions are
+    rounded up to 128, as VMEM holds them. An estimate, checked against the compiler in
+    tests/test_tpu_compile.py."""
+    lanes = lambda n: -(-n // 128) * 128  # noqa: E731
+    item, f32 = jnp.dtype(dtype).itemsize, 4
+    bs = blocks.cache_block(s)
+    tiles = (2 * rows + 2 * jp + 2 * bs) * lanes(d) * item + rows * lanes(jp) * 4
+    scratch = (2 * 128 + lanes(d)) * rows * f32
+    work = 2 * rows * lanes(bs) * f32
+    return 2 * tiles + scratch + work
+
+
+def fit_blocks(blocks: BlockSizes, s: int, rows: int, jp: int, d: int, dtype,
+               limit: int) -> BlockSizes:
+    """`blocks` with block_s halved until the working set fits in `limit` bytes of VMEM (or
+    it reaches 8 slots, the smallest tile)."""
+    while blocks.block_s > 8 and vmem_bytes(blocks, s, rows, jp, d, dtype) > limit:
+        blocks = BlockSizes(block_s=blocks.block_s // 2)
+    return blocks
+
+
+def check_fits(blocks: BlockSizes, s: int, rows: int, jp: int, d: int, dtype, limit: int,
+               device_kind: str) -> None:
+    """Raise ValueError, naming the block, the VMEM it needs and the chip's limit, unless
+    the working set fits."""
+    need = vmem_bytes(blocks, s, rows, jp, d, dtype)
+    if need > limit:
+        largest = fit_blocks(blocks, s, rows, jp, d, dtype, limit).block_s
+        raise ValueError(
+            f"tree_attention_tpu: BlockSizes(block_s={blocks.block_s}) needs about "
+            f"{need / MiB:.1f} MiB of VMEM for a cache of {s} slots ({rows} query rows, head "
+            f"dim {d}, {jnp.dtype(dtype).name}), over the {limit / MiB:.0f} MiB scoped limit "
+            f"of {device_kind}; block_s={largest} fits (or leave blocks unset)")
+
+
+def _device_kind() -> str:
+    """The kind of the devices the program being traced is for (the context mesh's, else the
+    default backend's)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    kind = None if device is None else getattr(device, "device_kind", None)
+    return kind or jax.devices()[0].device_kind
 
 
 def supported(head_dim: int, s: int, blocks: BlockSizes = DEFAULT_BLOCKS) -> bool:
@@ -93,28 +167,34 @@ def _kernel(lens_ref, q_ref, k_new_ref, v_new_ref, mask_ref, k_ref, v_ref, o_ref
 
 @functools.partial(jax.jit, static_argnames=("blocks", "interpret"))
 def tree_attention_tpu(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
-                       k_cache_BxSxKxD, v_cache_BxSxKxD, cache_len_B, *,
-                       blocks: BlockSizes = DEFAULT_BLOCKS, interpret: bool = False):
-    """The TPU kernel; `interpret=True` runs it in the TPU interpret mode (on CPU)."""
+                       k_cache_BxKxSxD, v_cache_BxKxSxD, cache_len_B, *,
+                       blocks: BlockSizes | None = None, interpret: bool = False):
+    """The TPU kernel; `interpret=True` runs it in the TPU interpret mode (on CPU). `blocks`
+    None: DEFAULT_BLOCKS, shrunk until the working set fits the chip's scoped VMEM; blocks
+    given that do not fit are refused (ValueError) before Mosaic would fail on them."""
     check_operands("tree_attention_tpu", q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD,
-                   block_mask_BxTxJ, k_cache_BxSxKxD, v_cache_BxSxKxD, cache_len_B,
+                   block_mask_BxTxJ, k_cache_BxKxSxD, v_cache_BxKxSxD, cache_len_B,
                    needs_cache=True)
     b, t, nq, d = q_BxTxQxD.shape
     j, nk = k_new_BxJxKxD.shape[1], k_new_BxJxKxD.shape[2]
-    g, s = nq // nk, k_cache_BxSxKxD.shape[1]
+    g, s = nq // nk, k_cache_BxKxSxD.shape[2]
     rows = -(-t * g // 8) * 8
     jp = -(-j // 8) * 8
+    kind = _device_kind()
+    limit = scoped_vmem_bytes(kind)
+    if blocks is None:
+        blocks = fit_blocks(DEFAULT_BLOCKS, s, rows, jp, d, k_cache_BxKxSxD.dtype, limit)
+    else:
+        check_fits(blocks, s, rows, jp, d, k_cache_BxKxSxD.dtype, limit, kind)
     bs = blocks.cache_block(s)
     q = query_rows(q_BxTxQxD, nk, rows)
     mask = mask_rows(block_mask_BxTxJ, g, rows, jp)
     k_new = pad_to(k_new_BxJxKxD, 1, jp).reshape(b, jp, nk * d)
     v_new = pad_to(v_new_BxJxKxD, 1, jp).reshape(b, jp, nk * d)
-    k_cache = k_cache_BxSxKxD.reshape(b, s, nk * d)
-    v_cache = v_cache_BxSxKxD.reshape(b, s, nk * d)
 
     def cache_block(bi, ki, si, lens):
         last = jnp.maximum(pl.cdiv(lens[bi], bs) - 1, 0)
-        return bi, jnp.minimum(si, last), ki  # past the length: the block already held
+        return bi, ki, jnp.minimum(si, last), 0  # past the length: the block already held
 
     sq = pl.Squeezed()
     grid_spec = pltpu.PrefetchScalarGridSpec(
@@ -125,8 +205,8 @@ def tree_attention_tpu(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ
             pl.BlockSpec((sq, jp, d), lambda bi, ki, si, lens: (bi, 0, ki)),
             pl.BlockSpec((sq, jp, d), lambda bi, ki, si, lens: (bi, 0, ki)),
             pl.BlockSpec((sq, rows, jp), lambda bi, ki, si, lens: (bi, 0, 0)),
-            pl.BlockSpec((sq, bs, d), cache_block),
-            pl.BlockSpec((sq, bs, d), cache_block),
+            pl.BlockSpec((sq, sq, bs, d), cache_block),
+            pl.BlockSpec((sq, sq, bs, d), cache_block),
         ],
         out_specs=pl.BlockSpec((sq, sq, rows, d), lambda bi, ki, si, lens: (bi, ki, 0, 0)),
         scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
@@ -140,5 +220,5 @@ def tree_attention_tpu(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=pltpu.InterpretParams() if interpret else False,
         name="tree_attention_tpu",
-    )(cache_len_B.astype(jnp.int32), q, k_new, v_new, mask, k_cache, v_cache)
+    )(cache_len_B.astype(jnp.int32), q, k_new, v_new, mask, k_cache_BxKxSxD, v_cache_BxKxSxD)
     return from_query_rows(out, t, g)

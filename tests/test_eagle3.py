@@ -104,7 +104,7 @@ def test_cached_draft_steps_equal_full_forward():
     hidden = jnp.asarray(rs.randn(2, 6, 32).astype(np.float32))
     pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
     full, _, _ = _draft_forward(draft, embeds, hidden, pos, causal_mask(jnp.array([6, 6]), 6))
-    cache = KVCache(k=(jnp.zeros((2, 8, 2, 8)),), v=(jnp.zeros((2, 8, 2, 8)),))
+    cache = KVCache(k=(jnp.zeros((2, 2, 8, 8)),), v=(jnp.zeros((2, 2, 8, 8)),))
     steps = []
     for i in range(6):
         lg, _, cache = _draft_forward(draft, embeds[:, i:i + 1], hidden[:, i:i + 1],

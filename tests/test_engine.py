@@ -167,16 +167,16 @@ def test_caches_after_steps_equal_plain_decoding(pair, request, shared):
                                         jnp.arange(n)[None], causal_mask(jnp.array([n]), n),
                                         KVCache.zeros(target.cfg, 1, n))
         for got, want in zip(state.cache.k + state.cache.v, cache.k + cache.v, strict=True):
-            np.testing.assert_allclose(np.asarray(got[slot, :n]), np.asarray(want[0]),
+            np.testing.assert_allclose(np.asarray(got[slot, :, :n]), np.asarray(want[0]),
                                        rtol=1e-5, atol=1e-5)
         # Draft rows 0..draft_len-1 read token j+1 and the target features at position j.
         dn = int(state.draft_len[slot])
         assert dn + int(state.pend_count[slot]) == n
         dcache = _draft_prefill(target.graphdef, target.state, draft.graphdef,
                                 engine.draft_state, jnp.asarray([seq[1: dn + 1]]), aux[:, :dn])
-        np.testing.assert_allclose(np.asarray(state.draft_cache.k[0][slot, :dn]),
+        np.testing.assert_allclose(np.asarray(state.draft_cache.k[0][slot, :, :dn]),
                                    np.asarray(dcache.k[0][0]), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(np.asarray(state.draft_cache.v[0][slot, :dn]),
+        np.testing.assert_allclose(np.asarray(state.draft_cache.v[0][slot, :, :dn]),
                                    np.asarray(dcache.v[0][0]), rtol=1e-5, atol=1e-5)
 
 
@@ -213,7 +213,7 @@ def _assert_cache_is_plain_forward(target, state, slot, seq):
                              jnp.arange(n)[None], causal_mask(jnp.array([n]), n),
                              KVCache.zeros(target.cfg, 1, n))
     for got, want in zip(state.cache.k + state.cache.v, cache.k + cache.v, strict=True):
-        np.testing.assert_allclose(np.asarray(got[slot, :n]), np.asarray(want[0]),
+        np.testing.assert_allclose(np.asarray(got[slot, :, :n]), np.asarray(want[0]),
                                    rtol=1e-5, atol=1e-5)
 
 
@@ -440,6 +440,22 @@ def test_precompile_builds_every_program_traffic_can_use(randoms, shared, mode):
     loop.cancel(0, "abort")
     loop.run_until_idle()
     assert engine.compilations == before and engine.precompile() == 0
+
+
+@pytest.mark.parametrize("mode", ["off", "tree"])
+def test_the_step_reads_and_writes_the_cache_where_it_lies(randoms, mode):
+    """The compiled step copies, transposes and reshapes nothing as large as one layer's KV
+    cache: attention reads the cache in place and new entries are written in place (issue
+    27; tests/test_tpu_compile.py checks the same of the TPU programs)."""
+    from aurora_jax.hardware.tpu_compile import cache_relayouts
+    from aurora_jax.speculative.config import SpecConfig
+
+    target, draft = randoms
+    spec = SpecConfig(mode="off") if mode == "off" else _spec(mode)
+    engine = Engine(target, draft if spec.needs_draft else None, spec, max_slots=2,
+                    max_len=480)
+    engine.generate(engine.init_decode_state())
+    assert cache_relayouts(engine, engine.program("generate")) == []
 
 
 def test_bad_input_is_refused_with_a_clear_error(randoms, shared):

@@ -9,7 +9,13 @@ more than one chip failed with "Mosaic kernels cannot be automatically partition
 
 from __future__ import annotations
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from aurora_jax.hardware import tpu_compile as tc
 
@@ -25,9 +31,12 @@ def meshes():
 
 
 def _generate(meshes, name: str, attention: str, mode: str = "tree"):
+    """(compiled step or None, its report, its relayouts of cache-sized arrays)."""
     topo, mesh = meshes[name]
-    engine = tc.engine_for(tc.MODELS["tiny"], attention, mode, mesh, batch=2, cache_size=256,
-                        dtype="bfloat16")
+    # 768 slots: no weight of the tiny model has as many elements as a cache shard (relayouts
+    # are found by size; at 1024 slots the lm_head shard has as many under tp=4).
+    engine = tc.engine_for(tc.MODELS["tiny"], attention, mode, mesh, batch=2, cache_size=768,
+                           dtype="bfloat16")
     programs = {}  # name -> (compiled program or None, report)
 
     def keep(name, fn, args):
@@ -35,24 +44,29 @@ def _generate(meshes, name: str, attention: str, mode: str = "tree"):
         return programs[name][0]
 
     tc.compile_engine_programs(engine, (), keep)
-    return programs["generate"]
+    compiled, report = programs["generate"]
+    return compiled, report, [] if compiled is None else tc.cache_relayouts(engine, compiled)
 
 
 @pytest.mark.parametrize("name", MESHES)
 def test_the_tpu_kernel_compiles_on_one_chip_and_on_split_meshes(meshes, name):
     """The tree step with attention="pallas" compiles and calls the Mosaic kernel (a
-    tpu_custom_call in the compiled program), on one chip and under shard_map on 4 chips."""
-    compiled, report = _generate(meshes, name, "pallas")
+    tpu_custom_call in the compiled program), on one chip and under shard_map on 4 chips,
+    and the kernel reads the cache where it lies: no copy, transpose or reshape of an array
+    as large as one layer's cache shard anywhere in the step."""
+    compiled, report, relayouts = _generate(meshes, name, "pallas")
     assert compiled is not None, report.get("error")
     assert "tpu_custom_call" in compiled.as_text()
+    assert relayouts == []
     assert report["peak_bytes"] < 16 << 30  # v5e's HBM, the smallest of the three
 
 
 @pytest.mark.parametrize("name", MESHES)
 def test_the_reference_compiles_everywhere_without_the_kernel(meshes, name):
-    compiled, report = _generate(meshes, name, "reference", mode="chain")
+    compiled, report, relayouts = _generate(meshes, name, "reference", mode="chain")
     assert compiled is not None, report.get("error")
     assert "tpu_custom_call" not in compiled.as_text()
+    assert relayouts == []
 
 
 def test_the_check_reports_every_program_of_a_setting(meshes):
@@ -66,6 +80,53 @@ def test_the_check_reports_every_program_of_a_setting(meshes):
     assert step["must_move_bytes"] > 0 and step["accessed_over_must_move"] > 1.0
     assert "| tiny | v6e:2x2/dp1xtp4 | pallas | off | 2 | 256 | generate | yes |" in \
         tc.markdown(rows)
+
+
+def _kernel_operands(mesh, s: int):
+    """The TPU kernel's operands for one sequence of 8 query heads over one kv head (D=128),
+    one new token and a bfloat16 cache of S slots, as shape structs on the mesh."""
+    def shape(*dims, dtype=jnp.bfloat16):
+        return jax.ShapeDtypeStruct(dims, dtype, sharding=NamedSharding(mesh, P()))
+
+    return (shape(1, 1, 8, 128), shape(1, 1, 1, 128), shape(1, 1, 1, 128),
+            shape(1, 1, 1, dtype=jnp.bool_), shape(1, 1, s, 128), shape(1, 1, s, 128),
+            shape(1, dtype=jnp.int32))
+
+
+@pytest.mark.parametrize("name, limit_mib, too_big", [("v5e:1x1", 16, 16384),
+                                                      ("v6e:1x1", 32, 32768)])
+def test_a_block_too_large_for_vmem_is_refused_and_the_default_fits(name, limit_mib, too_big,
+                                                                     monkeypatch):
+    """Over a 131072-slot cache, a block of `too_big` slots needs more than the chip's scoped
+    VMEM: asked for, it is refused with the numbers before Mosaic sees it, and it really does
+    not fit (with the check removed, Mosaic fails with a VMEM OOM). Half of it, the block
+    `fit_blocks` shrinks it to (as the kernel shrinks its default when blocks are unset),
+    compiles, and so does the kernel's default."""
+    from pallas_kernels import BlockSizes
+    from pallas_kernels import tree_attention_tpu as tpu
+
+    mesh = tc.Topology.parse(name).mesh()
+    args = _kernel_operands(mesh, 131072)
+
+    def compile_with(blocks):
+        return tc.compile_program(jax.jit(functools.partial(tpu.tree_attention_tpu,
+                                                             blocks=blocks)), args, mesh)
+
+    compiled, report = compile_with(BlockSizes(block_s=too_big))
+    assert compiled is None
+    assert f"BlockSizes(block_s={too_big}) needs about" in report["error"]
+    assert f"over the {limit_mib} MiB scoped limit" in report["error"]
+    assert f"block_s={too_big // 2} fits" in report["error"]
+    with monkeypatch.context() as m:
+        m.setattr(tpu, "check_fits", lambda *a, **k: None)
+        compiled, report = compile_with(BlockSizes(block_s=too_big))
+    assert compiled is None and "CompileTimeScopedVmemOom" in report["error"]
+    fitted = tpu.fit_blocks(BlockSizes(block_s=too_big), 131072, 8, 8, 128, jnp.bfloat16,
+                            limit_mib << 20)
+    assert fitted == BlockSizes(block_s=too_big // 2)
+    assert compile_with(fitted)[0] is not None
+    compiled, report = compile_with(None)
+    assert compiled is not None, report.get("error")
 
 
 def test_topology_names_are_checked():

@@ -54,8 +54,8 @@ def _inputs(rs, b, t, j, nq, nk, d, s, dtype, tree, lens):
         mask = ancestor_mask(jnp.asarray(parent))
     else:  # a draft's side buffer: node t sees a random subset of J slots, itself included
         mask = jnp.asarray(rs.rand(b, t, j) < 0.4).at[:, jnp.arange(t), jnp.arange(t)].set(True)
-    return (f(b, t, nq, d), f(b, j, nk, d), f(b, j, nk, d), mask, f(b, s, nk, d),
-            f(b, s, nk, d), jnp.asarray(lens, jnp.int32))
+    return (f(b, t, nq, d), f(b, j, nk, d), f(b, j, nk, d), mask, f(b, nk, s, d),
+            f(b, nk, s, d), jnp.asarray(lens, jnp.int32))
 
 
 CASES = [  # b, t, j, q heads, kv heads, d, s, tree, cache lengths, block_s
@@ -98,7 +98,7 @@ def test_kernel_sees_only_the_prefix_below_cache_len(kernel):
     args = list(_inputs(rs, 2, 5, 5, 4, 2, 16, 64, jnp.float32, "wide", [10, 33]))
     fn = functools.partial(KERNELS[kernel], blocks=BlockSizes(block_s=8), interpret=True)
     base = fn(*args)
-    pos = jnp.arange(64)[None, :, None, None]
+    pos = jnp.arange(64)[None, None, :, None]  # slot s of a [B, K, S, D] cache
     for i in (4, 5):
         args[i] = jnp.where(pos >= args[6][:, None, None, None], 1e4, args[i])
     np.testing.assert_array_equal(fn(*args), base)
@@ -136,7 +136,7 @@ WRONG = {
     "kv-heads": ("v_new", (2, 5, 1, 16), None, "v_new has kv heads 1 but k_new has 2"),
     "mask-keys": ("block_mask", (2, 4, 6), None, "block_mask has new keys 6 but k_new has 5"),
     "mask-queries": ("block_mask", (2, 3, 5), None, "block_mask has queries 3 but q has 4"),
-    "cache-slots": ("v_cache", (2, 8, 2, 16), None, "v_cache has cache slots 8 but k_cache "
+    "cache-slots": ("v_cache", (2, 2, 8, 16), None, "v_cache has cache slots 8 but k_cache "
                     "has 16"),
     "lengths": ("cache_len", (3,), None, "cache_len has batch 3 but q has 2"),
     "groups": ("q", (2, 4, 7, 16), None, "q's 7 query heads are not a multiple of k_new's 2 "

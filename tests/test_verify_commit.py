@@ -18,7 +18,7 @@ from aurora_jax.speculative.tree import ancestor_mask
 
 CFG = TargetConfig(vocab_size=6, hidden_size=32, intermediate_size=64, num_layers=3,
                    num_heads=4, num_kv_heads=2, head_dim=8)
-fwd = jax.jit(forward)
+fwd = jax.jit(forward, static_argnames="write")
 
 
 def _greedy(model, seq, steps):
@@ -72,8 +72,8 @@ def test_tree_verify_commit_then_decode_equals_full_forward():
     for r in range(b):  # put the target's greedy continuation along the deepest path
         _plant_greedy_path(model, prompts[r], tokens[r], np.asarray(tree.parent[r]))
     tree = tree.replace(tokens=jnp.asarray(tokens))
-    logits, _, _, cache = fwd(*model, tree.tokens, cache_len[:, None] + tree.depth,
-                              ancestor_mask(tree.parent), cache, cache_len)
+    logits, _, _, block = fwd(*model, tree.tokens, cache_len[:, None] + tree.depth,
+                              ancestor_mask(tree.parent), cache, cache_len, write=False)
     # Tree verification gives each node the logits a plain forward over its path would.
     for r in range(b):
         for i in range(n + 1):
@@ -87,8 +87,7 @@ def test_tree_verify_commit_then_decode_equals_full_forward():
             np.testing.assert_allclose(np.asarray(logits[r, i]), np.asarray(ref[0, -1]),
                                        rtol=1e-5, atol=1e-5)
     path, count, bonus = greedy_accept(tree, jnp.argmax(logits, -1).astype(jnp.int32), n)
-    cache = KVCache(k=tuple(commit_path(c, cache_len, path) for c in cache.k),
-                    v=tuple(commit_path(c, cache_len, path) for c in cache.v))
+    cache = commit_path(cache, block, cache_len, path)
     new_len = cache_len + 1 + count  # root plus accepted nodes
     step_logits, *_ = fwd(*model, bonus[:, None], new_len[:, None], jnp.ones((b, 1, 1), bool),
                           cache, new_len)

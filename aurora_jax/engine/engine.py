@@ -26,6 +26,7 @@ from aurora_jax.engine.batcher import Batcher, Request, RequestResult, acceptanc
 from aurora_jax.engine.trace import TraceEmitter
 from aurora_jax.errors import ConfigError, PromptError
 from aurora_jax.models.eagle3 import Draft, check_fits, same_layout
+from aurora_jax.models.kv_cache import KVCache
 from aurora_jax.models.sharding import cache_sharding
 from aurora_jax.models.transformer import Target
 from aurora_jax.sampling import SamplingParams, SamplingRows
@@ -108,8 +109,8 @@ class Engine:
 
     def init_decode_state(self) -> step.DecodeState:
         cfg = self.target.cfg
-        sharding = cache_sharding(self.target.mesh, (self.max_slots, self.cache_size,
-                                                     cfg.num_kv_heads, cfg.head_dim))
+        sharding = cache_sharding(self.target.mesh,
+                                  KVCache.shape(cfg, self.max_slots, self.cache_size))
         # Built by a jitted function so that its arrays are typed and placed exactly like the
         # states that steps return: the first step then reuses the steady-state program.
         return self._init(cfg, None if self.draft is None else self.draft.cfg, self.spec,
@@ -272,6 +273,11 @@ class Engine:
     def compilations(self) -> int:
         """Programs compiled so far (one per step function and shape bucket)."""
         return len(self._programs)
+
+    def program(self, *key) -> jax.stages.Compiled | None:
+        """The compiled program for `key` ("generate"; "prefill", b, t; ...), None before its
+        first use: for inspecting what a step compiles to (`as_text()`, `cost_analysis()`)."""
+        return self._programs.get(key)
 
     def _call(self, key: tuple, fn, *args):
         """Runs the program compiled for `key`, compiling it first (timed into compile_s).

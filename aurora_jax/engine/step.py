@@ -42,10 +42,10 @@ from aurora_jax.speculative.tree import Tree, ancestor_mask
 
 @struct.dataclass
 class DecodeState:
-    cache: KVCache  # target, L x [B, S, K, D]
+    cache: KVCache  # target, L x [B, K, S, D]
     cache_len: jax.Array  # [B] int32
     root: jax.Array  # [B] int32, last committed token
-    draft_cache: KVCache | None  # 1 x [B, S, Kd, D], None without a draft
+    draft_cache: KVCache | None  # 1 x [B, Kd, S, D], None without a draft
     draft_len: jax.Array  # [B] int32
     pend_tokens: jax.Array  # [B, R] int32, R = max_depth + 1
     pend_aux: jax.Array  # [B, R, A, H] target aux features of the previous positions
@@ -66,8 +66,8 @@ class DecodeState:
 class Prefix:
     """Prefilled requests, ready to insert into slots."""
 
-    cache: KVCache  # L x [b, T, K, D]
-    draft_cache: KVCache | None  # 1 x [b, T, Kd, D]
+    cache: KVCache  # L x [b, K, T, D]
+    draft_cache: KVCache | None  # 1 x [b, Kd, T, D]
     tokens: jax.Array  # [b, T] the right-padded prompts
     lengths: jax.Array  # [b] prompt lengths
     first: jax.Array  # [b] the first generated token
@@ -141,10 +141,10 @@ def prefill(tgraph, tstate, dgraph, dstate, tokens_BxT, lengths_B, key, sampling
 def insert(prefix: Prefix, state: DecodeState, slots_b, max_new_b, sampling: SamplingRows,
            eos_E) -> DecodeState:
     """Writes prefilled requests into slots (a slot index >= B drops that row)."""
-    t = prefix.cache.k[0].shape[1]
+    t = prefix.cache.max_len
 
     def put_rows(dst, src):
-        return dst.at[slots_b, :t].set(src.astype(dst.dtype), mode="drop")
+        return dst.at[slots_b, :, :t].set(src.astype(dst.dtype), mode="drop")
 
     def put(dst, src):
         return dst.at[slots_b].set(src.astype(dst.dtype), mode="drop")
@@ -201,10 +201,11 @@ def generate(tgraph, tstate, dgraph, dstate, state: DecodeState, eos_E, *, spec:
         tree, draft_logp = propose(draft, embed, draft_cache, draft_len, state.root, root_lp,
                                    root_h, spec)
 
-    def verify(tree):
-        h, aux, cache = model.hidden(tree.tokens, state.cache_len[:, None] + tree.depth,
-                                     ancestor_mask(tree.parent), state.cache, state.cache_len)
-        return model.logits(h), h, aux, cache
+    def verify(tree):  # the tree's keys and values come back as a block, outside the cache
+        h, aux, block = model.hidden(tree.tokens, state.cache_len[:, None] + tree.depth,
+                                     ancestor_mask(tree.parent), state.cache, state.cache_len,
+                                     write=False)
+        return model.logits(h), h, aux, block
 
     if spec.mode == "ngram":
         # Lookups often find nothing (prose): then verify the root alone, a plain target step,
@@ -214,12 +215,12 @@ def generate(tgraph, tstate, dgraph, dstate, state: DecodeState, eos_E, *, spec:
             outs = verify(one)
             pad = lambda x: jnp.pad(x, [(0, 0), (0, tree.size - 1)]  # noqa: E731
                                     + [(0, 0)] * (x.ndim - 2))
-            return (*map(pad, outs[:3]), outs[3])
+            return tuple(jax.tree.map(pad, outs))
 
         has_proposal = jnp.any(tree.valid[:, 1:] & active[:, None])
-        logits, h, aux, cache = jax.lax.cond(has_proposal, verify, lambda _: root_only(), tree)
+        logits, h, aux, block = jax.lax.cond(has_proposal, verify, lambda _: root_only(), tree)
     else:
-        logits, h, aux, cache = verify(tree)
+        logits, h, aux, block = verify(tree)
     # A seeded row's draws are keyed by its seed and its position (tokens generated so far).
     path, n_acc, bonus = accept(k_accept, tree, logits, spec.max_depth, state.sampling,
                                 state.generated)
@@ -240,8 +241,7 @@ def generate(tgraph, tstate, dgraph, dstate, state: DecodeState, eos_E, *, spec:
 
     keep = lambda new, old: jnp.where(  # noqa: E731  slot-wise select, idle slots unchanged
         active.reshape((b,) + (1,) * (new.ndim - 1)), new, old)
-    cache = KVCache(k=tuple(commit_path(c, state.cache_len, path) for c in cache.k),
-                    v=tuple(commit_path(c, state.cache_len, path) for c in cache.v))
+    cache = commit_path(state.cache, block, state.cache_len, path)
     pend_aux = jnp.take_along_axis(aux, jnp.maximum(path, 0)[:, :, None, None], 1)
     # The state's pending block may be wider than this step needs (a state sized for a
     # deeper speculation setting, stepped with a shallower one): pad to its width.

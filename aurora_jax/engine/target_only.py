@@ -136,7 +136,7 @@ class TargetGenerator:
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = p
         cfg, mesh = self.target.cfg, self.target.mesh
-        sharding = cache_sharding(mesh, (b, s, cfg.num_kv_heads, cfg.head_dim))
+        sharding = cache_sharding(mesh, KVCache.shape(cfg, b, s))
         args = (self.target.graphdef, self.target.state, jnp.asarray(tokens),
                 jnp.asarray(lengths), jax.random.key(seed), SamplingRows.stack(params), self.eos)
         sig = (b, t, s, max_new_tokens)

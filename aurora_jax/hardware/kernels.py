@@ -22,10 +22,11 @@ from pallas_kernels.tree_attention import tree_attention_reference
 
 
 def xla_attention(q, k_new, v_new, mask, k_cache, v_cache, cache_len):
-    """jax.nn.dot_product_attention over cache ++ tree (XLA picks its implementation)."""
-    s = k_cache.shape[1]
-    k = jnp.concatenate([k_cache, k_new], axis=1)
-    v = jnp.concatenate([v_cache, v_new], axis=1)
+    """jax.nn.dot_product_attention over cache ++ tree (XLA picks its implementation; it
+    takes keys as [B, S, K, D], so the [B, K, S, D] cache is transposed first)."""
+    s = k_cache.shape[2]
+    k = jnp.concatenate([k_cache.transpose(0, 2, 1, 3), k_new], axis=1)
+    v = jnp.concatenate([v_cache.transpose(0, 2, 1, 3), v_new], axis=1)
     prefix = jnp.arange(s)[None, None, :] < cache_len[:, None, None]
     full = jnp.concatenate([jnp.broadcast_to(prefix, (q.shape[0], q.shape[1], s)), mask], 2)
     return jax.nn.dot_product_attention(q, k, v, mask=full[:, None])
@@ -33,7 +34,7 @@ def xla_attention(q, k_new, v_new, mask, k_cache, v_cache, cache_len):
 
 def inputs(b, n, s, nq, nk, d, dtype, seed=0):
     """Random operands: queries [B,N,Q,D], the tree's keys/values [B,N,K,D], a random tree's
-    ancestor mask [B,N,N], a full cache [B,S,K,D] and its lengths [B]."""
+    ancestor mask [B,N,N], a full cache [B,K,S,D] and its lengths [B]."""
     rs = np.random.RandomState(seed)
     ks = jax.random.split(jax.random.PRNGKey(seed), 5)
     parent = np.array([[-1] + [int(rs.randint(i)) for i in range(1, n)] for _ in range(b)])
@@ -41,8 +42,8 @@ def inputs(b, n, s, nq, nk, d, dtype, seed=0):
             jax.random.normal(ks[1], (b, n, nk, d), dtype),
             jax.random.normal(ks[2], (b, n, nk, d), dtype),
             ancestor_mask(jnp.asarray(parent)),
-            jax.random.normal(ks[3], (b, s, nk, d), dtype),
-            jax.random.normal(ks[4], (b, s, nk, d), dtype),
+            jax.random.normal(ks[3], (b, nk, s, d), dtype),
+            jax.random.normal(ks[4], (b, nk, s, d), dtype),
             jnp.full((b,), s, jnp.int32))
 
 

@@ -21,9 +21,11 @@ the live KV (every layer's keys and values up to the context length).
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +39,7 @@ from aurora_jax.engine.engine import Engine
 from aurora_jax.hardware.decode import LLAMA_31_8B
 from aurora_jax.models.config import TargetConfig
 from aurora_jax.models.eagle3 import DTYPES, Draft, DraftConfig, Eagle3Draft
+from aurora_jax.models.kv_cache import KVCache
 from aurora_jax.models.sharding import cache_sharding, param_sharding, state_path
 from aurora_jax.models.transformer import Target, Transformer
 from aurora_jax.speculative.config import SpecConfig
@@ -91,6 +94,12 @@ class Topology:
     def mesh(self) -> Mesh:
         """The mesh over the slice's abstract devices (the first dp * tp chips)."""
         from jax.experimental import topologies
+
+        # libtpu takes /tmp/libtpu_lockfile so that two processes never drive one TPU. On a
+        # host with no TPU chips only the compilers are used, and a second compiling process
+        # (a test beside a running check, say) is safe: let it in.
+        if not any(Path("/dev").glob("accel*")) and not Path("/dev/vfio").exists():
+            os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
         kwargs = {"chips_per_host_bounds": (1, 1, 1)} if self.chips == 1 else {}
         desc = topologies.get_topology_desc(topology_name=self.name, platform="tpu", **kwargs)
@@ -150,7 +159,7 @@ def decode_state(engine: Engine) -> step.DecodeState:
     """The engine's decode state as shape structs: the target's cache split as
     `cache_sharding` says, everything else replicated."""
     target, cfg = engine.target, engine.target.cfg
-    shape = (engine.max_slots, engine.cache_size, cfg.num_kv_heads, cfg.head_dim)
+    shape = KVCache.shape(cfg, engine.max_slots, engine.cache_size)
     sharding = cache_sharding(target.mesh, shape)
     state = jax.eval_shape(lambda: step.init_state(
         cfg, None if engine.draft is None else engine.draft.cfg, engine.spec, engine.max_slots,
@@ -200,10 +209,41 @@ def must_move_bytes(engine: Engine, context: int) -> int:
     weights = sum(_per_device_bytes(x)
                   for path, x in jax.tree_util.tree_leaves_with_path(target.state)
                   if "embed" not in jax.tree_util.keystr(path) or cfg.tie_word_embeddings)
-    shape = (engine.max_slots, context, cfg.num_kv_heads, cfg.head_dim)
+    shape = KVCache.shape(cfg, engine.max_slots, context)
     kv = jax.ShapeDtypeStruct(shape, jnp.dtype(target.dtype),
                               sharding=cache_sharding(target.mesh, shape))
     return weights + 2 * cfg.num_layers * _per_device_bytes(kv)
+
+
+_HLO_OP = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(\w+)\[([\d,]*)\]"
+                     r"(?:\{[^}]*\})?\s+([\w\-]+)\(")
+RELAYOUT_OPS = ("copy", "copy-start", "transpose", "reshape")
+"""HLO ops that move an array's elements to a new layout (a bitcast is free and not one)."""
+
+
+def relayouts(hlo_text: str, elements: int) -> list[str]:
+    """The instructions of an optimized HLO module (`Compiled.as_text()`, fused computations
+    included) that copy, transpose or reshape an array of exactly `elements` elements: with
+    one layer's KV cache shard, a relayout of the cache (whatever shape it is given, such as
+    [B, S, K * D]) that a program pays at every call. (An array of another kind with as many
+    elements would be counted too: choose shapes where none has.)"""
+    found = []
+    for line in hlo_text.splitlines():
+        m = _HLO_OP.match(line)
+        if m and m.group(3) in RELAYOUT_OPS:
+            dims = [int(x) for x in m.group(2).split(",") if x]
+            if int(np.prod(dims)) == elements:
+                found.append(line.strip())
+    return found
+
+
+def cache_relayouts(engine: Engine, compiled: jax.stages.Compiled) -> list[str]:
+    """`relayouts` of a compiled engine program, of arrays as large as one layer's cache
+    shard (the target's; the draft's, where its heads and head dim are the same)."""
+    cfg = engine.target.cfg
+    shape = KVCache.shape(cfg, engine.max_slots, engine.cache_size)
+    shard = cache_sharding(engine.target.mesh, shape).shard_shape(shape)
+    return relayouts(compiled.as_text() or "", int(np.prod(shard)))
 
 
 def compile_report(compiled: jax.stages.Compiled) -> dict:

@@ -19,11 +19,11 @@ from pallas_kernels.dispatch import attention
 
 
 def attend(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
-           k_cache_BxSxKxD=None, v_cache_BxSxKxD=None, cache_len_B=None, *,
+           k_cache_BxKxSxD=None, v_cache_BxKxSxD=None, cache_len_B=None, *,
            impl: str = "auto"):
     """Grouped-query attention; softmax in float32; returns [B, T, Q, D] in q's dtype."""
     return attention(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
-                     k_cache_BxSxKxD, v_cache_BxSxKxD, cache_len_B, impl=impl)
+                     k_cache_BxKxSxD, v_cache_BxKxSxD, cache_len_B, impl=impl)
 
 
 def causal_mask(lengths_B, t: int):

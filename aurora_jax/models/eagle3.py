@@ -25,7 +25,7 @@ from flax import nnx
 from aurora_jax.errors import CheckpointError
 from aurora_jax.models.attention import attend
 from aurora_jax.models.config import DTYPES, RopeScaling, TargetConfig
-from aurora_jax.models.kv_cache import KVCache, write_block
+from aurora_jax.models.kv_cache import KVCache
 from aurora_jax.models.layers import Linear, RMSNorm, rope_cos_sin, rope_inv_freq
 from aurora_jax.models.sharding import make_mesh
 from aurora_jax.models.transformer import MLP, Attention
@@ -105,10 +105,13 @@ class MidLayer(nnx.Module):
         h = hidden + attn_out
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def __call__(self, embeds, hidden, cos, sin, block_mask, k_cache, v_cache, cache_len):
-        a, k, v = self.self_attn(self.attn_input(embeds, hidden), cos, sin, block_mask, k_cache,
-                                 v_cache, cache_len)
-        return self.finish(hidden, a), k, v
+    def __call__(self, embeds, hidden, cos, sin, block_mask, k_cache, v_cache, cache_len,
+                 write_at=None):
+        """(output, the caches as `Attention` returns them)."""
+        a, *_, k_cache, v_cache = self.self_attn(self.attn_input(embeds, hidden), cos, sin,
+                                                 block_mask, k_cache, v_cache, cache_len,
+                                                 write_at)
+        return self.finish(hidden, a), k_cache, v_cache
 
 
 class Eagle3Draft(nnx.Module):
@@ -140,16 +143,15 @@ class Eagle3Draft(nnx.Module):
         With a cache, the new keys/values are written at slots cache_len[b] + j; a cache with
         cache_len None is taken as empty (prefill) and written from slot 0."""
         cos, sin = rope_cos_sin(self.inv_freq[...], positions_BxT, hidden_BxTxH.dtype)
-        kc = vc = None
-        if cache is not None and cache_len_B is not None:
-            kc, vc = cache.k[0], cache.v[0]
-        h, k, v = self.midlayer(embeds_BxTxH, hidden_BxTxH, cos, sin, block_mask_BxTxT, kc, vc,
-                                cache_len_B)
+        kc, vc, start = None, None, None
         if cache is not None:
+            kc, vc = cache.k[0], cache.v[0]
             start = (jnp.zeros(embeds_BxTxH.shape[:1], jnp.int32) if cache_len_B is None
                      else cache_len_B)
-            cache = KVCache(k=(write_block(cache.k[0], k, start),),
-                            v=(write_block(cache.v[0], v, start),))
+        h, kc, vc = self.midlayer(embeds_BxTxH, hidden_BxTxH, cos, sin, block_mask_BxTxT, kc, vc,
+                                  cache_len_B, start)
+        if cache is not None:
+            cache = KVCache(k=(kc,), v=(vc,))
         return self.lm_head.logits(self.norm(h)), h, cache
 
     def tree_step(self, embeds_BxTxH, hidden_BxTxH, positions_BxT, slots_T, visible_BxTxM,

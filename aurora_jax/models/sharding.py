@@ -73,9 +73,9 @@ def param_sharding(mesh: Mesh, path: tuple[str, ...], shape: tuple[int, ...]) ->
     return NamedSharding(mesh, _fit(mesh, shape, spec))
 
 
-def cache_sharding(mesh: Mesh, shape_BxSxKxD: tuple[int, ...]) -> NamedSharding:
-    """KV cache [B, S, K, D]: batch over dp, kv heads over tp."""
-    return NamedSharding(mesh, _fit(mesh, shape_BxSxKxD, ("dp", None, "tp", None)))
+def cache_sharding(mesh: Mesh, shape_BxKxSxD: tuple[int, ...]) -> NamedSharding:
+    """KV cache [B, K, S, D]: batch over dp, kv heads over tp."""
+    return NamedSharding(mesh, _fit(mesh, shape_BxKxSxD, ("dp", "tp", None, None)))
 
 
 def state_path(keypath) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ from flax import nnx
 
 from aurora_jax.models.attention import attend
 from aurora_jax.models.config import TargetConfig
-from aurora_jax.models.kv_cache import KVCache, write_block
+from aurora_jax.models.kv_cache import KVBlock, KVCache, write_block
 from aurora_jax.models.layers import (
     Linear,
     RMSNorm,
@@ -59,10 +59,23 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def __call__(self, x_BxTxH, cos, sin, block_mask, k_cache, v_cache, cache_len):
+    def __call__(self, x_BxTxH, cos, sin, block_mask, k_cache, v_cache, cache_len,
+                 write_at=None):
+        """The new tokens' attention to the cache (slots < cache_len; None: no cache is read)
+        and to each other under `block_mask`. Returns (output, the new keys and values, the
+        caches). With `write_at` [B], the new keys and values are first written into the
+        caches at slots write_at[b] + j and the written caches are returned (else the caches
+        as given). Writing before reading lets XLA update a donated cache in place, the read
+        following the write; a write after the read left XLA copying the whole cache to keep
+        the read safe, twice per layer and step. The slots written lie at or past cache_len,
+        so attention sees the new tokens as the new block only, never as cache."""
         q, k, v = self.project_qkv(x_BxTxH, cos, sin)
-        out = attend(q, k, v, block_mask, k_cache, v_cache, cache_len, impl=self.impl)
-        return self.o_proj(out.reshape(*out.shape[:2], -1)), k, v
+        if write_at is not None:
+            k_cache, v_cache = write_block(k_cache, k, write_at), write_block(v_cache, v, write_at)
+        read = cache_len is not None
+        out = attend(q, k, v, block_mask, k_cache if read else None, v_cache if read else None,
+                     cache_len if read else None, impl=self.impl)
+        return self.o_proj(out.reshape(*out.shape[:2], -1)), k, v, k_cache, v_cache
 
 
 class MLP(nnx.Module):
@@ -85,11 +98,12 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, block_mask, k_cache, v_cache, cache_len):
-        a, k, v = self.attn(self.input_layernorm(x), cos, sin, block_mask, k_cache, v_cache,
-                            cache_len)
+    def __call__(self, x, cos, sin, block_mask, k_cache, v_cache, cache_len, write_at=None):
+        """(output, the new keys and values, the caches), as `Attention` returns them."""
+        a, k, v, k_cache, v_cache = self.attn(self.input_layernorm(x), cos, sin, block_mask,
+                                              k_cache, v_cache, cache_len, write_at)
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), k, v
+        return x + self.mlp(self.post_attention_layernorm(x)), k, v, k_cache, v_cache
 
 
 class Transformer(nnx.Module):
@@ -108,10 +122,12 @@ class Transformer(nnx.Module):
         self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(cfg)))  # a buffer, not trained
 
     def hidden(self, tokens_BxT, positions_BxT, block_mask_BxTxT, cache: KVCache | None = None,
-               cache_len_B=None):
+               cache_len_B=None, *, write: bool = True):
         """Runs the decoder; returns (final normed hidden [B,T,H], aux [B,T,A,H], new cache).
 
-        With a cache, the new tokens' keys/values are written at slots cache_len[b] + j.
+        With a cache, the new tokens' keys/values are written at slots cache_len[b] + j;
+        with `write=False` they are not, and a `KVBlock` of them comes back in the cache's
+        place (tree verification: only the accepted path enters the cache, `commit_path`).
         A cache with cache_len None is taken as empty (prefill): nothing in it is attended to,
         which also keeps XLA from constant-folding attention over a freshly zeroed cache.
         """
@@ -121,19 +137,19 @@ class Transformer(nnx.Module):
         empty = cache_len_B is None
         if cache is not None and empty:
             cache_len_B = jnp.zeros(tokens_BxT.shape[:1], jnp.int32)
+        read_len = None if cache is None or empty else cache_len_B
+        write_at = None if cache is None or not write else cache_len_B
         aux, new_k, new_v = {}, [], []
         for i, layer in enumerate(self.layers):
-            kc = vc = None
-            if cache is not None and not empty:
-                kc, vc = cache.k[i], cache.v[i]
-            x, k, v = layer(x, cos, sin, block_mask_BxTxT, kc, vc, cache_len_B)
-            if cache is not None:
-                new_k.append(write_block(cache.k[i], k, cache_len_B))
-                new_v.append(write_block(cache.v[i], v, cache_len_B))
+            kc, vc = (None, None) if cache is None else (cache.k[i], cache.v[i])
+            x, k, v, kc, vc = layer(x, cos, sin, block_mask_BxTxT, kc, vc, read_len, write_at)
+            new_k.append(kc if write else k)
+            new_v.append(vc if write else v)
             if i in aux_layers:
                 aux[i] = x
         aux_BxTxAxH = jnp.stack([aux[i] for i in aux_layers], axis=2)
-        new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v))
+        kind = KVCache if write else KVBlock
+        new_cache = None if cache is None else kind(k=tuple(new_k), v=tuple(new_v))
         return self.norm(x), aux_BxTxAxH, new_cache
 
     def logits(self, hidden_BxTxH):
@@ -145,10 +161,12 @@ class Transformer(nnx.Module):
 
 
 def forward(graphdef, state, tokens_BxT, positions_BxT, block_mask_BxTxT, cache=None,
-            cache_len_B=None):
-    """Pure function over the split model: (logits [B,T,V], aux, final hidden, cache)."""
+            cache_len_B=None, write: bool = True):
+    """Pure function over the split model: (logits [B,T,V], aux, final hidden, cache, or the
+    new tokens' `KVBlock` with `write=False`; see `Transformer.hidden`)."""
     model = nnx.merge(graphdef, state)
-    h, aux, cache = model.hidden(tokens_BxT, positions_BxT, block_mask_BxTxT, cache, cache_len_B)
+    h, aux, cache = model.hidden(tokens_BxT, positions_BxT, block_mask_BxTxT, cache, cache_len_B,
+                                 write=write)
     return model.logits(h), aux, h, cache
 
 

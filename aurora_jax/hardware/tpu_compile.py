@@ -385,8 +385,9 @@ def parse_args(argv=None):
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--context", nargs="+", type=int, default=[2048],
                     help="cache slots per sequence (a multiple of 64)")
-    ap.add_argument("--prompt-len", nargs="+", type=int, default=[128, 1024],
-                    help="prefill buckets compiled (with insert), once per topology/attention")
+    ap.add_argument("--prompt-len", nargs="*", type=int, default=[128, 1024],
+                    help="prefill buckets compiled (with insert), once per topology/attention; "
+                         "given with no value, the step alone is compiled")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default="bench_results/tpu_compile")
     return ap.parse_args(argv)

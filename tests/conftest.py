@@ -41,7 +41,9 @@ SMALL_RECIPE = dict(
 
 # The files that take longest (a minute or more each on 2 cores), run first: the README runs
 # the suite on two workers, one file at a time each (pytest-xdist, --dist loadfile), and a long
-# file picked up last would keep one worker busy while the other sits idle.
+# file picked up last would keep one worker busy while the other sits idle. (xdist keeps this
+# order only with --no-loadscope-reorder; by default it starts with the files of most tests,
+# and these files have one or two each.)
 LONGEST_FIRST = ("test_smollm2.py", "test_soak.py", "test_multihost.py",
                  "test_accelerator_check.py", "test_objectives.py", "test_tpu_compile.py",
                  "test_notebook.py", "test_crash_safe.py")

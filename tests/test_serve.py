@@ -221,8 +221,9 @@ def test_a_hot_swap_during_traffic_stays_lossless_and_raises_the_version(served,
     /admin/draft swaps in another draft. At least one of them was in flight across the swap
     (it began before the swap and its usage names the new version), every text equals
     target-only's, the next request is served by the new version, and nothing compiled.
-    (Decoding is slowed to 50 ms a step so that 40-token streams outlast the swap on any
-    machine: a swap lands within one step.)"""
+    (Decoding holds still from the first chunks until /admin/draft has answered, however long
+    loading the draft takes, then runs at 50 ms a step, so that 40-token streams outlast the
+    swap's landing: a swap lands within one step.)"""
     from aurora_jax.models.eagle3 import DraftConfig, init_draft
     from aurora_jax.models.eagle3_io import save_draft
 
@@ -234,7 +235,11 @@ def test_a_hot_swap_during_traffic_stays_lossless_and_raises_the_version(served,
     compiled, compile_s = server.engine.compilations, server.engine.compile_s
     real = server.engine.generate
 
+    all_started, swapped = threading.Event(), threading.Event()
+
     def slow(state):
+        if all_started.is_set():
+            swapped.wait(120)
         time.sleep(0.05)
         return real(state)
 
@@ -258,8 +263,12 @@ def test_a_hot_swap_during_traffic_stays_lossless_and_raises_the_version(served,
         t.start()
     for i, ev in started.items():
         assert ev.wait(120), f"stream {i} sent no first chunk"
-    r = httpx.post(url + "/admin/draft", json={"path": str(tmp_path / "draft")},
-                   headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    all_started.set()
+    try:
+        r = httpx.post(url + "/admin/draft", json={"path": str(tmp_path / "draft")},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    finally:
+        swapped.set()
     assert r.status_code == 200, r.text
     for t in threads:
         t.join(120)

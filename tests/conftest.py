@@ -39,16 +39,6 @@ SMALL_RECIPE = dict(
     warmup_steps=10, checkpoint_every=1000, eval_windows=4)
 
 
-# The files that take longest (a minute or more each on 2 cores), run first: the README runs
-# the suite on two workers, one file at a time each (pytest-xdist, --dist loadfile), and a long
-# file picked up last would keep one worker busy while the other sits idle. (xdist keeps this
-# order only with --no-loadscope-reorder; by default it starts with the files of most tests,
-# and these files have one or two each.)
-LONGEST_FIRST = ("test_smollm2.py", "test_soak.py", "test_multihost.py",
-                 "test_accelerator_check.py", "test_objectives.py", "test_tpu_compile.py",
-                 "test_notebook.py", "test_crash_safe.py")
-
-
 def pytest_collection_modifyitems(config, items):
     import jax
 
@@ -57,8 +47,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not on_accel:
             item.add_marker(skip)
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
 
 
 def _mapped_regions() -> int | None:

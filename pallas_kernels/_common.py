@@ -97,6 +97,14 @@ def check_operands(fn: str, q, k_new, v_new, block_mask, k_cache, v_cache, cache
         raise ValueError(f"{fn}: cache_len must be integer, got {cache_len.dtype}")
 
 
+def context_device():
+    """The abstract device of the context mesh (`jax.set_mesh`), the devices the program being
+    traced is for, which a CPU host may describe for a TPU it compiles for; None without a
+    mesh (the default backend's devices then)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh.abstract_device
+
+
 def pad_to(x, axis: int, size: int):
     """Zero-pad one axis of x up to `size`."""
     pad = [(0, 0)] * x.ndim

@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import tree_attention_tpu as tpu
-from pallas_kernels._common import BlockSizes, check_operands
+from pallas_kernels._common import BlockSizes, check_operands, context_device
 from pallas_kernels.tree_attention import (
     DEFAULT_BLOCKS,
     tree_attention,
@@ -60,8 +60,7 @@ def check_impl(impl: str) -> str:
 def platform() -> str:
     """The platform the program being traced is for: the context mesh's, else the default
     backend's ("cpu", "gpu" or "tpu")."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else mesh.abstract_device
+    device = context_device()
     if device is None or device.platform is None:
         return jax.default_backend()
     return "gpu" if device.platform in ("cuda", "rocm") else device.platform

@@ -33,6 +33,7 @@ from pallas_kernels._common import (
     NEG,
     BlockSizes,
     check_operands,
+    context_device,
     from_query_rows,
     mask_rows,
     matmul_precision,
@@ -109,8 +110,7 @@ def check_fits(blocks: BlockSizes, s: int, rows: int, jp: int, d: int, dtype, li
 def _device_kind() -> str:
     """The kind of the devices the program being traced is for (the context mesh's, else the
     default backend's)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else mesh.abstract_device
+    device = context_device()
     kind = None if device is None else getattr(device, "device_kind", None)
     return kind or jax.devices()[0].device_kind
 

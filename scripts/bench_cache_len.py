@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from aurora_jax.builtin import resolve_target
-from aurora_jax.engine.engine import Engine
+from aurora_jax.engine.engine import Engine, cache_room
 from aurora_jax.models.loading import load_pair
 from aurora_jax.sampling import SamplingParams
 from aurora_jax.speculative.config import SpecConfig
@@ -57,9 +57,9 @@ def main() -> None:
 
     target, _ = load_pair(resolve_target(args.target), None)
     spec = SpecConfig(mode="off")
-    room = spec.nodes + spec.max_depth + 2  # what Engine adds to max_len before rounding
     sizes = [int(s) for s in args.slots.split(",")]
-    engines = {s: Engine(target, None, spec, max_slots=1, max_len=s - room) for s in sizes}
+    engines = {s: Engine(target, None, spec, max_slots=1, max_len=s - cache_room(spec))
+               for s in sizes}
     for s, e in engines.items():
         if e.cache_size != s:
             raise SystemExit(f"--slots {s}: the engine rounds it to {e.cache_size} slots "

@@ -56,6 +56,12 @@ class RunResult:
                                  sum(r.steps for r in self.results))
 
 
+def cache_room(spec: SpecConfig) -> int:
+    """Cache slots an engine keeps past its longest sequence: one tree and one pending block.
+    Its cache holds max_len plus this, rounded up to a multiple of 64."""
+    return spec.nodes + spec.max_depth + 2
+
+
 def _bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << (n - 1).bit_length())
 
@@ -77,8 +83,7 @@ class Engine:
         self.target, self.draft, self.spec = target, draft, spec
         self.max_slots = max_slots
         self.max_len = max_len or min(target.cfg.max_position_embeddings, 2048)
-        # Room past the longest sequence for one tree and one pending block.
-        self.cache_size = -(-(self.max_len + spec.nodes + spec.max_depth + 2) // 64) * 64
+        self.cache_size = -(-(self.max_len + cache_room(spec)) // 64) * 64
         eos = target.cfg.eos_token_ids if eos_ids is None else tuple(eos_ids)
         self.eos = jnp.asarray(np.array(list(eos) or [-1], np.int32))
         self.eos_set = frozenset(eos)

@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from aurora_jax.engine import step
-from aurora_jax.engine.engine import Engine
+from aurora_jax.engine.engine import Engine, cache_room
 from aurora_jax.hardware.decode import LLAMA_31_8B
 from aurora_jax.models.config import TargetConfig
 from aurora_jax.models.eagle3 import DTYPES, Draft, DraftConfig, Eagle3Draft
@@ -298,8 +298,7 @@ def engine_for(cfg: TargetConfig, attention: str, mode: str, topo_mesh: Mesh, ba
     spec = SPECS[mode]
     draft = (abstract_draft(DraftConfig.for_target(cfg), dtype, topo_mesh)
              if spec.needs_draft else None)
-    room = spec.nodes + spec.max_depth + 2  # what Engine adds to max_len before rounding
-    return Engine(target, draft, spec, max_slots=batch, max_len=cache_size - room)
+    return Engine(target, draft, spec, max_slots=batch, max_len=cache_size - cache_room(spec))
 
 
 def compile_program(fn, args, mesh: Mesh) -> tuple[jax.stages.Compiled | None, dict]:

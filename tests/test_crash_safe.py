@@ -10,7 +10,6 @@ server once that shard is half written, while requests are in flight."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from processes import child_env
 from serving import PROMPTS
 from spec_models import swap_state
 
@@ -74,8 +74,7 @@ def _wait_for_line(proc: subprocess.Popen, log: Path, prefix: str, what: str,
 
 def _start(ckpt: Path, work: Path, log: Path, half_shard: bool = False
            ) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env = child_env()
     program = ["-c", HALF_SHARD] if half_shard else ["-m", "aurora_jax.cli"]
     with open(log, "w") as out:
         proc = subprocess.Popen(

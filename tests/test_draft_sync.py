@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from processes import child_env
 from spec_models import random_pair, swap_state, tiny_cfg
 
 from aurora_jax.engine.engine import Request
@@ -138,8 +138,7 @@ def test_learner_process_killed_mid_run_leaves_the_engine_serving(tmp_path):
     draft = load_draft(tmp_path / "draft", target=target.cfg)
     work = tmp_path / "work"
     log_path = tmp_path / "learner.log"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env = child_env()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "aurora_jax.cli", "learn", "--workdir", str(work),

@@ -13,12 +13,13 @@ also reports the threads left once `main` returned.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from processes import child_env
 
 # `python -m aurora_jax.cli` plus one line on stderr: the threads alive once `main` returned,
 # which the interpreter's exit would otherwise meet running.
@@ -54,8 +55,7 @@ def test_generate_online_exits_0_after_publishing_drafts(small_ckpt, tmp_path: P
     published draft. The process must exit 0 with no thread of its own still running."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env = child_env()
     env.pop("PYTHONFAULTHANDLER", None)  # (it changes how a crash at exit shows)
     args = ["generate", "--target", str(small_ckpt), "--online", "--draft", "scratch",
             "--spec", "chain", "--prompts", str(prompts), "--max-slots", "2",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import re
 import signal
 import subprocess
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import child_env
 
 from aurora_jax import interrupt
 
@@ -24,8 +24,7 @@ class _Command:
     """An `aurora-jax` process with its stdout and stderr in files."""
 
     def __init__(self, args: list[str], tmp_path: Path):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-        env.pop("XLA_FLAGS", None)
+        env = child_env()
         self.out, self.err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.proc = subprocess.Popen([sys.executable, "-m", "aurora_jax.cli", *args],

@@ -9,12 +9,12 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8 (as tests/test_tensor_paralle
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from processes import child_env
 
 from aurora_jax.config_io import load_config
 from aurora_jax.errors import ConfigError
@@ -148,8 +148,7 @@ CHILD = textwrap.dedent("""
 
 
 def test_learner_on_its_own_devices_publishes_losslessly(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
+    env = child_env(devices=8)
     r = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True,
                        timeout=600, cwd=tmp_path)
     assert r.returncode == 0 and "LEARNER-DEVICES-OK" in r.stdout, r.stdout + r.stderr

@@ -17,7 +17,6 @@ test's own process while the two compile.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -29,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from processes import child_env
 
 from aurora_jax.cli import main
 
@@ -142,10 +142,9 @@ class _Job:
         port = _free_port()
         self.procs = []
         for i in range(2):
-            env = dict(os.environ, JAX_PLATFORMS="cpu",
-                       XLA_FLAGS="--xla_force_host_platform_device_count=4",
-                       AURORA_JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                       AURORA_JAX_NUM_PROCESSES="2", AURORA_JAX_PROCESS_ID=str(i))
+            env = child_env(devices=4,
+                            AURORA_JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                            AURORA_JAX_NUM_PROCESSES="2", AURORA_JAX_PROCESS_ID=str(i))
             self.procs.append(subprocess.Popen([sys.executable, "-c", child, *args], env=env,
                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                                text=True))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from processes import child_env
 from serving import KEY, PROMPTS
 
 from aurora_jax.engine.target_only import TargetGenerator
@@ -413,8 +413,7 @@ def test_sigterm_answers_in_flight_requests_and_exits_cleanly(chat_ckpt, tmp_pat
     long one inside the grace.) Neither
     depends on when the signal lands: both streams have their first chunk before it is sent."""
     port_file = tmp_path / "out.txt"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    env = child_env()
     with open(port_file, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "aurora_jax.cli", "serve", "--grace", str(GRACE_S),

@@ -7,10 +7,11 @@ XLA_FLAGS=--xla_force_host_platform_device_count=8.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
+
+from processes import child_env
 
 CHILD = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
@@ -65,8 +66,7 @@ CHILD = textwrap.dedent("""
 
 
 def test_tensor_parallel_equals_single_device(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
+    env = child_env(devices=8)
     r = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "TP-OK" in r.stdout, r.stdout + r.stderr

@@ -89,7 +89,9 @@ class Learner:
 
     def start(self) -> None:
         env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-        env.pop("XLA_FLAGS", None)
+        # One host device, as the server has; the parent's other XLA flags carry over.
+        env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                    if not f.startswith("--xla_force_host_platform_device_count"))
         self.starts += 1
         with open(self.logs / f"learner-{self.starts}.log", "w") as f:
             self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT, env=env)

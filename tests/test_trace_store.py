@@ -11,6 +11,7 @@ import pytest
 from spec_models import random_pair, tiny_cfg
 
 from aurora_jax.engine.engine import Engine, Request
+from aurora_jax.errors import ConfigError
 from aurora_jax.learn.buffer import TraceAssembler
 from aurora_jax.learn.trace_store import (
     StoredTraces,
@@ -132,19 +133,25 @@ def test_replay_batches_are_windows_of_stored_sequences_and_resume_exactly(serve
 
 def test_a_full_disk_costs_traces_not_memory_nor_half_shards(served, tmp_path, monkeypatch):
     """While shard writes fail (ENOSPC), the store holds at most `max_pending` sequences,
-    counts what it drops, leaves no key behind, and writes again once the disk does; a
-    follower reads only whole shards throughout."""
+    even during a write's attempt, counts what it drops, leaves no key behind, and writes
+    again once the disk does; a follower reads only whole shards throughout. A bound below
+    one shard is refused."""
     import dataclasses
     import errno
 
     from aurora_jax.learn import kvstore, trace_store
 
     _, kept = served
+    with pytest.raises(ConfigError, match="max_pending >= sequences_per_shard"):
+        TraceStore(tmp_path, sequences_per_shard=4, max_pending=3)
     store = TraceStore(tmp_path, sequences_per_shard=2, max_pending=3)
     real = trace_store._write_arrays
     full = {"on": True}
 
+    held = []  # sequences the store holds while it tries to write
+
     def write_arrays(kv, arrays):
+        held.append(len(store._pending))
         if full["on"]:  # fails midway: some arrays already on disk
             real(kv, {k: a for k, a in arrays.items() if a.ndim == 1})
             raise OSError(errno.ENOSPC, "No space left on device")
@@ -154,14 +161,16 @@ def test_a_full_disk_costs_traces_not_memory_nor_half_shards(served, tmp_path, m
     for seq in kept[:8]:
         store.add(seq)
         assert len(store._pending) <= 3
+    assert max(held) == 3, held  # not even while a write is tried (the soak samples then)
     assert store.failing and store.shards_written == 0 and store.dropped == 5
     assert kvstore.list_keys(store.store) == []  # not one array of a half shard
     full["on"] = False
     store.add(kept[8])
     assert not store.failing and store._pending == [] and store.shards_written == 1
+    assert store.dropped == 6  # the newest took the oldest's place before the write
     got = []
     TraceFollower(tmp_path, got.append).poll()
-    assert [s.request_id for s in got] == [s.request_id for s in kept[5:9]]
+    assert [s.request_id for s in got] == [s.request_id for s in kept[6:9]]
     # Sequences of different tree sizes (engines of several settings share a store) go to
     # shards of their own instead of failing the write.
     small = dataclasses.replace(kept[9], request_id="small", trees=[
@@ -174,5 +183,5 @@ def test_a_full_disk_costs_traces_not_memory_nor_half_shards(served, tmp_path, m
     got.clear()
     follower.poll()
     assert {s.request_id for s in got} == \
-        {s.request_id for s in kept[5:9] + kept[10:11]} | {"small"}
+        {s.request_id for s in kept[6:9] + kept[10:11]} | {"small"}
     assert follower.tree_size == len(kept[10].trees[0].tokens)

@@ -36,6 +36,7 @@ import grain
 import numpy as np
 import tensorstore as ts
 
+from aurora_jax.errors import ConfigError
 from aurora_jax.learn import kvstore
 from aurora_jax.learn.buffer import TracedSequence, VerifiedTree, collate_numpy, window
 from aurora_jax.learn.losses import LearnBatch
@@ -161,6 +162,10 @@ class TraceStore:
         self.sequences_per_shard = sequences_per_shard
         self.max_pending = max_pending or 4 * sequences_per_shard
         """Sequences held while writes fail (a full disk); the oldest beyond are dropped."""
+        if self.max_pending < sequences_per_shard:
+            raise ConfigError(f"a trace store holding at most {self.max_pending} sequences "
+                              f"can never fill a shard of {sequences_per_shard}: give "
+                              f"max_pending >= sequences_per_shard")
         self.shards_written = 0
         self.failed_writes = 0
         self.dropped = 0
@@ -179,6 +184,9 @@ class TraceStore:
 
     def add(self, seq: TracedSequence) -> None:
         with self._lock:
+            if len(self._pending) >= self.max_pending:  # writes are failing: make room first,
+                self._pending.pop(0)  # so that not even a write's attempt holds more
+                self.dropped += 1
             self._pending.append(seq)
             if len(self._pending) >= self.sequences_per_shard:
                 self._write()

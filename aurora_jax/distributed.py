@@ -117,6 +117,20 @@ class DistributedConfig:
         return dataclasses.replace(self, **fill)
 
 
+HOST_DEVICE_COUNT = "--xla_force_host_platform_device_count"
+
+
+def child_xla_flags(devices: int | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """XLA_FLAGS for a process this one starts: this process's flags (compile settings, say)
+    less any host device count, plus `devices` host devices where given (XLA's one
+    otherwise)."""
+    env = os.environ if environ is None else environ
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(HOST_DEVICE_COUNT)]
+    if devices is not None:
+        flags.append(f"{HOST_DEVICE_COUNT}={devices}")
+    return " ".join(flags)
+
+
 def initialize(cfg: DistributedConfig | None = None,
                environ: Mapping[str, str] | None = None) -> bool:
     """Joins the multi-process job that `cfg` and the environment describe; returns whether

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aurora_jax.distributed import child_xla_flags
 from aurora_jax.learn.draft_sync import delete_version
 from aurora_jax.learn.trace_store import _write_arrays
 from aurora_jax.serve.config import ServeConfig
@@ -89,9 +90,7 @@ class Learner:
 
     def start(self) -> None:
         env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-        # One host device, as the server has; the parent's other XLA flags carry over.
-        env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                    if not f.startswith("--xla_force_host_platform_device_count"))
+        env["XLA_FLAGS"] = child_xla_flags()  # one host device, as the server has
         self.starts += 1
         with open(self.logs / f"learner-{self.starts}.log", "w") as f:
             self.proc = subprocess.Popen(self.cmd, stdout=f, stderr=subprocess.STDOUT, env=env)

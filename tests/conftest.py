@@ -26,7 +26,7 @@ if _COMPILE_CACHE is not None:
 # Compile for the suite at LLVM's lowest optimization level, with XLA:CPU's older loop emitters
 # (the newer fusion emitters cost more to compile). With an empty cache the suite is bound by
 # compilation on 2 cores. These flags cut a tiny engine's tree step from 10.2 s of compiling to
-# 3.5 s, and the whole suite on an empty cache from 37:52 to 22:53 (README). The programs run
+# 3.5 s, and the whole suite on an empty cache from 37:52 to 21:39 (README). The programs run
 # slower (SmolLM2's target-only step 61 -> 137 ms); the suite runs little compute. The suite
 # passes with and without them: its parity and lossless tests compare tokens exactly either
 # way. Every process a test starts inherits them (tests/processes.py keeps them where it sets
@@ -34,9 +34,9 @@ if _COMPILE_CACHE is not None:
 FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 if os.environ.get("AURORA_JAX_TEST_FULL_OPT", "").lower() not in ("1", "true", "yes"):
     _flags = os.environ.get("XLA_FLAGS", "").split()
+    _named = {f.split("=")[0] for f in _flags}  # a flag the caller set wins
     os.environ["XLA_FLAGS"] = " ".join(
-        _flags + [f for f in FAST_COMPILE if f.split("=")[0] not in
-                  {g.split("=")[0] for g in _flags}])
+        _flags + [f for f in FAST_COMPILE if f.split("=")[0] not in _named])
 
 # libtpu (the `tpu` extra, for the TPU compile tests) makes every jax process try a TPU backend
 # first; on a host without one that fails, after printing warnings into the output of every

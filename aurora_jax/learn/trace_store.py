@@ -198,9 +198,9 @@ class TraceStore:
 
     def _write(self) -> None:
         """Writes the pending sequences, one shard per tree size (engines of several
-        speculation settings may share a store). A failed write (ENOSPC, say) keeps the
-        newest `max_pending` sequences to retry with the next one and drops the rest:
-        serving never waits for the disk, and memory stays bounded while it refuses."""
+        speculation settings may share a store). A failed write (ENOSPC, say) keeps what it
+        could not write, to retry with the next sequence: serving never waits for the disk,
+        and `add` keeps memory bounded while it refuses (the newest `max_pending`)."""
         groups: dict[int, list[TracedSequence]] = {}
         for seq in self._pending:
             if seq.trees:
@@ -216,9 +216,7 @@ class TraceStore:
                 self.shards_written += 1
         except OSError as e:
             self.failed_writes += 1
-            kept = [s for s in self._pending if not any(s is w for w in written)]
-            self.dropped += max(0, len(kept) - self.max_pending)
-            self._pending = kept[-self.max_pending:]
+            self._pending = [s for s in self._pending if not any(s is w for w in written)]
             if not self.failing:  # once per episode, not once per sequence
                 log.warning("trace shards cannot be written (%s): holding the newest %d "
                             "sequences and dropping older ones until writes succeed", e,

@@ -291,11 +291,14 @@ SPECS = {"off": SpecConfig(mode="off"), "chain": SpecConfig(mode="chain", depth=
 
 
 def engine_for(cfg: TargetConfig, attention: str, mode: str, topo_mesh: Mesh, batch: int,
-               cache_size: int, dtype: str) -> Engine:
-    """An engine over abstract weights whose cache holds exactly `cache_size` slots."""
+               cache_size: int, dtype: str, spec: SpecConfig | None = None) -> Engine:
+    """An engine over abstract weights whose cache holds exactly `cache_size` slots, drafting
+    as `SPECS[mode]` does unless `spec` (of that mode) says otherwise."""
     cfg = dataclasses.replace(cfg, attention=attention)
     target = abstract_target(cfg, dtype, topo_mesh)
-    spec = SPECS[mode]
+    if spec is not None and spec.mode != mode:
+        raise ValueError(f"spec.mode={spec.mode!r} for mode {mode!r}")
+    spec = spec or SPECS[mode]
     draft = (abstract_draft(DraftConfig.for_target(cfg), dtype, topo_mesh)
              if spec.needs_draft else None)
     return Engine(target, draft, spec, max_slots=batch, max_len=cache_size - cache_room(spec))

@@ -31,12 +31,17 @@ if _COMPILE_CACHE is not None:
 # passes with and without them: its parity and lossless tests compare tokens exactly either
 # way. Every process a test starts inherits them (tests/processes.py keeps them where it sets
 # a device count). `AURORA_JAX_TEST_FULL_OPT=1` runs the suite with XLA's defaults.
+# Training steps, which a test runs tens to hundreds of times, compile at level 2 instead
+# (aurora_jax/xla_options.py): at level 0 the learner's traces test took 47.4 s with an empty
+# cache and 51.3 s with a warm one, at level 2 36.0 s and 19.8 s.
 FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+TRAIN_OPTIONS = '{"xla_backend_optimization_level": 2}'
 if os.environ.get("AURORA_JAX_TEST_FULL_OPT", "").lower() not in ("1", "true", "yes"):
     _flags = os.environ.get("XLA_FLAGS", "").split()
     _named = {f.split("=")[0] for f in _flags}  # a flag the caller set wins
     os.environ["XLA_FLAGS"] = " ".join(
         _flags + [f for f in FAST_COMPILE if f.split("=")[0] not in _named])
+    os.environ.setdefault("AURORA_JAX_TRAIN_XLA_OPTIONS", TRAIN_OPTIONS)
 
 # libtpu (the `tpu` extra, for the TPU compile tests) makes every jax process try a TPU backend
 # first; on a host without one that fails, after printing warnings into the output of every
@@ -54,9 +59,25 @@ SMALL_RECIPE = dict(
     warmup_steps=10, checkpoint_every=1000, eval_windows=4)
 
 
+# The files that take longest (over a minute each with a warm cache on 2 cores), slowest
+# first. pytest-xdist (`-n 2 --dist loadfile`) hands out whole files in collection order once
+# its own reordering (most tests first) is off; that reordering left these, with one or two
+# long tests each, to the end, where one worker ran them while the other had nothing left.
+# Run first, the many short files fill in around them.
+SLOWEST_FIRST = ("test_smollm2.py", "test_learner.py", "test_soak.py", "test_serve.py",
+                 "test_tpu_compile.py", "test_engine.py", "test_multihost.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
     import jax
 
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as found
     on_accel = any(d.platform in ("gpu", "tpu") for d in jax.devices())
     skip = pytest.mark.skip(reason="needs a GPU or TPU")
     for item in items:
@@ -92,13 +113,41 @@ def _release_compiled_programs(request):
             f.write(f"{request.module.__name__} {_mapped_regions()}\n")
 
 
+def _small_ckpt_key() -> str:
+    """What the small checkpoint is made from: the recipe, the package's every source file,
+    and the versions of the libraries that train it. Any change makes a new one."""
+    import hashlib
+
+    import flax
+    import jax
+    import sentencepiece
+
+    import aurora_jax
+
+    h = hashlib.sha256(repr(sorted(SMALL_RECIPE.items())).encode())
+    for v in (jax.__version__, flax.__version__, sentencepiece.__version__, np.__version__):
+        h.update(v.encode())
+    package = Path(aurora_jax.__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 @pytest.fixture(scope="session")
 def small_ckpt(tmp_path_factory) -> Path:
     """A small trained checkpoint directory (config.json, model.safetensors, tokenizer.model),
-    made once per session by the builtin-scratch recipe (a few seconds)."""
+    made by the builtin-scratch recipe (about 25 s on 2 cores). Like the compiled programs it
+    is kept in the cache root (<root>/test-checkpoints/<key>) and made once for every worker
+    and every later session of the same code: `prepare` locks its folder, so a second worker
+    waits for the first and reuses its model. With the compilation cache off, once per worker
+    in a temporary folder."""
+    from aurora_jax.builtin import default_cache_dir
     from aurora_jax.builtin_scratch import PrepareConfig, prepare
 
-    cache = tmp_path_factory.mktemp("small-ckpt")
+    if _COMPILE_CACHE is None:
+        cache = tmp_path_factory.mktemp("small-ckpt")
+    else:
+        cache = default_cache_dir() / "test-checkpoints" / _small_ckpt_key()
     return prepare(cache, PrepareConfig(**SMALL_RECIPE), progress=False)
 
 

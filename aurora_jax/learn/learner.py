@@ -28,7 +28,6 @@ from aurora_jax.learn.optimizer import OptimizerSettings, make_optimizer
 from aurora_jax.learn.vocab_refresh import VocabChange, remap_learner
 from aurora_jax.models.eagle3 import Draft
 from aurora_jax.models.transformer import Target
-from aurora_jax.xla_options import train_options
 
 
 @flax.struct.dataclass
@@ -49,8 +48,7 @@ def target_head(target: Target):
 
 def make_learner_step(graphdef, tx: optax.GradientTransformation, cfg: LossConfig):
     """jit((state, buffers, embed, head, batch) -> (state, metrics)); the state is donated."""
-    return jax.jit(learner_step_fn(graphdef, tx, cfg), donate_argnums=0,
-                   compiler_options=train_options() or None)
+    return jax.jit(learner_step_fn(graphdef, tx, cfg), donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=16)

@@ -33,7 +33,6 @@ from aurora_jax.models.config import DtypeName
 from aurora_jax.models.eagle3 import Draft, DraftConfig, build_draft_vocab, init_draft
 from aurora_jax.models.eagle3_io import save_draft
 from aurora_jax.models.transformer import Target
-from aurora_jax.xla_options import train_options
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
 
@@ -176,9 +175,7 @@ def train_draft(target: Target, tokenizer: Tokenizer, texts: list[str], out: str
         return inner(state, buffers, embed, head, _as_batch(tokens_BxT, aux, hidden))
 
     consts = (target.state, learner.buffers, learner.embed, learner.head)
-    result = fit(learner.state, consts,
-                 jax.jit(step, donate_argnums=0, compiler_options=train_options() or None),
-                 iterator,
+    result = fit(learner.state, consts, jax.jit(step, donate_argnums=0), iterator,
                  total_steps=cfg.steps, ckpt_dir=out / "checkpoints",
                  checkpoint_every=cfg.checkpoint_every, time_budget_s=time_budget_s,
                  tokens_per_step=cfg.batch_size * (cfg.seq_len + 1), progress=progress)

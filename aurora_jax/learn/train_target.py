@@ -19,7 +19,6 @@ from aurora_jax.learn.fit import TrainState
 from aurora_jax.models.attention import causal_mask
 from aurora_jax.models.config import TargetConfig
 from aurora_jax.models.transformer import Transformer
-from aurora_jax.xla_options import train_options
 
 
 def init_model(cfg: TargetConfig, seed: int, tx: optax.GradientTransformation):
@@ -55,7 +54,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation):
                          opt_state=opt_state)
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-    return jax.jit(step, donate_argnums=0, compiler_options=train_options() or None)
+    return jax.jit(step, donate_argnums=0)
 
 
 def make_eval_step(graphdef):

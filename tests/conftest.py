@@ -31,17 +31,12 @@ if _COMPILE_CACHE is not None:
 # passes with and without them: its parity and lossless tests compare tokens exactly either
 # way. Every process a test starts inherits them (tests/processes.py keeps them where it sets
 # a device count). `AURORA_JAX_TEST_FULL_OPT=1` runs the suite with XLA's defaults.
-# Training steps, which a test runs tens to hundreds of times, compile at level 2 instead
-# (aurora_jax/xla_options.py): at level 0 the learner's traces test took 47.4 s with an empty
-# cache and 51.3 s with a warm one, at level 2 36.0 s and 19.8 s.
 FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
-TRAIN_OPTIONS = '{"xla_backend_optimization_level": 2}'
 if os.environ.get("AURORA_JAX_TEST_FULL_OPT", "").lower() not in ("1", "true", "yes"):
     _flags = os.environ.get("XLA_FLAGS", "").split()
     _named = {f.split("=")[0] for f in _flags}  # a flag the caller set wins
     os.environ["XLA_FLAGS"] = " ".join(
         _flags + [f for f in FAST_COMPILE if f.split("=")[0] not in _named])
-    os.environ.setdefault("AURORA_JAX_TRAIN_XLA_OPTIONS", TRAIN_OPTIONS)
 
 # libtpu (the `tpu` extra, for the TPU compile tests) makes every jax process try a TPU backend
 # first; on a host without one that fails, after printing warnings into the output of every

@@ -41,8 +41,8 @@ def _generate(meshes, name: str, attention: str, mode: str = "tree"):
     topo, mesh = meshes[name]
     # 768 slots: no weight of the tiny model has as many elements as a cache shard (relayouts
     # are found by size; at 1024 slots the lm_head shard has as many under tp=4).
-    engine = tc.engine_for(tc.MODELS["tiny"], attention, mode, mesh, batch=2, cache_size=768,
-                           dtype="bfloat16", spec=SMALL[mode])
+    engine = tc.engine_for(tc.MODELS["tiny"], attention, SMALL[mode], mesh, batch=2,
+                           cache_size=768, dtype="bfloat16")
     programs = {}  # name -> (compiled program or None, report)
 
     def keep(name, fn, args):

@@ -290,15 +290,11 @@ SPECS = {"off": SpecConfig(mode="off"), "chain": SpecConfig(mode="chain", depth=
          "tree": SpecConfig(mode="tree"), "ngram": SpecConfig(mode="ngram", depth=4)}
 
 
-def engine_for(cfg: TargetConfig, attention: str, mode: str, topo_mesh: Mesh, batch: int,
-               cache_size: int, dtype: str, spec: SpecConfig | None = None) -> Engine:
-    """An engine over abstract weights whose cache holds exactly `cache_size` slots, drafting
-    as `SPECS[mode]` does unless `spec` (of that mode) says otherwise."""
+def engine_for(cfg: TargetConfig, attention: str, spec: SpecConfig, topo_mesh: Mesh, batch: int,
+               cache_size: int, dtype: str) -> Engine:
+    """An engine over abstract weights whose cache holds exactly `cache_size` slots."""
     cfg = dataclasses.replace(cfg, attention=attention)
     target = abstract_target(cfg, dtype, topo_mesh)
-    if spec is not None and spec.mode != mode:
-        raise ValueError(f"spec.mode={spec.mode!r} for mode {mode!r}")
-    spec = spec or SPECS[mode]
     draft = (abstract_draft(DraftConfig.for_target(cfg), dtype, topo_mesh)
              if spec.needs_draft else None)
     return Engine(target, draft, spec, max_slots=batch, max_len=cache_size - cache_room(spec))
@@ -329,7 +325,7 @@ def check_engine(model: str, topo: Topology, mesh: Mesh, attention: str, mode: s
                  batch: int, context: int, prompt_lens: tuple[int, ...],
                  dtype: str = "bfloat16") -> list[dict]:
     """One row per program of one engine setting (see the module docstring)."""
-    engine = engine_for(MODELS[model], attention, mode, mesh, batch, context, dtype)
+    engine = engine_for(MODELS[model], attention, SPECS[mode], mesh, batch, context, dtype)
     base = dict(model=model, topology=str(topo), attention=attention, spec=mode, batch=batch,
                 context=context, hbm_bytes=topo.hbm_bytes)
     rows = []

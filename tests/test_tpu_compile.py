@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from aurora_jax.hardware import tpu_compile as tc
+from aurora_jax.learn.online import OnlineConfig
 from aurora_jax.speculative.config import SpecConfig
 
 pytestmark = pytest.mark.skipif(tc.tpu_compiler_available() is not None,
@@ -135,9 +136,54 @@ def test_a_block_too_large_for_vmem_is_refused_and_the_default_fits(name, limit_
     assert compiled is not None, report.get("error")
 
 
+def test_the_learner_step_compiles_on_chips_of_its_own():
+    """The online learner's train step (`learning.devices`: two chips beside the two that
+    serve) compiles for TPU; it runs on the learner's chips only, its batch split between
+    them, the draft's state and the target's embedding and lm_head whole on each."""
+    topo = tc.Topology.parse("v5e:2x2/tp2+learner2")
+    serving, learner = topo.mesh(), topo.learner_mesh()
+    online = OnlineConfig(batch_size=2, seq_len=32, trees_per_seq=2)
+    row, compiled = tc.check_learner("tiny", topo, serving, "chain", online)
+    assert compiled is not None, row.get("error")
+    assert row["fits"] and row["peak_bytes"] > 0 and row["flops"] > 0
+    assert row["program"] == "learner step b2 t32" and row["topology"] == str(topo)
+    state, buffers, embed, head, batch = compiled.input_shardings[0]
+    ids = {d.id for d in learner.devices.flat}
+    assert not ids & {d.id for d in serving.devices.flat}
+    assert all({d.id for d in s.device_set} == ids
+               for s in jax.tree.leaves((state, buffers, embed, head, batch)))
+    assert batch.tokens.spec == P("dp") and embed.is_fully_replicated
+    assert "| tiny | v5e:2x2/dp1xtp2+learner2 | - | chain | 2 | 32 | learner step b2 t32 | yes |" \
+        in tc.markdown([row])
+
+
+def test_a_learner_sharing_the_serving_chip_counts_the_targets_weights_there():
+    """Without chips of its own, the learner step fits only beside the target's weights that
+    are not its arguments: every layer's (q, k, v, o, gate, up, down and two norms), the
+    final norm and the RoPE frequencies, counted here by hand for the tiny model."""
+    topo = tc.Topology.parse("v5e:1x1")
+    online = OnlineConfig(batch_size=2, seq_len=32, trees_per_seq=2)
+    row, compiled = tc.check_learner("tiny", topo, topo.mesh(), "chain", online)
+    assert compiled is not None, row.get("error")
+    c = tc.MODELS["tiny"]
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    layer = (2 * c.hidden_size * q + 2 * c.hidden_size * kv
+             + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size)
+    rope = 4 * c.head_dim // 2  # the RoPE inverse frequencies, float32
+    assert row["serving_weight_bytes"] == 2 * (c.num_layers * layer + c.hidden_size) + rope
+    assert row["fits"]
+    gb = f"{row['peak_bytes'] / 1e9:.2f} + {row['serving_weight_bytes'] / 1e9:.2f} serving / 17.2"
+    assert f"| learner step b2 t32 | yes | {gb} |" in tc.markdown([row])
+
+
 def test_topology_names_are_checked():
     with pytest.raises(ValueError, match="needs 8 chips, the slice has 4"):
         tc.Topology.parse("v5e:2x2/dp2xtp4")
+    with pytest.raises(ValueError, match=r"tp=4 \+ 1 learner chips needs 5 chips"):
+        tc.Topology.parse("v5e:2x2/tp4+learner1")
+    topo = tc.Topology.parse("v5e:2x2/tp2+learner2")
+    assert (topo.tp, topo.learner, str(topo)) == (2, 2, "v5e:2x2/dp1xtp2+learner2")
+    assert tc.Topology.parse("v5e:1x1").learner_mesh() is None
     with pytest.raises(ValueError, match="expected GEN:AxB"):
         tc.Topology.parse("v9:2x2")
     assert tc.Topology.parse("v5p:1x1x1").chips == 1

@@ -10,7 +10,8 @@ slice, and the compiled program reports its memory (`memory_analysis`) and XLA's
 The parameters are shape structs (no weights exist), placed by the project's own rules
 (models/sharding.py); the programs are the engine's own jitted prefill, insert and step
 functions (engine/engine.py), traced under the topology's mesh so that dispatch picks the
-TPU kernel and wraps it in `shard_map` (pallas_kernels/dispatch.py).
+TPU kernel and wraps it in `shard_map` (pallas_kernels/dispatch.py). The online learner's
+train step (learn/learner.py) compiles the same way, on chips of its own or beside serving.
 
 Bytes accessed come from XLA's cost model, which does not see inside a Mosaic call: a
 kernel's own reads of the KV cache are not in it. `must_move` is what a step cannot avoid
@@ -37,6 +38,11 @@ from jax.sharding import PartitionSpec as P
 from aurora_jax.engine import step
 from aurora_jax.engine.engine import Engine, cache_room
 from aurora_jax.hardware.decode import LLAMA_31_8B
+from aurora_jax.learn import placement
+from aurora_jax.learn.learner import DEFAULT_OPTIMIZER, LearnerState, make_learner_step
+from aurora_jax.learn.losses import LearnBatch, LossConfig
+from aurora_jax.learn.online import OnlineConfig
+from aurora_jax.learn.optimizer import OptimizerSettings, make_optimizer
 from aurora_jax.models.config import TargetConfig
 from aurora_jax.models.eagle3 import DTYPES, Draft, DraftConfig, Eagle3Draft
 from aurora_jax.models.kv_cache import KVCache
@@ -48,7 +54,8 @@ GiB = 1 << 30
 HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
 """High-bandwidth memory per chip, by TPU generation."""
 
-_TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})(?:/(?:dp(\d+))?x?(?:tp(\d+))?)?$")
+_TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})(?:/(?:dp(\d+))?x?(?:tp(\d+))?)?"
+                       r"(?:\+learner(\d+))?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,19 +68,25 @@ class Topology:
     """Data-parallel degree: the batch (and the cache's batch axis) split over dp groups."""
     tp: int = 1
     """Tensor-parallel degree: heads and MLP units split over tp chips."""
+    learner: int = 0
+    """Chips of the learner's own (`learning.devices`), after the serving dp * tp chips; the
+    learner's batch is split over them. 0: the learner shares the serving chips."""
 
     @classmethod
     def parse(cls, text: str) -> Topology:
-        """`v6e:2x2/tp4`, `v5e:2x2/dp2xtp2` or `v5e:1x1` (dp = tp = 1)."""
+        """`v6e:2x2/tp4`, `v5e:2x2/dp2xtp2`, `v5e:1x1` (dp = tp = 1), or any of them with
+        `+learnerN`: N more chips for the learner (`v5e:2x2/tp2+learner2`)."""
         m = _TOPOLOGY.match(text.strip())
         if m is None:
-            raise ValueError(f"topology {text!r}: expected GEN:AxB[xC][/dpNxtpM] with GEN one "
-                             f"of {sorted(HBM_BYTES)} (e.g. v6e:2x2/tp4)")
-        gen, dims, dp, tp = m.groups()
-        topo = cls(f"{gen}:{dims}", int(dp or 1), int(tp or 1))
-        if topo.dp * topo.tp > topo.chips:
-            raise ValueError(f"topology {text!r}: dp={topo.dp} x tp={topo.tp} needs "
-                             f"{topo.dp * topo.tp} chips, the slice has {topo.chips}")
+            raise ValueError(f"topology {text!r}: expected GEN:AxB[xC][/dpNxtpM][+learnerL] "
+                             f"with GEN one of {sorted(HBM_BYTES)} (e.g. v6e:2x2/tp4)")
+        gen, dims, dp, tp, learner = m.groups()
+        topo = cls(f"{gen}:{dims}", int(dp or 1), int(tp or 1), int(learner or 0))
+        need = topo.dp * topo.tp + topo.learner
+        if need > topo.chips:
+            raise ValueError(f"topology {text!r}: dp={topo.dp} x tp={topo.tp}"
+                             + (f" + {topo.learner} learner chips" if topo.learner else "")
+                             + f" needs {need} chips, the slice has {topo.chips}")
         return topo
 
     @property
@@ -89,10 +102,24 @@ class Topology:
         return HBM_BYTES[self.generation]
 
     def __str__(self) -> str:
-        return f"{self.name}/dp{self.dp}xtp{self.tp}"
+        return f"{self.name}/dp{self.dp}xtp{self.tp}" + (
+            f"+learner{self.learner}" if self.learner else "")
 
     def mesh(self) -> Mesh:
-        """The mesh over the slice's abstract devices (the first dp * tp chips)."""
+        """The serving mesh over the slice's abstract devices (the first dp * tp chips)."""
+        devices = self._devices()[: self.dp * self.tp]
+        return Mesh(devices.reshape(self.dp, self.tp), ("dp", "tp"))
+
+    def learner_mesh(self) -> Mesh | None:
+        """The learner's own ("dp", "tp") mesh, its `learner` chips along dp, as
+        `learn/placement.split_meshes` lays it; None where it shares the serving chips."""
+        if not self.learner:
+            return None
+        start = self.dp * self.tp
+        devices = self._devices()[start: start + self.learner]
+        return Mesh(devices.reshape(self.learner, 1), ("dp", "tp"))
+
+    def _devices(self) -> np.ndarray:
         from jax.experimental import topologies
 
         # libtpu takes /tmp/libtpu_lockfile so that two processes never drive one TPU. On a
@@ -103,8 +130,7 @@ class Topology:
 
         kwargs = {"chips_per_host_bounds": (1, 1, 1)} if self.chips == 1 else {}
         desc = topologies.get_topology_desc(topology_name=self.name, platform="tpu", **kwargs)
-        devices: np.ndarray = np.array(desc.devices[: self.dp * self.tp]).reshape(self.dp, self.tp)
-        return Mesh(devices, ("dp", "tp"))
+        return np.array(desc.devices)
 
 
 def tpu_compiler_available() -> str | None:
@@ -192,6 +218,55 @@ def compile_engine_programs(engine: Engine, prompt_lens: tuple[int, ...],
     dstate = None if engine.draft is None else engine.draft.state
     args = (engine.target.graphdef, engine.target.state, dgraph, dstate, state, engine.eos)
     compile_fn("generate", engine._generate, _abstract(args, mesh))
+
+
+def learner_step_program(cfg: TargetConfig, spec: SpecConfig, dtype: str, serving: Mesh,
+                         learner: Mesh | None, online: OnlineConfig | None = None,
+                         loss: LossConfig | None = None,
+                         optimizer: OptimizerSettings = DEFAULT_OPTIMIZER):
+    """(the learner's jitted train step, its arguments as shape structs), placed as `Learner`
+    places them: on a mesh of its own (`learner`), its state and the target's embedding and
+    lm_head replicated there and each batch split over its dp axis; sharing the serving mesh
+    (None), the draft's state where the engine keeps it (replicated), the embedding and
+    lm_head where the target keeps them, the batch replicated. The batch is `online`'s (B
+    windows of T positions, up to `trees_per_seq` trees of `spec`'s nodes + 1 each), in the
+    float32 the trace buffer collates (None: the defaults, `OnlineConfig()` and
+    `LossConfig()`)."""
+    online, loss = online or OnlineConfig(), loss or LossConfig()
+    mesh = learner if learner is not None else serving
+    replicated = NamedSharding(mesh, P())
+    draft_cfg = DraftConfig.for_target(cfg)
+    module = nnx.eval_shape(lambda: Eagle3Draft(draft_cfg, dtype=DTYPES[dtype],
+                                                rngs=nnx.Rngs(0)))
+    graphdef, params, buffers = nnx.split(module, nnx.Param, ...)  # type: ignore[misc]
+    params, buffers = jax.tree.map(lambda x: _shape(x, replicated), (params, buffers))
+    tx = make_optimizer(optimizer)
+    step_fn = make_learner_step(graphdef, tx, loss)
+    state = jax.eval_shape(lambda p: LearnerState(jnp.zeros((), jnp.int32), p, tx.init(p)),
+                           params)
+    state = jax.tree.map(lambda x: _shape(x, replicated), state)
+    v, h, dt = cfg.vocab_size, cfg.hidden_size, DTYPES[dtype]
+    if learner is not None:
+        embed_at = head_at = replicated
+    else:
+        embed_at = param_sharding(serving, ("embed",), (v, h))
+        head_at = (NamedSharding(serving, P(*reversed(embed_at.spec)))
+                   if cfg.tie_word_embeddings else
+                   param_sharding(serving, ("lm_head", "kernel"), (h, v)))
+    embed = jax.ShapeDtypeStruct((v, h), dt, sharding=embed_at)
+    head = jax.ShapeDtypeStruct((h, v), dt, sharding=head_at)
+    b, t, n, k = online.batch_size, online.seq_len, online.trees_per_seq, spec.nodes + 1
+    at = (placement.batch_sharding(mesh, b) if learner is not None else replicated)
+    f32, i32 = jnp.float32, jnp.int32
+    shapes = dict(tokens=((b, t), i32), aux=((b, t, len(draft_cfg.aux_layers), h), f32),
+                  target_hidden=((b, t, h), f32), length=((b,), i32),
+                  tree_tokens=((b, n, k), i32), tree_parent=((b, n, k), i32),
+                  tree_hidden=((b, n, k, h), f32), tree_accepted=((b, n, k), jnp.bool_),
+                  tree_root_pos=((b, n), i32), tree_valid=((b, n), jnp.bool_))
+    structs = {name: jax.ShapeDtypeStruct(shape, dtype_, sharding=at)
+               for name, (shape, dtype_) in shapes.items()}
+    batch = LearnBatch(**structs)  # type: ignore[arg-type]  # shape structs, not arrays
+    return step_fn, (state, buffers, embed, head, batch)
 
 
 def _per_device_bytes(x) -> int:
@@ -346,6 +421,32 @@ def check_engine(model: str, topo: Topology, mesh: Mesh, attention: str, mode: s
     return rows
 
 
+def check_learner(model: str, topo: Topology, mesh: Mesh, mode: str,
+                  online: OnlineConfig | None = None, dtype: str = "bfloat16"
+                  ) -> tuple[dict, jax.stages.Compiled | None]:
+    """(the row, the program or None) of the learner's train step for the draft of `model`
+    behind `mode`'s engine, on the learner's own chips of `topo` or sharing `mesh` (the
+    serving chips). Sharing them, it fits only if its peak and the target's weights it does
+    not take as arguments (all but the embedding and lm_head: `serving_weight_bytes`) fit
+    together; the serving programs' own working memory is not counted."""
+    learner, online = topo.learner_mesh(), online or OnlineConfig()
+    fn, args = learner_step_program(MODELS[model], SPECS[mode], dtype, mesh, learner, online)
+    compiled, report = compile_program(fn, args, learner if learner is not None else mesh)
+    row = dict(model=model, topology=str(topo), attention="-", spec=mode,
+               batch=online.batch_size, context=online.seq_len, hbm_bytes=topo.hbm_bytes,
+               program=f"learner step b{online.batch_size} t{online.seq_len}", **report)
+    if compiled is not None:
+        if learner is None:  # the target's other weights stay on the shared chips
+            target = abstract_target(MODELS[model], dtype, mesh)
+            row["serving_weight_bytes"] = sum(
+                _per_device_bytes(x) for path, x in jax.tree_util.tree_leaves_with_path(
+                    target.state)
+                if not re.search(r"embed|lm_head", jax.tree_util.keystr(path)))
+        row["fits"] = row.get("peak_bytes", 0) + row.get("serving_weight_bytes", 0) \
+            <= topo.hbm_bytes
+    return row, compiled
+
+
 DEFAULT_TOPOLOGIES = ("v5e:1x1", "v6e:1x1", "v5p:1x1x1", "v6e:2x2/tp4", "v5e:2x2/dp2xtp2")
 
 
@@ -360,11 +461,13 @@ def markdown(rows: list[dict]) -> str:
         else:
             verdict = "yes" if r.get("fits", True) else "yes, does not fit"
         ratio = r.get("accessed_over_must_move")
+        serving = r.get("serving_weight_bytes")  # a learner sharing the serving chips
+        beside = "" if serving is None else f" + {serving / 1e9:.2f} serving"
         est = r.get("estimated_s")
         lines.append(
             f"| {r['model']} | {r['topology']} | {r['attention']} | {r['spec']} | {r['batch']} "
             f"| {r['context']} | {r['program']} | {verdict} "
-            f"| {r.get('peak_bytes', 0) / 1e9:.2f} / {r['hbm_bytes'] / 1e9:.1f} "
+            f"| {r.get('peak_bytes', 0) / 1e9:.2f}{beside} / {r['hbm_bytes'] / 1e9:.1f} "
             f"| {'' if ratio is None else f'{ratio:.2f}x'} "
             f"| {r.get('flops', 0) / 1e9:.1f} | {'' if est is None else f'{est * 1e6:.0f}'} |")
     return "\n".join(lines) + "\n"
@@ -379,13 +482,19 @@ def parse_args(argv=None):
                     help="GEN:AxB[xC][/dpNxtpM], e.g. v6e:2x2/tp4")
     ap.add_argument("--attention", nargs="+", default=["pallas", "reference"],
                     choices=["pallas", "reference"])
-    ap.add_argument("--spec", nargs="+", default=["off", "tree"], choices=sorted(SPECS))
+    ap.add_argument("--spec", nargs="*", default=["off", "tree"], choices=sorted(SPECS),
+                    help="engine settings compiled; given with no value, none (the learner "
+                         "step alone)")
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--context", nargs="+", type=int, default=[2048],
                     help="cache slots per sequence (a multiple of 64)")
     ap.add_argument("--prompt-len", nargs="*", type=int, default=[128, 1024],
                     help="prefill buckets compiled (with insert), once per topology/attention; "
                          "given with no value, the step alone is compiled")
+    ap.add_argument("--learner", default="tree", choices=["tree", "chain", "none"],
+                    help="compile the online learner's train step once per topology, for the "
+                         "draft of this spec's trees (on the topology's +learnerN chips, or "
+                         "sharing the serving chips); none: skip it")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default="bench_results/tpu_compile")
     return ap.parse_args(argv)
@@ -420,6 +529,13 @@ def main(argv=None) -> list[dict]:
             rows.append(row)
             tqdm.write(f"{row['topology']} {attention} {mode} B{batch} S{context} "
                        f"{row['program']}: " + ("ok" if row["compiled"] else row["error"][:200]))
+    if args.learner != "none":
+        for topo in tqdm(topologies, desc="learner step", unit="topology"):
+            row, _ = check_learner(args.model, topo, meshes.setdefault(str(topo), topo.mesh()),
+                                   args.learner, dtype=args.dtype)
+            rows.append(row)
+            tqdm.write(f"{row['topology']} {row['program']}: "
+                       + ("ok" if row["compiled"] else row["error"][:200]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tpu_compile.json").write_text(json.dumps({"args": vars(args), "rows": rows},

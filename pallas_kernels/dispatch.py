@@ -9,8 +9,9 @@ Implementations (a model config's `attention` field):
   "interpret"  the GPU-style kernel in Pallas interpret mode: runs anywhere, slowly; for tests
 The kernel covers attention against a KV cache (decode, tree verification, drafting). Calls
 without a cache (training, which needs gradients the kernel does not define, and prefill from
-an empty cache) always take the reference. `attention` checks its operands' shapes first (at
-trace time), so a mismatch is named the same way whichever implementation would have run.
+an empty cache) always take the reference, in pieces of QUERY_CHUNK queries when longer.
+`attention` checks its operands' shapes first (at trace time), so a mismatch is named the same
+way whichever implementation would have run.
 
 The platform is the one the program is being compiled for: the devices of the context mesh
 (`jax.set_mesh`, which the engine sets around every program it compiles, and which lets a CPU
@@ -109,6 +110,9 @@ def attention(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
                    k_cache_BxKxSxD, v_cache_BxKxSxD, cache_len_B, needs_cache=False)
     args = (q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ, k_cache_BxKxSxD,
             v_cache_BxKxSxD, cache_len_B)
+    t = q_BxTxQxD.shape[1]
+    if k_cache_BxKxSxD is None and t > QUERY_CHUNK and t % QUERY_CHUNK == 0:
+        return _in_query_chunks(tree_attention_reference, args, QUERY_CHUNK)
     how = "reference" if k_cache_BxKxSxD is None else resolve(impl)
     if how == "reference":
         return tree_attention_reference(*args)
@@ -119,6 +123,25 @@ def attention(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
                          blocks or tpu.DEFAULT_BLOCKS):
         return tree_attention_reference(*args)
     return _per_shard(functools.partial(tpu.tree_attention_tpu, blocks=blocks), args)
+
+
+QUERY_CHUNK = 256
+"""Queries per piece of a call without a cache (prefill from empty, training) that has more
+than this many, in a multiple of it. The reference's float32 scores are [B, K, G, T, J]: for
+a 1024-token Llama-3.1-8B prefill that is 128 MiB per layer, which put the program over v5e's
+HBM; a piece of 256 queries holds 32 MiB. Each query row is computed as before."""
+
+
+def _in_query_chunks(fn, args, chunk: int):
+    """`fn(*args)` (cache-less: args[4:] are None) one piece of `chunk` queries at a time
+    (`lax.map`, so that one piece's scores are live at once), each against every new key."""
+    q, k_new, v_new, mask = args[:4]
+    b, t = q.shape[:2]
+    pieces = t // chunk
+    q_NxBxCxQxD = q.reshape(b, pieces, chunk, *q.shape[2:]).swapaxes(0, 1)
+    mask_NxBxCxJ = mask.reshape(b, pieces, chunk, mask.shape[-1]).swapaxes(0, 1)
+    out = jax.lax.map(lambda qm: fn(qm[0], k_new, v_new, qm[1]), (q_NxBxCxQxD, mask_NxBxCxJ))
+    return out.swapaxes(0, 1).reshape(q.shape)
 
 
 def _per_shard(kernel, args):

@@ -187,6 +187,34 @@ def test_dispatch_picks_the_reference_on_cpu_and_without_a_cache():
                                   tree_attention_reference(q, k, v, mask))
 
 
+def test_a_long_call_without_a_cache_runs_in_pieces_of_queries_equal_to_the_whole(monkeypatch):
+    """Prefill from an empty cache (and training) with more than QUERY_CHUNK queries runs one
+    piece of queries at a time (a loop, so that one piece's float32 scores are live at once:
+    an 8B prefill of 1024 tokens fits v5e that way), and the pieces equal the whole call,
+    values and gradients, for causal GQA with a ragged length; a length that does not divide
+    runs whole."""
+    from aurora_jax.models.attention import causal_mask
+
+    monkeypatch.setattr(dispatch, "QUERY_CHUNK", 8)
+    rs = np.random.RandomState(7)
+    b, t, nq, nk, d = 2, 32, 4, 2, 16
+    q, k, v = (jnp.asarray(rs.randn(b, t, n, d), jnp.float32) for n in (nq, nk, nk))
+    mask = causal_mask(jnp.asarray([32, 19]), t)
+
+    def loss(fn):
+        return lambda q, k, v: (fn(q, k, v, mask) ** 2).sum()
+
+    assert "scan" in str(jax.make_jaxpr(attention)(q, k, v, mask))
+    np.testing.assert_allclose(attention(q, k, v, mask), tree_attention_reference(q, k, v, mask),
+                               rtol=1e-6, atol=1e-6)
+    grads = jax.grad(loss(attention), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(tree_attention_reference), argnums=(0, 1, 2))(q, k, v)
+    for got, ref in zip(grads, want, strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    odd = causal_mask(jnp.asarray([30, 19]), 30)
+    assert "scan" not in str(jax.make_jaxpr(attention)(q[:, :30], k[:, :30], v[:, :30], odd))
+
+
 @pytest.fixture
 def on_backend(monkeypatch):
     """Makes dispatch see the given backend, its once-per-process kernel self-check

@@ -176,6 +176,20 @@ def test_a_learner_sharing_the_serving_chip_counts_the_targets_weights_there():
     assert f"| learner step b2 t32 | yes | {gb} |" in tc.markdown([row])
 
 
+def test_a_program_larger_than_hbm_is_reported_as_not_fitting(meshes):
+    """A program whose buffers exceed the chip's HBM fails to compile, and the row says it
+    does not fit (not that it cannot compile); a compile error of another kind does not."""
+    topo, mesh = meshes["v5e:1x1"]
+    x = jax.ShapeDtypeStruct((2 << 30,), jnp.float32, sharding=NamedSharding(mesh, P()))
+    compiled, report = tc.compile_program(jax.jit(lambda x: x + 1), (x,), mesh)  # 2 x 8 GiB
+    assert compiled is None and report["fits"] is False, report
+    row = dict(model="tiny", topology=str(topo), attention="-", spec="off", batch=1,
+               context=1, hbm_bytes=topo.hbm_bytes, program="p", **report)
+    assert "| p | no, does not fit: JaxRuntimeError: RESOURCE_EXHAUSTED" in tc.markdown([row])
+    _, report = tc.compile_program(jax.jit(lambda x: x.reshape(3, -1)), (x,), mesh)
+    assert not report["compiled"] and "fits" not in report, report
+
+
 def test_topology_names_are_checked():
     with pytest.raises(ValueError, match="needs 8 chips, the slice has 4"):
         tc.Topology.parse("v5e:2x2/dp2xtp4")

@@ -375,9 +375,16 @@ def engine_for(cfg: TargetConfig, attention: str, spec: SpecConfig, topo_mesh: M
     return Engine(target, draft, spec, max_slots=batch, max_len=cache_size - cache_room(spec))
 
 
+_HBM_OOM = re.compile(r"RESOURCE_EXHAUSTED.*(?:out of memory|OutOfMemory|HbmOom).*hbm",
+                      re.IGNORECASE)
+"""The first line of XLA:TPU's error for a program whose memory exceeds the chip's HBM, in
+either of its forms ("Ran out of memory on HBM, the total memory required for HLO
+temporaries ...", "CompileTimeHbmOom ... Ran out of memory in memory space hbm")."""
+
+
 def compile_program(fn, args, mesh: Mesh) -> tuple[jax.stages.Compiled | None, dict]:
     """`fn` lowered for `args` under `mesh` and compiled: (the program or None, its report,
-    or the compiler's error verbatim)."""
+    or the compiler's error verbatim, with `fits` False where the compiler ran out of HBM)."""
     t0 = time.perf_counter()
     # Nothing is written to the persistent compilation cache: a TPU program cannot be loaded
     # on this host (its entry would only raise a warning when read back), and the cache is
@@ -388,8 +395,12 @@ def compile_program(fn, args, mesh: Mesh) -> tuple[jax.stages.Compiled | None, d
         with jax.set_mesh(mesh):
             compiled = fn.lower(*args).compile()
     except Exception as e:  # noqa: BLE001 (reported verbatim)
-        return None, {"compiled": False, "error": f"{type(e).__name__}: {e}",
-                      "compile_s": round(time.perf_counter() - t0, 1)}
+        error = f"{type(e).__name__}: {e}"
+        report = {"compiled": False, "error": error,
+                  "compile_s": round(time.perf_counter() - t0, 1)}
+        if _HBM_OOM.search(error.splitlines()[0]):
+            report["fits"] = False  # the compiler itself refused it for want of HBM
+        return None, report
     finally:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", min_s)
     return compiled, {"compiled": True, **compile_report(compiled),
@@ -457,7 +468,8 @@ def markdown(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * 12]
     for r in rows:
         if not r["compiled"]:
-            verdict = "no: " + r["error"].splitlines()[0][:120].replace("|", "/")
+            why = r["error"].splitlines()[0][:120].replace("|", "/")
+            verdict = ("no, does not fit: " if r.get("fits") is False else "no: ") + why
         else:
             verdict = "yes" if r.get("fits", True) else "yes, does not fit"
         ratio = r.get("accessed_over_must_move")

@@ -220,24 +220,23 @@ def compile_engine_programs(engine: Engine, prompt_lens: tuple[int, ...],
     compile_fn("generate", engine._generate, _abstract(args, mesh))
 
 
-def learner_step_program(cfg: TargetConfig, spec: SpecConfig, dtype: str, serving: Mesh,
-                         learner: Mesh | None, online: OnlineConfig | None = None,
-                         loss: LossConfig | None = None,
+def learner_step_program(target: Target, spec: SpecConfig, learner: Mesh | None,
+                         online: OnlineConfig | None = None, loss: LossConfig | None = None,
                          optimizer: OptimizerSettings = DEFAULT_OPTIMIZER):
-    """(the learner's jitted train step, its arguments as shape structs), placed as `Learner`
-    places them: on a mesh of its own (`learner`), its state and the target's embedding and
-    lm_head replicated there and each batch split over its dp axis; sharing the serving mesh
-    (None), the draft's state where the engine keeps it (replicated), the embedding and
-    lm_head where the target keeps them, the batch replicated. The batch is `online`'s (B
-    windows of T positions, up to `trees_per_seq` trees of `spec`'s nodes + 1 each), in the
-    float32 the trace buffer collates (None: the defaults, `OnlineConfig()` and
-    `LossConfig()`)."""
+    """(the learner's jitted train step, its arguments as shape structs) for the draft of an
+    abstract target (`abstract_target`), placed as `Learner` places them: on a mesh of its
+    own (`learner`), its state and the target's embedding and lm_head replicated there and
+    each batch split over its dp axis; sharing the serving mesh (None), the draft's state
+    where the engine keeps it (replicated), the embedding and lm_head where the target keeps
+    them, the batch replicated. The batch is `online`'s (B windows of T positions, up to
+    `trees_per_seq` trees of `spec`'s nodes + 1 each), in the float32 the trace buffer
+    collates (None: the defaults, `OnlineConfig()` and `LossConfig()`)."""
     online, loss = online or OnlineConfig(), loss or LossConfig()
-    mesh = learner if learner is not None else serving
+    cfg, dt = target.cfg, DTYPES[target.dtype]
+    mesh = learner if learner is not None else target.mesh
     replicated = NamedSharding(mesh, P())
     draft_cfg = DraftConfig.for_target(cfg)
-    module = nnx.eval_shape(lambda: Eagle3Draft(draft_cfg, dtype=DTYPES[dtype],
-                                                rngs=nnx.Rngs(0)))
+    module = nnx.eval_shape(lambda: Eagle3Draft(draft_cfg, dtype=dt, rngs=nnx.Rngs(0)))
     graphdef, params, buffers = nnx.split(module, nnx.Param, ...)  # type: ignore[misc]
     params, buffers = jax.tree.map(lambda x: _shape(x, replicated), (params, buffers))
     tx = make_optimizer(optimizer)
@@ -245,16 +244,14 @@ def learner_step_program(cfg: TargetConfig, spec: SpecConfig, dtype: str, servin
     state = jax.eval_shape(lambda p: LearnerState(jnp.zeros((), jnp.int32), p, tx.init(p)),
                            params)
     state = jax.tree.map(lambda x: _shape(x, replicated), state)
-    v, h, dt = cfg.vocab_size, cfg.hidden_size, DTYPES[dtype]
-    if learner is not None:
-        embed_at = head_at = replicated
-    else:
-        embed_at = param_sharding(serving, ("embed",), (v, h))
-        head_at = (NamedSharding(serving, P(*reversed(embed_at.spec)))
-                   if cfg.tie_word_embeddings else
-                   param_sharding(serving, ("lm_head", "kernel"), (h, v)))
-    embed = jax.ShapeDtypeStruct((v, h), dt, sharding=embed_at)
-    head = jax.ShapeDtypeStruct((h, v), dt, sharding=head_at)
+    placed = {state_path(kp): x for kp, x in jax.tree_util.tree_leaves_with_path(target.state)}
+    embed = placed[("embed",)]  # as the target places it
+    head = (jax.ShapeDtypeStruct(embed.shape[::-1], embed.dtype, sharding=NamedSharding(
+                target.mesh, P(*reversed(embed.sharding.spec))))  # head_kernel(): embed.T
+            if cfg.tie_word_embeddings else placed[("lm_head", "kernel")])
+    if learner is not None:  # copied to the learner's chips, whole on each
+        embed, head = _shape(embed, replicated), _shape(head, replicated)
+    h = cfg.hidden_size
     b, t, n, k = online.batch_size, online.seq_len, online.trees_per_seq, spec.nodes + 1
     at = (placement.batch_sharding(mesh, b) if learner is not None else replicated)
     f32, i32 = jnp.float32, jnp.int32
@@ -441,14 +438,14 @@ def check_learner(model: str, topo: Topology, mesh: Mesh, mode: str,
     not take as arguments (all but the embedding and lm_head: `serving_weight_bytes`) fit
     together; the serving programs' own working memory is not counted."""
     learner, online = topo.learner_mesh(), online or OnlineConfig()
-    fn, args = learner_step_program(MODELS[model], SPECS[mode], dtype, mesh, learner, online)
+    target = abstract_target(MODELS[model], dtype, mesh)
+    fn, args = learner_step_program(target, SPECS[mode], learner, online)
     compiled, report = compile_program(fn, args, learner if learner is not None else mesh)
     row = dict(model=model, topology=str(topo), attention="-", spec=mode,
                batch=online.batch_size, context=online.seq_len, hbm_bytes=topo.hbm_bytes,
                program=f"learner step b{online.batch_size} t{online.seq_len}", **report)
     if compiled is not None:
         if learner is None:  # the target's other weights stay on the shared chips
-            target = abstract_target(MODELS[model], dtype, mesh)
             row["serving_weight_bytes"] = sum(
                 _per_device_bytes(x) for path, x in jax.tree_util.tree_leaves_with_path(
                     target.state)

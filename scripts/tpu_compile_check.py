@@ -6,8 +6,9 @@ XLA:TPU and Mosaic compilers from libtpu, abstract chips from jax's topology des
     python scripts/tpu_compile_check.py --model qwen3-8b --topology v6e:2x2/tp4 --spec tree
 
 Writes bench_results/tpu_compile/tpu_compile.{json,md}: per program whether it compiled (the
-compiler's error where not), peak memory against the chip's HBM, bytes accessed over what a
-step must move, flops and XLA's estimate. See aurora_jax/hardware/tpu_compile.py.
+compiler's error where not), peak memory against the chip's HBM, its HBM traffic counted from
+the compiled HLO and XLA's bytes accessed, each over what a step must move, flops and XLA's
+estimate. See aurora_jax/hardware/tpu_compile.py and hbm_traffic.py.
 """
 
 from aurora_jax.hardware.tpu_compile import main

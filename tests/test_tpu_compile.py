@@ -78,15 +78,19 @@ def test_the_reference_compiles_everywhere_without_the_kernel(meshes, name):
 
 def test_the_check_reports_every_program_of_a_setting(meshes):
     """Prefill and insert at a prompt length, and the step, each with its memory and cost;
-    the step's bytes over what it must move is a ratio above 1 (it reads at least that)."""
+    the step's bytes over what it must move is a ratio above 1 (it reads at least that), by
+    XLA's count and by the HBM count, and the HBM count is the lower (XLA counts prefetches
+    twice)."""
     topo, mesh = meshes["v6e:2x2/tp4"]
     rows = tc.check_engine("tiny", topo, mesh, "pallas", "off", 2, 256, (32,))
     assert [r["program"] for r in rows] == ["prefill b2 t32", "insert b2 t32", "generate"]
     assert all(r["compiled"] and r["peak_bytes"] > 0 and r["fits"] for r in rows), rows
     step = rows[-1]
     assert step["must_move_bytes"] > 0 and step["accessed_over_must_move"] > 1.0
+    assert 1.0 <= step["traffic_over_must_move"] < step["accessed_over_must_move"]
     assert "| tiny | v6e:2x2/dp1xtp4 | pallas | off | 2 | 256 | generate | yes |" in \
         tc.markdown(rows)
+    assert f"{step['traffic_over_must_move']:.3f}x" in tc.markdown(rows)
 
 
 def _kernel_operands(mesh, s: int):

@@ -13,10 +13,13 @@ functions (engine/engine.py), traced under the topology's mesh so that dispatch 
 TPU kernel and wraps it in `shard_map` (pallas_kernels/dispatch.py). The online learner's
 train step (learn/learner.py) compiles the same way, on chips of its own or beside serving.
 
-Bytes accessed come from XLA's cost model, which does not see inside a Mosaic call: a
-kernel's own reads of the KV cache are not in it. `must_move` is what a step cannot avoid
-reading once: the weights (less the embedding table, of which a step reads a few rows) and
-the live KV (every layer's keys and values up to the context length).
+Two counts of bytes. XLA's cost model ("bytes accessed") adds every instruction's operands
+and results wherever they live, so a weight prefetched into on-chip memory counts twice, and
+it does not see inside a Mosaic call. The HBM count (hardware/hbm_traffic.py) reads the
+compiled HLO instruction by instruction and counts only what crosses HBM, a Mosaic kernel's
+HBM operands whole. `must_move` is what a step cannot avoid reading once: the weights (less
+the embedding table, of which a step reads a few rows) and the live KV (every layer's keys
+and values up to the context length).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 from aurora_jax.engine import step
 from aurora_jax.engine.engine import Engine, cache_room
 from aurora_jax.hardware.decode import LLAMA_31_8B
+from aurora_jax.hardware.hbm_traffic import hbm_traffic
 from aurora_jax.learn import placement
 from aurora_jax.learn.learner import DEFAULT_OPTIMIZER, LearnerState, make_learner_step
 from aurora_jax.learn.losses import LearnBatch, LossConfig
@@ -320,8 +324,12 @@ def cache_relayouts(engine: Engine, compiled: jax.stages.Compiled) -> list[str]:
 
 def compile_report(compiled: jax.stages.Compiled) -> dict:
     """Peak memory, flops, bytes accessed and XLA's estimated seconds of a compiled program
-    (None where the backend does not say)."""
+    (None where the backend does not say), and its HBM traffic counted from its HLO."""
     row: dict = {}
+    traffic = hbm_traffic(compiled.as_text() or "")
+    row["hbm_traffic_bytes"] = traffic.total
+    if traffic.unknown_trip_counts:  # loops counted once: the count is a lower bound
+        row["loops_of_unknown_trip_count"] = traffic.unknown_trip_counts
     mem = compiled.memory_analysis()
     if mem is not None:
         row["peak_bytes"] = int(getattr(mem, "peak_memory_in_bytes", 0) or (
@@ -422,6 +430,7 @@ def check_engine(model: str, topo: Topology, mesh: Mesh, attention: str, mode: s
             row["must_move_bytes"] = must_move_bytes(engine, context)
             if row.get("bytes_accessed"):
                 row["accessed_over_must_move"] = row["bytes_accessed"] / row["must_move_bytes"]
+            row["traffic_over_must_move"] = row["hbm_traffic_bytes"] / row["must_move_bytes"]
         rows.append(row)
         return compiled
 
@@ -461,8 +470,8 @@ DEFAULT_TOPOLOGIES = ("v5e:1x1", "v6e:1x1", "v5p:1x1x1", "v6e:2x2/tp4", "v5e:2x2
 def markdown(rows: list[dict]) -> str:
     """The rows as a markdown table (bytes in GB, XLA's estimate in microseconds)."""
     head = ("| model | topology | attention | spec | B | S | program | compiled | peak GB / HBM "
-            "| accessed / must move | GFLOP | XLA est. us |")
-    lines = [head, "|" + "---|" * 12]
+            "| HBM traffic GB (/ must move) | XLA accessed / must move | GFLOP | XLA est. us |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         if not r["compiled"]:
             why = r["error"].splitlines()[0][:120].replace("|", "/")
@@ -470,6 +479,9 @@ def markdown(rows: list[dict]) -> str:
         else:
             verdict = "yes" if r.get("fits", True) else "yes, does not fit"
         ratio = r.get("accessed_over_must_move")
+        traffic = r.get("hbm_traffic_bytes")
+        counted = "" if traffic is None else f"{traffic / 1e9:.2f}" + (
+            f" ({r['traffic_over_must_move']:.3f}x)" if "traffic_over_must_move" in r else "")
         serving = r.get("serving_weight_bytes")  # a learner sharing the serving chips
         beside = "" if serving is None else f" + {serving / 1e9:.2f} serving"
         est = r.get("estimated_s")
@@ -477,7 +489,7 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['model']} | {r['topology']} | {r['attention']} | {r['spec']} | {r['batch']} "
             f"| {r['context']} | {r['program']} | {verdict} "
             f"| {r.get('peak_bytes', 0) / 1e9:.2f}{beside} / {r['hbm_bytes'] / 1e9:.1f} "
-            f"| {'' if ratio is None else f'{ratio:.2f}x'} "
+            f"| {counted} | {'' if ratio is None else f'{ratio:.2f}x'} "
             f"| {r.get('flops', 0) / 1e9:.1f} | {'' if est is None else f'{est * 1e6:.0f}'} |")
     return "\n".join(lines) + "\n"
 

@@ -9,7 +9,9 @@ Implementations (a model config's `attention` field):
   "interpret"  the GPU-style kernel in Pallas interpret mode: runs anywhere, slowly; for tests
 The kernel covers attention against a KV cache (decode, tree verification, drafting). Calls
 without a cache (training, which needs gradients the kernel does not define, and prefill from
-an empty cache) always take the reference, in pieces of QUERY_CHUNK queries when longer.
+an empty cache) always take the reference, in pieces of QUERY_CHUNK queries when longer. With
+a cache, the reference reads only the slots some sequence holds (a branch per LIVE_BUCKET
+doubling; not on TPU, see `_over_live_slots`).
 `attention` checks its operands' shapes first (at trace time), so a mismatch is named the same
 way whichever implementation would have run.
 
@@ -115,13 +117,13 @@ def attention(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
         return _in_query_chunks(tree_attention_reference, args, QUERY_CHUNK)
     how = "reference" if k_cache_BxKxSxD is None else resolve(impl)
     if how == "reference":
-        return tree_attention_reference(*args)
+        return _over_live_slots(tree_attention_reference, args)
     if how == "interpret" or platform() != "tpu":
         return _per_shard(functools.partial(tree_attention, blocks=blocks or DEFAULT_BLOCKS,
                                             interpret=how == "interpret"), args)
     if not tpu.supported(q_BxTxQxD.shape[-1], k_cache_BxKxSxD.shape[2],
                          blocks or tpu.DEFAULT_BLOCKS):
-        return tree_attention_reference(*args)
+        return _over_live_slots(tree_attention_reference, args)
     return _per_shard(functools.partial(tpu.tree_attention_tpu, blocks=blocks), args)
 
 
@@ -130,6 +132,43 @@ QUERY_CHUNK = 256
 than this many, in a multiple of it. The reference's float32 scores are [B, K, G, T, J]: for
 a 1024-token Llama-3.1-8B prefill that is 128 MiB per layer, which put the program over v5e's
 HBM; a piece of 256 queries holds 32 MiB. Each query row is computed as before."""
+
+
+LIVE_BUCKET = 256
+"""The smallest cache prefix the reference attends over with a cache: it reads the first
+256, 512, 1024, ... slots (or all S), the fewest that hold every sequence's cache_len."""
+
+
+def live_sizes(s: int) -> list[int]:
+    """The cache prefixes a reference call over an S-slot cache may read: LIVE_BUCKET
+    doubled while below S, then S."""
+    sizes = []
+    n = LIVE_BUCKET
+    while n < s:
+        sizes.append(n)
+        n *= 2
+    return sizes + [s]
+
+
+def _over_live_slots(fn, args):
+    """`fn(*args)` (with a cache) over only the cache slots some sequence can see: one branch
+    per size of `live_sizes`, the smallest that holds max(cache_len) chosen at run time
+    (`lax.switch`), so a step pays for the tokens its sequences hold rather than the slots
+    the cache could hold. Slots at or past every cache_len are masked out whole, so each
+    branch computes what the whole call does.
+
+    Not on TPU, where the kernel reads only live blocks and the reference reads the whole
+    cache as before: XLA:TPU (libtpu 0.0.42.1) fails to compile this switch on a dp x tp
+    mesh ("INTERNAL: ... Bitcast cannot have different shape sizes", v5e:2x2/dp2xtp2)."""
+    q, k_new, v_new, mask, k_cache, v_cache, cache_len = args
+    if k_cache is None or len(sizes := live_sizes(k_cache.shape[2])) == 1 \
+            or platform() == "tpu":
+        return fn(*args)
+    index = jnp.sum(jnp.max(cache_len) > jnp.asarray(sizes[:-1], cache_len.dtype))
+    branches = [functools.partial(
+        lambda n, kc, vc: fn(q, k_new, v_new, mask, kc[:, :, :n], vc[:, :, :n], cache_len), n)
+        for n in sizes]
+    return jax.lax.switch(index, branches, k_cache, v_cache)
 
 
 def _in_query_chunks(fn, args, chunk: int):

@@ -215,6 +215,34 @@ def test_a_long_call_without_a_cache_runs_in_pieces_of_queries_equal_to_the_whol
     assert "scan" not in str(jax.make_jaxpr(attention)(q[:, :30], k[:, :30], v[:, :30], odd))
 
 
+@pytest.mark.parametrize("lens", [[3, 0], [16, 5], [17, 16], [40, 63], [64, 1]],
+                         ids=["first", "edge", "past-edge", "last", "mixed"])
+def test_the_reference_reads_only_the_live_slots_and_equals_the_whole_cache(monkeypatch, lens):
+    """With a cache, the reference attends over the fewest of LIVE_BUCKET, twice that, ...,
+    S slots that hold every sequence's cache_len (one branch each, picked at run time), and
+    the result equals attending over the whole cache: a step pays for the tokens a sequence
+    holds, not the slots its cache could hold. Lengths at a bucket's edge, one past it, in
+    the last bucket and far apart in one batch; a tree mask over 3 new tokens, GQA 4:2."""
+    monkeypatch.setattr(dispatch, "LIVE_BUCKET", 16)
+    assert dispatch.live_sizes(64) == [16, 32, 64] and dispatch.live_sizes(16) == [16]
+    rs = np.random.RandomState(3)
+    b, t, s, nq, nk, d = 2, 3, 64, 4, 2, 8
+    q = jnp.asarray(rs.randn(b, t, nq, d), jnp.float32)
+    k_new, v_new = (jnp.asarray(rs.randn(b, t, nk, d), jnp.float32) for _ in range(2))
+    k_cache, v_cache = (jnp.asarray(rs.randn(b, nk, s, d), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(np.tril(np.ones((t, t), bool))[None].repeat(b, 0))
+    args = (q, k_new, v_new, mask, k_cache, v_cache, jnp.asarray(lens, jnp.int32))
+
+    fn = jax.jit(functools.partial(attention, impl="reference"))
+    assert "cond" in str(jax.make_jaxpr(fn)(*args))
+    want = tree_attention_reference(*args)
+    np.testing.assert_allclose(fn(*args), want, rtol=1e-6, atol=1e-6)
+    # Slots past the branch that should run are never read: NaN there would poison the sum.
+    live = min(n for n in dispatch.live_sizes(s) if n >= max(lens))
+    poisoned = v_cache.at[:, :, live:].set(jnp.nan)
+    np.testing.assert_allclose(fn(*args[:5], poisoned, args[6]), want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.fixture
 def on_backend(monkeypatch):
     """Makes dispatch see the given backend, its once-per-process kernel self-check

@@ -113,6 +113,17 @@ def test_a_loop_of_unknown_trip_count_is_counted_once_and_said_to_be():
     assert t.by_opcode["add"] == 3 * 512 * 4 + 3 * 512 * 4
 
 
+def test_a_conditional_on_a_predicate_counts_its_dearer_branch_too():
+    """XLA prints a two-way conditional on a predicate with true_/false_computation, not
+    branch_computations; the count is the same either way round."""
+    want = hbm_traffic(MODULE).by_opcode["conditional"]
+    for true, false in (("dear", "cheap"), ("cheap", "dear")):
+        t = hbm_traffic(MODULE.replace(
+            "branch_computations={%cheap, %dear}",
+            f"true_computation=%{true}, false_computation=%{false}"))
+        assert t.by_opcode["conditional"] == want == 2 * 65536 * 4
+
+
 def test_shapes_name_their_memory_space():
     a, _ = parse_shape("bf16[8,128]{1,0:T(8,128)(2,1)S(1)}")
     assert (a.dims, a.bytes, a.in_hbm) == ((8, 128), 2048, False)

@@ -264,9 +264,11 @@ class _Counter:
         elif op == "fusion":
             self.fusion(comp, inst, operands, traffic, times)
         elif op == "conditional":
-            branches = re.findall(r"%([\w.\-]+)", _attr(inst.attrs, "branch_computations")
-                                  or "") or [_attr(inst.attrs, "true_computation"),
-                                             _attr(inst.attrs, "false_computation")]
+            if "branch_computations=" in inst.attrs:  # an indexed switch
+                branches = re.findall(r"%([\w.\-]+)", _attr(inst.attrs, "branch_computations"))
+            else:  # a predicate's two branches
+                branches = [_attr(inst.attrs, "true_computation"),
+                            _attr(inst.attrs, "false_computation")]
             costs = []
             for b in branches:
                 t = Traffic()

@@ -32,6 +32,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels._common import (
     NEG,
@@ -167,6 +168,9 @@ def tree_attention(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ, k_
         out_specs=pl.BlockSpec((sq, sq, rows, d), lambda i, k: (i, k, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((b, nk, rows, d), q_BxTxQxD.dtype),
         interpret=interpret,
+        # Triton, by name: jax 0.10 lowers an unmarked GPU kernel to Mosaic GPU instead, which
+        # cannot lay out this kernel's iota ("Failed to infer the output layout").
+        compiler_params=pltriton.CompilerParams(),
         name="tree_attention",
     )(cache_len_B.astype(jnp.int32), q_BxKxRxD, k_new, v_new, mask_BxRxJ, k_cache_BxKxSxD,
       v_cache_BxKxSxD)

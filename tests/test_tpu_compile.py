@@ -205,3 +205,9 @@ def test_topology_names_are_checked():
     with pytest.raises(ValueError, match="expected GEN:AxB"):
         tc.Topology.parse("v9:2x2")
     assert tc.Topology.parse("v5p:1x1x1").chips == 1
+    gpus = tc.Topology.parse("h200:8/dp2xtp4")
+    assert (gpus.chips, gpus.dp, gpus.tp, gpus.is_gpu) == (8, 2, 4, True)
+    assert tc.Topology.parse("h100:1").hbm_bytes == 84_929_347_584
+    for wrong in ("h100:2x2", "v5e:4"):  # a GPU count, a TPU slice's shape
+        with pytest.raises(ValueError, match="GPU:N"):
+            tc.Topology.parse(wrong)

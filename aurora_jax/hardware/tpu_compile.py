@@ -1,4 +1,5 @@
-"""The engine's programs compiled for TPU topologies, on a host that has no TPU.
+"""The engine's programs compiled for TPU topologies (and H100 / H200 GPUs), on a host that
+has neither.
 
 `libtpu` (the `tpu` extra) carries the real XLA:TPU and Mosaic compilers, and
 `jax.experimental.topologies.get_topology_desc` describes the chips of a TPU slice as abstract
@@ -12,6 +13,10 @@ The parameters are shape structs (no weights exist), placed by the project's own
 functions (engine/engine.py), traced under the topology's mesh so that dispatch picks the
 TPU kernel and wraps it in `shard_map` (pallas_kernels/dispatch.py). The online learner's
 train step (learn/learner.py) compiles the same way, on chips of its own or beside serving.
+
+GPUs (`h100:N`, `h200:N`) compile the same way with jax's CUDA plugin (the `gpu` extra),
+which compiles for a device described to it (`GPU_TARGETS`) when none is present. XLA:GPU's
+HLO names no memory spaces, so its HBM count is every fusion's operands and results.
 
 Two counts of bytes. XLA's cost model ("bytes accessed") adds every instruction's operands
 and results wherever they live, so a weight prefetched into on-chip memory counts twice, and
@@ -55,19 +60,49 @@ from aurora_jax.models.transformer import Target, Transformer
 from aurora_jax.speculative.config import SpecConfig
 
 GiB = 1 << 30
-HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
-"""High-bandwidth memory per chip, by TPU generation."""
 
-_TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})(?:/(?:dp(\d+))?x?(?:tp(\d+))?)?"
-                       r"(?:\+learner(\d+))?$")
+
+def _gpu_target(cores: int, memory: int, bandwidth: int, name: str) -> str:
+    """XLA:GPU's description of a Hopper GPU (sm_90): what deviceless compilation reads
+    instead of asking a device (a `GpuTargetConfigProto` in text form)."""
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: {cores}
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: {bandwidth} l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: {memory} shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 minor: 0 }} registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 7 }}
+runtime_version {{ major: 12 minor: 8 }}
+device_description_str: "{name}"
+"""
+
+
+GPU_TARGETS = {
+    "h100": _gpu_target(132, 84_929_347_584, 3_352_320_000_000, "NVIDIA H100 80GB HBM3"),
+    "h200": _gpu_target(132, 150_754_820_096, 4_800_000_000_000, "NVIDIA H200"),
+}
+"""GPUs compiled for without one (the `gpu` extra's CUDA plugin): the memory each device
+reports to CUDA, its SM count and memory bandwidth (H100 SXM, H200 SXM)."""
+
+HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB,
+             "h100": 84_929_347_584, "h200": 150_754_820_096}
+"""High-bandwidth memory per chip, by TPU generation or GPU."""
+
+_TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e|h100|h200):(\d+(?:x\d+){0,2})"
+                       r"(?:/(?:dp(\d+))?x?(?:tp(\d+))?)?(?:\+learner(\d+))?$")
 
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
-    """A TPU slice and the ("dp", "tp") mesh laid over its chips."""
+    """A TPU slice, or GPUs of one host, and the ("dp", "tp") mesh laid over its chips."""
 
     name: str
-    """`generation:AxB[xC]`, as `get_topology_desc` names it (v5e:2x2, v5p:1x1x1)."""
+    """`generation:AxB[xC]`, as `get_topology_desc` names a TPU slice (v5e:2x2, v5p:1x1x1),
+    or `h100:N` / `h200:N` for N GPUs of one host."""
     dp: int = 1
     """Data-parallel degree: the batch (and the cache's batch axis) split over dp groups."""
     tp: int = 1
@@ -78,12 +113,16 @@ class Topology:
 
     @classmethod
     def parse(cls, text: str) -> Topology:
-        """`v6e:2x2/tp4`, `v5e:2x2/dp2xtp2`, `v5e:1x1` (dp = tp = 1), or any of them with
-        `+learnerN`: N more chips for the learner (`v5e:2x2/tp2+learner2`)."""
+        """`v6e:2x2/tp4`, `v5e:2x2/dp2xtp2`, `v5e:1x1` (dp = tp = 1), `h100:1`, `h200:8/tp8`,
+        or any of them with `+learnerN`: N more chips for the learner
+        (`v5e:2x2/tp2+learner2`)."""
         m = _TOPOLOGY.match(text.strip())
-        if m is None:
+        gen = m and m.group(1)
+        if m is None or ("x" in m.group(2)) != (gen not in GPU_TARGETS):
             raise ValueError(f"topology {text!r}: expected GEN:AxB[xC][/dpNxtpM][+learnerL] "
-                             f"with GEN one of {sorted(HBM_BYTES)} (e.g. v6e:2x2/tp4)")
+                             f"for a TPU slice, GPU:N[/dpNxtpM][+learnerL] for N GPUs, with "
+                             f"GEN one of {sorted(set(HBM_BYTES) - set(GPU_TARGETS))} and GPU "
+                             f"one of {sorted(GPU_TARGETS)} (e.g. v6e:2x2/tp4, h100:1)")
         gen, dims, dp, tp, learner = m.groups()
         topo = cls(f"{gen}:{dims}", int(dp or 1), int(tp or 1), int(learner or 0))
         need = topo.dp * topo.tp + topo.learner
@@ -123,8 +162,18 @@ class Topology:
         devices = self._devices()[start: start + self.learner]
         return Mesh(devices.reshape(self.learner, 1), ("dp", "tp"))
 
+    @property
+    def is_gpu(self) -> bool:
+        return self.generation in GPU_TARGETS
+
     def _devices(self) -> np.ndarray:
         from jax.experimental import topologies
+
+        if self.is_gpu:  # the CUDA plugin's compiler, told the device instead of asking one
+            desc = topologies.get_topology_desc(
+                platform="cuda", target_config=GPU_TARGETS[self.generation],
+                topology=f"1x1x{self.chips}")
+            return np.array(desc.devices)
 
         # libtpu takes /tmp/libtpu_lockfile so that two processes never drive one TPU. On a
         # host with no TPU chips only the compilers are used, and a second compiling process
@@ -147,6 +196,20 @@ def tpu_compiler_available() -> str | None:
         Topology("v5e:1x1").mesh()
     except Exception as e:  # noqa: BLE001 (any failure: say it)
         return f"no TPU topology could be described ({type(e).__name__}: {e})"
+    return None
+
+
+def gpu_compiler_available() -> str | None:
+    """None when GPU programs can be compiled here (with no GPU: the CUDA plugin's compiler,
+    the default backend left on the CPU), else why not."""
+    try:
+        import jax_plugins.xla_cuda12  # noqa: F401
+    except ImportError:
+        return "jax's CUDA plugin is not installed (pip install -e '.[gpu]')"
+    try:
+        Topology("h100:1").mesh()
+    except Exception as e:  # noqa: BLE001 (any failure: say it)
+        return f"no GPU could be described ({type(e).__name__}: {e})"
     return None
 
 
@@ -326,10 +389,14 @@ def compile_report(compiled: jax.stages.Compiled) -> dict:
     """Peak memory, flops, bytes accessed and XLA's estimated seconds of a compiled program
     (None where the backend does not say), and its HBM traffic counted from its HLO."""
     row: dict = {}
-    traffic = hbm_traffic(compiled.as_text() or "")
-    row["hbm_traffic_bytes"] = traffic.total
-    if traffic.unknown_trip_counts:  # loops counted once: the count is a lower bound
-        row["loops_of_unknown_trip_count"] = traffic.unknown_trip_counts
+    try:
+        traffic = hbm_traffic(compiled.as_text() or "")
+    except (ValueError, KeyError, IndexError) as e:  # HLO the reader does not know
+        row["hbm_traffic_error"] = f"{type(e).__name__}: {e}"
+    else:
+        row["hbm_traffic_bytes"] = traffic.total
+        if traffic.unknown_trip_counts:  # loops counted once: the count is a lower bound
+            row["loops_of_unknown_trip_count"] = traffic.unknown_trip_counts
     mem = compiled.memory_analysis()
     if mem is not None:
         row["peak_bytes"] = int(getattr(mem, "peak_memory_in_bytes", 0) or (
@@ -430,7 +497,8 @@ def check_engine(model: str, topo: Topology, mesh: Mesh, attention: str, mode: s
             row["must_move_bytes"] = must_move_bytes(engine, context)
             if row.get("bytes_accessed"):
                 row["accessed_over_must_move"] = row["bytes_accessed"] / row["must_move_bytes"]
-            row["traffic_over_must_move"] = row["hbm_traffic_bytes"] / row["must_move_bytes"]
+            if "hbm_traffic_bytes" in row:
+                row["traffic_over_must_move"] = row["hbm_traffic_bytes"] / row["must_move_bytes"]
         rows.append(row)
         return compiled
 
@@ -500,7 +568,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="tpu_compile_check", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama3.1-8b", choices=sorted(MODELS))
     ap.add_argument("--topology", nargs="+", default=list(DEFAULT_TOPOLOGIES),
-                    help="GEN:AxB[xC][/dpNxtpM], e.g. v6e:2x2/tp4")
+                    help="GEN:AxB[xC][/dpNxtpM] or h100:N / h200:N, e.g. v6e:2x2/tp4")
     ap.add_argument("--attention", nargs="+", default=["pallas", "reference"],
                     choices=["pallas", "reference"])
     ap.add_argument("--spec", nargs="*", default=["off", "tree"], choices=sorted(SPECS),
@@ -532,10 +600,10 @@ def main(argv=None) -> list[dict]:
 
     args = parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    why_not = tpu_compiler_available()
-    if why_not is not None:
-        raise SystemExit(f"tpu_compile_check: {why_not}")
     topologies = [Topology.parse(t) for t in args.topology]
+    for kind, available in (("TPU", tpu_compiler_available), ("GPU", gpu_compiler_available)):
+        if any(t.is_gpu == (kind == "GPU") for t in topologies) and (why := available()):
+            raise SystemExit(f"tpu_compile_check: cannot compile for a {kind}: {why}")
     combos = list(itertools.product(topologies, args.attention, args.spec, args.batch,
                                     args.context))
     rows: list[dict] = []

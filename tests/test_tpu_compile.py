@@ -10,6 +10,7 @@ more than one chip failed with "Mosaic kernels cannot be automatically partition
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -211,3 +212,26 @@ def test_topology_names_are_checked():
     for wrong in ("h100:2x2", "v5e:4"):  # a GPU count, a TPU slice's shape
         with pytest.raises(ValueError, match="GPU:N"):
             tc.Topology.parse(wrong)
+
+
+def test_a_run_stopped_part_way_keeps_the_rows_it_made(tmp_path, monkeypatch):
+    """The check writes its table after every setting: the 8B default takes about an hour,
+    and a run stopped (or failing) in its second setting still leaves the first's rows."""
+    check_engine = tc.check_engine
+    calls = []
+
+    def second_fails(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return check_engine(*args, **kwargs)
+
+    monkeypatch.setattr(tc, "check_engine", second_fails)
+    with pytest.raises(KeyboardInterrupt):
+        tc.main(["--model", "tiny", "--topology", "v5e:1x1", "--attention", "reference",
+                 "--spec", "off", "--batch", "1", "2", "--context", "256", "--prompt-len",
+                 "--learner", "none", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "tpu_compile.json").read_text())["rows"]
+    assert [(r["program"], r["batch"], r["compiled"]) for r in rows] == [("generate", 1, True)]
+    assert "| tiny | v5e:1x1/dp1xtp1 | reference | off | 1 | 256 | generate | yes |" in \
+        (tmp_path / "tpu_compile.md").read_text()

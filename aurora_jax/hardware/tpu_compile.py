@@ -590,7 +590,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> list[dict]:
-    """Compiles every combination asked for; writes <out>/tpu_compile.{json,md}."""
+    """Compiles every combination asked for; writes <out>/tpu_compile.{json,md}, again after
+    each setting, so that a long run stopped part way keeps every row it made."""
     import itertools
     import json
     import os
@@ -609,6 +610,14 @@ def main(argv=None) -> list[dict]:
     rows: list[dict] = []
     meshes: dict[str, Mesh] = {}
     first: set[tuple] = set()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        (out / "tpu_compile.json").write_text(json.dumps({"args": vars(args), "rows": rows},
+                                                         indent=1))
+        (out / "tpu_compile.md").write_text(markdown(rows))
+
     for topo, attention, mode, batch, context in tqdm(combos, desc="compiling", unit="setting"):
         mesh = meshes.setdefault(str(topo), topo.mesh())
         lens = () if (str(topo), attention) in first else tuple(args.prompt_len)
@@ -618,6 +627,7 @@ def main(argv=None) -> list[dict]:
             rows.append(row)
             tqdm.write(f"{row['topology']} {attention} {mode} B{batch} S{context} "
                        f"{row['program']}: " + ("ok" if row["compiled"] else row["error"][:200]))
+        save()
     if args.learner != "none":
         for topo in tqdm(topologies, desc="learner step", unit="topology"):
             row, _ = check_learner(args.model, topo, meshes.setdefault(str(topo), topo.mesh()),
@@ -625,11 +635,8 @@ def main(argv=None) -> list[dict]:
             rows.append(row)
             tqdm.write(f"{row['topology']} {row['program']}: "
                        + ("ok" if row["compiled"] else row["error"][:200]))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tpu_compile.json").write_text(json.dumps({"args": vars(args), "rows": rows},
-                                                     indent=1))
-    (out / "tpu_compile.md").write_text(markdown(rows))
+            save()
+    save()
     print(markdown(rows))
     print(f"wrote {out / 'tpu_compile.json'} and {out / 'tpu_compile.md'}")
     return rows

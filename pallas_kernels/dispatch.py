@@ -123,7 +123,7 @@ def attention(q_BxTxQxD, k_new_BxJxKxD, v_new_BxJxKxD, block_mask_BxTxJ,
                                             interpret=how == "interpret"), args)
     if not tpu.supported(q_BxTxQxD.shape[-1], k_cache_BxKxSxD.shape[2],
                          blocks or tpu.DEFAULT_BLOCKS):
-        return _over_live_slots(tree_attention_reference, args)
+        return tree_attention_reference(*args)
     return _per_shard(functools.partial(tpu.tree_attention_tpu, blocks=blocks), args)
 
 

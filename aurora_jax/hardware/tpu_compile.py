@@ -30,6 +30,7 @@ and values up to the context length).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import re
 import time
@@ -81,15 +82,17 @@ device_description_str: "{name}"
 """
 
 
-GPU_TARGETS = {
-    "h100": _gpu_target(132, 84_929_347_584, 3_352_320_000_000, "NVIDIA H100 80GB HBM3"),
-    "h200": _gpu_target(132, 150_754_820_096, 4_800_000_000_000, "NVIDIA H200"),
-}
-"""GPUs compiled for without one (the `gpu` extra's CUDA plugin): the memory each device
-reports to CUDA, its SM count and memory bandwidth (H100 SXM, H200 SXM)."""
+GPU_MEMORY = {"h100": 84_929_347_584, "h200": 150_754_820_096}
+"""The memory each GPU reports to CUDA (H100 SXM 80 GB, H200 SXM 141 GB)."""
 
-HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB,
-             "h100": 84_929_347_584, "h200": 150_754_820_096}
+GPU_TARGETS = {
+    "h100": _gpu_target(132, GPU_MEMORY["h100"], 3_352_320_000_000, "NVIDIA H100 80GB HBM3"),
+    "h200": _gpu_target(132, GPU_MEMORY["h200"], 4_800_000_000_000, "NVIDIA H200"),
+}
+"""GPUs compiled for without one (the `gpu` extra's CUDA plugin): their memory, SM count and
+memory bandwidth."""
+
+HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB, **GPU_MEMORY}
 """High-bandwidth memory per chip, by TPU generation or GPU."""
 
 _TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e|h100|h200):(\d+(?:x\d+){0,2})"
@@ -186,31 +189,31 @@ class Topology:
         return np.array(desc.devices)
 
 
+def _compiler_available(module: str, missing: str, probe: str, what: str) -> str | None:
+    """None when `module` imports and the topology `probe` can be described, else why not."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return missing
+    try:
+        Topology(probe).mesh()
+    except Exception as e:  # noqa: BLE001 (any failure: say it)
+        return f"no {what} could be described ({type(e).__name__}: {e})"
+    return None
+
+
 def tpu_compiler_available() -> str | None:
     """None when TPU programs can be compiled here, else why not."""
-    try:
-        import libtpu  # noqa: F401
-    except ImportError:
-        return "libtpu is not installed (pip install -e '.[tpu]')"
-    try:
-        Topology("v5e:1x1").mesh()
-    except Exception as e:  # noqa: BLE001 (any failure: say it)
-        return f"no TPU topology could be described ({type(e).__name__}: {e})"
-    return None
+    return _compiler_available("libtpu", "libtpu is not installed (pip install -e '.[tpu]')",
+                               "v5e:1x1", "TPU topology")
 
 
 def gpu_compiler_available() -> str | None:
     """None when GPU programs can be compiled here (with no GPU: the CUDA plugin's compiler,
     the default backend left on the CPU), else why not."""
-    try:
-        import jax_plugins.xla_cuda12  # noqa: F401
-    except ImportError:
-        return "jax's CUDA plugin is not installed (pip install -e '.[gpu]')"
-    try:
-        Topology("h100:1").mesh()
-    except Exception as e:  # noqa: BLE001 (any failure: say it)
-        return f"no GPU could be described ({type(e).__name__}: {e})"
-    return None
+    return _compiler_available(
+        "jax_plugins.xla_cuda12", "jax's CUDA plugin is not installed (pip install -e '.[gpu]')",
+        "h100:1", "GPU")
 
 
 def _shape(x, sharding) -> jax.ShapeDtypeStruct:

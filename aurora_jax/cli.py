@@ -269,7 +269,9 @@ def _generate_one(args, sampling, spec) -> int:
             "compile_s": round(run.compile_s, 3),
         }))
     else:
-        print(args.prompt + text)
+        if args.echo:  # the prompt as a block of its own, never run into the answer
+            print(args.prompt.rstrip("\n"), end="\n\n")
+        print(text)
         spec_note = "" if tau is None or spec.mode == "off" else f", acceptance {tau:.2f}"
         print(f"[{len(res.token_ids)} tokens, {run.tokens_per_s:.1f} tokens/s{spec_note}, "
               f"{res.target_forwards} target forwards, finish={res.finish_reason}, "
@@ -556,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="0 keeps all tokens")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.add_argument("--echo", action="store_true",
+                   help="--prompt: print the prompt before the answer, as a block of its own "
+                        "(by default only the answer is printed)")
     _add_spec_args(g)
     _add_scratch_vocab_arg(g)
     g.set_defaults(func=cmd_generate)

@@ -19,6 +19,20 @@ def test_generate_json(small_ckpt, capsys):
     assert out["tokens_per_s"] > 0
 
 
+def test_generate_prints_the_answer_alone(small_ckpt, capsys):
+    """Plain output is the answer alone; --echo puts the prompt before it as a block of its
+    own, never run into it (a chat answer glued to its question was the first thing users
+    saw)."""
+    base = ["generate", "--target", str(small_ckpt), "--prompt", "import os", "--max-new-tokens",
+            "8"]
+    assert main(base + ["--json"]) == 0
+    text = json.loads(capsys.readouterr().out)["text"]
+    assert main(base) == 0
+    assert capsys.readouterr().out == text + "\n"
+    assert main(base + ["--echo"]) == 0
+    assert capsys.readouterr().out == "import os\n\n" + text + "\n"
+
+
 def test_sampling_is_seeded(small_ckpt, capsys):
     args = ["generate", "--target", str(small_ckpt), "--prompt", "def ", "--max-new-tokens", "16",
             "--temperature", "1.0", "--top-p", "0.9", "--top-k", "40", "--json"]

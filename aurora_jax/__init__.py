@@ -13,9 +13,11 @@ stays cheap):
 - models: `load_target`, `load_draft`, `init_draft`, `load_pair`, `Target`, `Draft`,
   `DraftConfig`, `make_mesh` (tensor parallelism over local devices);
 - serving: `Tokenizer`, `Engine`, `Request`, `RequestResult`, `SpecConfig`, `SamplingParams`;
+- a whole stack: `StackConfig`, `build_stack` (target, draft, one engine per speculation
+  setting, their traces and the learner, with one lifecycle: `Stack.run`, `Stack.close`),
+  `DraftChannel` (the one way a new draft reaches the engines);
 - learning: `Learner`, `LossConfig`, `OnlineConfig`, `OnlineLearner`, `online_engine` (an
-  engine whose traces feed an online learner), `LearningEngine` (an engine with its learning,
-  in or out of process, and its lifecycle);
+  engine whose traces feed an online learner);
 - the job: `RunConfig`, `run_job` (what `aurora-jax run` does).
 
 Shape vocabulary. Array names carry their axes after an underscore (`logits_BxTxV`), and
@@ -71,8 +73,11 @@ _EXPORTS = {
     "LossConfig": "aurora_jax.learn.losses",
     "OnlineConfig": "aurora_jax.learn.online",
     "OnlineLearner": "aurora_jax.learn.online",
-    "online_engine": "aurora_jax.learn.online",
-    "LearningEngine": "aurora_jax.learn.serving",
+    "online_engine": "aurora_jax.stack",
+    "StackConfig": "aurora_jax.stack",
+    "build_stack": "aurora_jax.stack",
+    "Stack": "aurora_jax.stack",
+    "DraftChannel": "aurora_jax.engine.channel",
     "RunConfig": "aurora_jax.run.config",
     "run_job": "aurora_jax.run.job",
 }
@@ -80,18 +85,18 @@ _EXPORTS = {
 __all__ = [  # what _EXPORTS maps (tests/test_api.py checks the two agree)
     "load_target", "load_draft", "init_draft", "load_pair", "Target", "Draft", "DraftConfig",
     "make_mesh", "Tokenizer", "Engine", "Request", "RequestResult", "SpecConfig", "SamplingParams",
-    "Learner", "LossConfig", "OnlineConfig", "OnlineLearner", "online_engine", "LearningEngine",
-    "RunConfig", "run_job",
+    "Learner", "LossConfig", "OnlineConfig", "OnlineLearner", "online_engine", "StackConfig",
+    "build_stack", "Stack", "DraftChannel", "RunConfig", "run_job",
 ]
 
 if TYPE_CHECKING:
     from aurora_jax.data.tokenizer import Tokenizer
     from aurora_jax.engine.batcher import Request, RequestResult
+    from aurora_jax.engine.channel import DraftChannel
     from aurora_jax.engine.engine import Engine
     from aurora_jax.learn.learner import Learner
     from aurora_jax.learn.losses import LossConfig
-    from aurora_jax.learn.online import OnlineConfig, OnlineLearner, online_engine
-    from aurora_jax.learn.serving import LearningEngine
+    from aurora_jax.learn.online import OnlineConfig, OnlineLearner
     from aurora_jax.models.eagle3 import Draft, DraftConfig, init_draft
     from aurora_jax.models.eagle3_io import load_draft
     from aurora_jax.models.hf_io import load_target
@@ -102,6 +107,7 @@ if TYPE_CHECKING:
     from aurora_jax.run.job import run_job
     from aurora_jax.sampling import SamplingParams
     from aurora_jax.speculative.config import SpecConfig
+    from aurora_jax.stack import Stack, StackConfig, build_stack, online_engine
 
 
 def __getattr__(name: str):

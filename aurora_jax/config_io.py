@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from collections.abc import Sequence
@@ -13,12 +14,15 @@ from typing import Any
 
 from aurora_jax.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 
 def from_dict(cls, raw: Any, source: str):
     """`cls(**raw)` with nested dataclasses built the same way; `source` names the place in
     errors (a file name, then dotted keys)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of settings, got {type(raw).__name__}")
+    raw = _renamed(cls, raw, source)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -32,6 +36,39 @@ def from_dict(cls, raw: Any, source: str):
         return cls(**kwargs)
     except (ConfigError, ValueError) as e:
         raise ConfigError(f"{source}: {e}") from e
+
+
+def _renamed(cls, raw: dict, source: str) -> dict:
+    """`raw` with the keys `cls.RENAMED` (old key -> new dotted key) moved to their new place,
+    each named in a deprecation warning; a setting given both ways is an error."""
+    renamed: dict[str, str] = getattr(cls, "RENAMED", {})
+    old = [k for k in raw if k in renamed]
+    if not old:
+        return raw
+    raw = dict(raw)
+    for key in old:
+        value = raw.pop(key)
+        *parents, leaf = renamed[key].split(".")
+        node = raw
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}.{p}: expected a mapping of settings")
+        if isinstance(node.get(leaf), dict) and isinstance(value, dict):
+            both = node[leaf].keys() & value.keys()
+            if both:
+                raise ConfigError(f"{source}: {key}.{sorted(both)[0]} and "
+                                  f"{renamed[key]}.{sorted(both)[0]} both set; keep "
+                                  f"{renamed[key]} (the key {key!r} is deprecated)")
+            node[leaf] = {**value, **node[leaf]}
+        elif leaf in node:
+            raise ConfigError(f"{source}: {key} and {renamed[key]} both set; keep "
+                              f"{renamed[key]} (the key {key!r} is deprecated)")
+        else:
+            node[leaf] = value
+        log.warning("%s: the key %r is deprecated; use %r (same settings)", source, key,
+                    renamed[key])
+    return raw
 
 
 def _coerce(tp, value, where: str):

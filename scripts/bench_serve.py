@@ -28,7 +28,7 @@ from pathlib import Path
 from aurora_jax.builtin import resolve_target
 from aurora_jax.data.scenarios import ScenarioConfig, build_scenario
 from aurora_jax.data.tokenizer import Tokenizer
-from aurora_jax.serve.config import ServeConfig, ServeLearning
+from aurora_jax.serve.config import ServeConfig, ServeLearner
 from aurora_jax.serve.loadgen import drive, scrape, summarize
 from aurora_jax.speculative.config import SpecConfig
 
@@ -41,16 +41,16 @@ def setting_config(name: str, args, target: str) -> ServeConfig:
                   max_len=args.prompt_tokens + args.max_tokens + 8, max_queue=args.requests)
     if name == "target-only":
         return ServeConfig(draft="none", spec=SpecConfig(mode="off"),
-                           learning=ServeLearning(mode="off"), **common)
+                           learner=ServeLearner(mode="off"), **common)
     if name == "static":
         return ServeConfig(draft=args.static_draft, spec=spec, window_steps=None,
-                           learning=ServeLearning(mode="off"), **common)
+                           learner=ServeLearner(mode="off"), **common)
     if name == "online":
         return ServeConfig(draft="warm", spec=spec, window_steps=None,
-                           learning=ServeLearning(mode="thread"), **common)
+                           learner=ServeLearner(mode="thread"), **common)
     # The server's defaults: windows choose among the tree, prompt lookup and target-only by
     # measured tokens/s, while the draft learns in idle time.
-    return ServeConfig(draft="warm", spec=spec, learning=ServeLearning(mode="thread"), **common)
+    return ServeConfig(draft="warm", spec=spec, learner=ServeLearner(mode="thread"), **common)
 
 
 def run_setting(cfg: ServeConfig, target_dir: Path, prompts: list[str], warmup: list[str],

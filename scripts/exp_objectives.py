@@ -1,6 +1,6 @@
 """Which draft objective learns fastest from served traffic? Rejected proposals as negative
 feedback against TTT alone, over seeds, at equal steps and equal learner seconds
-(aurora_jax/run/objectives.py). Writes results.json, results.md and objectives.png.
+(aurora_jax/experiments/objectives.py). Writes results.json, results.md and objectives.png.
 
     python scripts/exp_objectives.py --config configs/exp_objectives.yaml --out runs/objectives
     python scripts/exp_objectives.py steps=20 seeds=[0]        # a quick look
@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from aurora_jax.builtin import resolve_target
-from aurora_jax.run.objectives import ObjectivesConfig, run_objectives, write_report
+from aurora_jax.experiments.objectives import ObjectivesConfig, run_objectives, write_report
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Soak `aurora-jax serve`: load, hot swaps and injected faults for a bounded time, then the
-checks of aurora_jax/serve/soak.py (nothing wrong, lost or leaked); exits 1 if any failed.
+checks of aurora_jax/testing/soak.py (nothing wrong, lost or leaked); exits 1 if any failed.
 
     python scripts/soak.py --out runs/soak                      # SmolLM2, 10 minutes
     python scripts/soak.py --duration 3600 --rate 1 --out runs/soak-1h
@@ -19,7 +19,7 @@ from aurora_jax.config_io import load_config
 from aurora_jax.data.scenarios import ScenarioConfig, build_scenario
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.serve.config import ServeConfig
-from aurora_jax.serve.soak import SoakConfig, failures, run_soak, table
+from aurora_jax.testing.soak import SoakConfig, failures, run_soak, table
 
 
 def main() -> None:
@@ -34,8 +34,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     target_dir = resolve_target(args.target, None, log=lambda m: print(m, file=sys.stderr))
-    serve = load_config(ServeConfig, None, [f"target={target_dir}", "learning.mode=workdir",
-                                            "learning.workdir=unused", *args.serve])
+    serve = load_config(ServeConfig, None, [f"target={target_dir}", "learner.mode=workdir",
+                                            "learner.workdir=unused", *args.serve])
     tok = Tokenizer.load(target_dir)
     stream = build_scenario(ScenarioConfig(requests=args.prompts, order="mixed",
                                            prompt_tokens=48, chat_domains=()), tok.encode)

@@ -26,11 +26,12 @@ if _COMPILE_CACHE is not None:
 # Compile for the suite at LLVM's lowest optimization level, with XLA:CPU's older loop emitters
 # (the newer fusion emitters cost more to compile). With an empty cache the suite is bound by
 # compilation on 2 cores. These flags cut a tiny engine's tree step from 10.2 s of compiling to
-# 3.5 s, and the whole suite on an empty cache from 37:52 to 21:39 (README). The programs run
-# slower (SmolLM2's target-only step 61 -> 137 ms); the suite runs little compute. The suite
-# passes with and without them: its parity and lossless tests compare tokens exactly either
-# way. Every process a test starts inherits them (tests/processes.py keeps them where it sets
-# a device count). `AURORA_JAX_TEST_FULL_OPT=1` runs the suite with XLA's defaults.
+# 3.5 s, and the whole suite on an empty cache from 37:52 to 21:39 (docs/testing.md). The
+# programs run slower (SmolLM2's target-only step 61 -> 137 ms); the suite runs little
+# compute. The suite passes with and without them: its parity and lossless tests compare
+# tokens exactly either way. Every process a test starts inherits them (tests/processes.py
+# keeps them where it sets a device count). `AURORA_JAX_TEST_FULL_OPT=1` runs the suite with
+# XLA's defaults.
 FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 if os.environ.get("AURORA_JAX_TEST_FULL_OPT", "").lower() not in ("1", "true", "yes"):
     _flags = os.environ.get("XLA_FLAGS", "").split()
@@ -137,7 +138,7 @@ def small_ckpt(tmp_path_factory) -> Path:
     waits for the first and reuses its model. With the compilation cache off, once per worker
     in a temporary folder."""
     from aurora_jax.builtin import default_cache_dir
-    from aurora_jax.builtin_scratch import PrepareConfig, prepare
+    from aurora_jax.builtin.scratch import PrepareConfig, prepare
 
     if _COMPILE_CACHE is None:
         cache = tmp_path_factory.mktemp("small-ckpt")

@@ -23,12 +23,12 @@ def shared_config(ckpt):
     """The shared server: a scratch draft speculating in tree mode (depth 3, 6 nodes), an API
     key, four slots, no learning and no adaptive windows, so that outputs and metrics are
     deterministic."""
-    from aurora_jax.serve.config import ServeConfig, ServeLearning
+    from aurora_jax.serve.config import ServeConfig, ServeLearner
     from aurora_jax.speculative.config import SpecConfig
 
     return ServeConfig(target=str(ckpt), draft="scratch", draft_vocab_size=None,
                        spec=SpecConfig(mode="tree", depth=3, topk=2, num_draft_tokens=6),
                        max_slots=MAX_SLOTS, max_len=MAX_LEN, max_queue=32,
                        default_max_tokens=MAX_TOKENS, max_body_bytes=MAX_BODY, port=0,
-                       api_key=KEY, model_name=MODEL, learning=ServeLearning(mode="off"),
+                       api_key=KEY, model_name=MODEL, learner=ServeLearner(mode="off"),
                        window_steps=None)

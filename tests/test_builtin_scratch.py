@@ -13,9 +13,9 @@ import orbax.checkpoint as ocp
 import pytest
 import yaml
 
-from aurora_jax import builtin_scratch as builtin
 from aurora_jax.builtin import ENV_CACHE, default_cache_dir
-from aurora_jax.builtin_scratch import PrepareConfig
+from aurora_jax.builtin import scratch as builtin
+from aurora_jax.builtin.scratch import PrepareConfig
 from aurora_jax.data import corpus
 from aurora_jax.data.pipeline import eval_batches, pack_documents, training_dataset, windows
 from aurora_jax.data.tokenizer import Tokenizer

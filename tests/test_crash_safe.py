@@ -25,10 +25,10 @@ from spec_models import swap_state
 
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.engine.target_only import TargetGenerator
-from aurora_jax.learn import kvstore
-from aurora_jax.learn.draft_sync import DraftPublisher
-from aurora_jax.learn.trace_store import TraceStoreError, list_shards, read_shard
 from aurora_jax.models.loading import load_pair
+from aurora_jax.store import kvstore
+from aurora_jax.store.draft_store import DraftPublisher
+from aurora_jax.store.trace_store import TraceStoreError, list_shards, read_shard
 
 START_S = 600
 """Seconds a server may take to print where it serves: it compiles every program its traffic
@@ -38,7 +38,7 @@ compilation cache is cold)."""
 HALF_SHARD = """
 import sys, threading
 from aurora_jax import cli
-from aurora_jax.learn import trace_store
+from aurora_jax.store import trace_store
 
 write, shards = trace_store._write_arrays, []
 
@@ -80,7 +80,7 @@ def _start(ckpt: Path, work: Path, log: Path, half_shard: bool = False
         proc = subprocess.Popen(
             [sys.executable, *program, "serve", f"target={ckpt}",
              "draft=scratch", "draft_vocab_size=null", "spec.mode=chain", "spec.depth=3",
-             "learning.mode=workdir", f"learning.workdir={work}", "window_steps=null",
+             "learner.mode=workdir", f"learner.workdir={work}", "window_steps=null",
              "port=0", "max_len=96", "max_slots=2", "warmup_prompt_tokens=32",
              "model_name=tiny"],
             stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -14,11 +14,11 @@ import pytest
 from spec_models import copycat_pair, swap_state, tiny_cfg
 
 from aurora_jax.engine.batcher import Request
+from aurora_jax.engine.channel import DraftChannel
 from aurora_jax.engine.engine import Engine
 from aurora_jax.engine.guard import CollapseGuard, GuardConfig
 from aurora_jax.engine.target_only import TargetGenerator
 from aurora_jax.errors import DraftRefused, SwapError
-from aurora_jax.learn.online import EnginePublisher
 from aurora_jax.models.eagle3 import draft_problem
 from aurora_jax.serve.loop import Job, ServingLoop
 from aurora_jax.serve.metrics import ServerMetrics
@@ -102,7 +102,7 @@ def engine(copycat, copycat_engine) -> Engine:
 def test_publications_of_unfit_drafts_are_refused_and_a_skipped_swap_raises(copycat, engine,
                                                                           monkeypatch):
     _, draft, _ = copycat
-    pub = EnginePublisher(engine)
+    pub = DraftChannel(engine)
     other = swap_state(draft, seed=7)
     assert draft_problem(other, draft.state) is None
     zeroed = jax.tree.map(lambda x: jnp.zeros_like(x)
@@ -174,7 +174,7 @@ def test_the_guard_rolls_back_a_random_draft_while_serving_losslessly(copycat, e
         first = _serve(loop, prompts[:6], 24)
         steps = sum(r.steps for r in first)
         assert sum(r.accepted for r in first) >= 2 * steps  # tau >= 3 of at most 4
-        EnginePublisher(engine).publish(swap_state(draft, seed=3))  # version 1
+        loop.channel.offer(swap_state(draft, seed=3))  # version 1
         rest = _serve(loop, prompts[6:], 24)
     finally:
         loop.shutdown(5)
@@ -194,12 +194,12 @@ def test_a_rolled_back_version_is_never_swapped_in_again_nor_trained_on(copycat,
     """Across processes: the engine's watcher refuses the version the guard rolled back and
     leaves a note; the learner process takes the note, trains on from the newest version
     not rolled back, and a restarted learner does not resume from the bad one."""
-    from aurora_jax.learn.draft_sync import DraftPublisher, DraftWatcher, rejected_versions
+    from aurora_jax.store.draft_store import DraftPublisher, DraftWatcher, rejected_versions
 
     _, draft, _ = copycat
     drafts = tmp_path / "drafts"
     pub = DraftPublisher(drafts, draft.state)
-    watcher = DraftWatcher(engine, drafts, poll_s=3600)
+    watcher = DraftWatcher(DraftChannel(engine), drafts, poll_s=3600)
     good, bad = swap_state(draft, seed=1), swap_state(draft, seed=2)
     assert pub.publish(good) == 1 and watcher.poll() == 1
     assert pub.publish(bad) == 2 and watcher.poll() == 2
@@ -219,7 +219,7 @@ def test_a_rolled_back_version_is_never_swapped_in_again_nor_trained_on(copycat,
     p2 = DraftPublisher(rejected_only, draft.state)
     p2.publish(good)
     p2.publish(bad)
-    DraftWatcher(engine, rejected_only).refuse(2, "collapsed")
+    DraftWatcher(DraftChannel(engine), rejected_only).refuse(2, "collapsed")
     assert DraftPublisher(rejected_only, draft.state).resume()[0] == 1
 
 
@@ -245,7 +245,7 @@ def test_the_learner_trains_on_from_the_rolled_back_draft_with_fresh_moments(mon
     engine.run([Request([int(x) for x in rng.integers(3, 40, size=6)], 24) for _ in range(8)])
     engine.traces.flush()
     learner = Learner(draft, target, LossConfig(ttt_steps=2, tree_depth=3))
-    online = OnlineLearner(learner, buffer, EnginePublisher(engine), spec.nodes + 1,
+    online = OnlineLearner(learner, buffer, DraftChannel(engine), spec.nodes + 1,
                            OnlineConfig(batch_size=2, seq_len=16, trees_per_seq=2,
                                         min_sequences=2, every_steps=1000))
     for _ in range(3):

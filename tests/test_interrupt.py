@@ -121,7 +121,7 @@ def test_ctrl_c_stops_train_draft_between_steps_keeping_a_checkpoint(small_ckpt,
 
 def test_ctrl_c_stops_serve_with_status_130(small_ckpt, tmp_path):
     cmd = _Command(["serve", f"target={small_ckpt}", "draft=none", "spec.mode=off",
-                    "learning.mode=off", "port=0", "max_len=192", "warmup_prompt_tokens=16"],
+                    "learner.mode=off", "port=0", "max_len=192", "warmup_prompt_tokens=16"],
                    tmp_path)
     cmd.wait_for(lambda: "serving " in cmd.out.read_text(), "server")
     rc, said = cmd.interrupt()

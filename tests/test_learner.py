@@ -131,7 +131,8 @@ def test_buffer_holds_out_the_newest_sequences():
 def test_online_learner_thread_publishes_while_serving(pair, policy):
     """A learner thread trains on the traffic the engine serves and swaps drafts in while it
     serves; every request completes with the target's own greedy output."""
-    from aurora_jax.learn.online import OnlineConfig, online_engine
+    from aurora_jax.learn.online import OnlineConfig
+    from aurora_jax.stack import online_engine
 
     target, draft = pair
     learner = Learner(draft, target, LossConfig(ttt_steps=2, tree_depth=4))
@@ -234,7 +235,8 @@ def test_better_policy_rejects_a_worse_draft_and_publishes_a_better_one(copycat_
     exact draft; serving the random draft, the exact candidate is published. A comparison
     turned the wrong way, or a policy that always (or never) publishes, fails one of the
     two."""
-    from aurora_jax.learn.online import EnginePublisher, OnlineConfig, OnlineLearner
+    from aurora_jax.engine.channel import DraftChannel
+    from aurora_jax.learn.online import OnlineConfig, OnlineLearner
 
     c = copycat_engine
     engine = c["engine"]
@@ -247,7 +249,7 @@ def test_better_policy_rejects_a_worse_draft_and_publishes_a_better_one(copycat_
     for serving, candidate, better in (("exact", "useless", False), ("useless", "exact", True)):
         engine.set_draft(c[serving].state, version=0)
         learner = Learner(c[candidate], c["target"], loss)
-        online = OnlineLearner(learner, c["buffer"], EnginePublisher(engine), SPEC.nodes + 1,
+        online = OnlineLearner(learner, c["buffer"], DraftChannel(engine), SPEC.nodes + 1,
                                cfg)
         assert online.ready()
         online._maybe_publish()  # the attempt train_step makes every `every_steps` steps
@@ -267,7 +269,8 @@ def test_better_policy_rejects_a_worse_draft_and_publishes_a_better_one(copycat_
 def test_failing_learner_leaves_the_engine_serving_its_last_draft(pair):
     """A learner step that raises (say, a NaN check) ends the learner thread with a logged
     error; the engine keeps the last draft it published and keeps serving losslessly."""
-    from aurora_jax.learn.online import OnlineConfig, online_engine
+    from aurora_jax.learn.online import OnlineConfig
+    from aurora_jax.stack import online_engine
 
     target, draft = pair
     learner = Learner(draft, target, LossConfig(ttt_steps=2, tree_depth=4))
@@ -300,7 +303,8 @@ def test_interleaved_learning_raises_acceptance_on_a_short_stream(pair):
     by default): on a stream of 24 requests the draft learns and is swapped in while serving,
     so the last requests are accepted longer than the first, and every output is still the
     target's."""
-    from aurora_jax.learn.online import OnlineConfig, online_engine
+    from aurora_jax.learn.online import OnlineConfig
+    from aurora_jax.stack import online_engine
 
     target, draft = pair
     learner = Learner(draft, target, LossConfig(ttt_steps=4, lambda_discard=0.5, tree_depth=4))

@@ -20,7 +20,7 @@ from aurora_jax.config_io import load_config
 from aurora_jax.errors import ConfigError
 from aurora_jax.learn.placement import learner_devices
 from aurora_jax.run.config import RunConfig
-from aurora_jax.serve.config import ServeConfig, ServeLearning
+from aurora_jax.serve.config import ServeConfig, ServeLearner
 
 CHILD = textwrap.dedent("""
     import contextlib
@@ -32,7 +32,8 @@ CHILD = textwrap.dedent("""
     from aurora_jax.errors import ConfigError
     from aurora_jax.learn.learner import Learner
     from aurora_jax.learn.losses import LossConfig
-    from aurora_jax.learn.online import OnlineConfig, online_engine
+    from aurora_jax.learn.online import OnlineConfig
+    from aurora_jax.stack import online_engine
     from aurora_jax.learn.placement import split_meshes
     from aurora_jax.models.config import TargetConfig
     from aurora_jax.models.eagle3 import DraftConfig, init_draft
@@ -167,13 +168,13 @@ def test_device_specs_name_the_problem():
 
 
 def test_configs_take_learner_devices_and_refuse_what_cannot_place():
-    cfg = load_config(ServeConfig, None, ["learning.devices=[6, 7]", "learning.schedule=always"])
-    assert cfg.learning.devices == (6, 7)
+    cfg = load_config(ServeConfig, None, ["learner.devices=[6, 7]", "learner.schedule=always"])
+    assert cfg.learner.devices == (6, 7)
     assert load_config(RunConfig, None, ["learner.devices=[-1]"]).learner.devices == (-1,)
     with pytest.raises(ConfigError, match="mode thread"):
-        ServeLearning(mode="workdir", workdir="/tmp/w", devices=(1,))
+        ServeLearner(mode="workdir", workdir="/tmp/w", devices=(1,))
     with pytest.raises(ConfigError, match="named twice"):
-        load_config(ServeConfig, None, ["learning.devices=[1, 1]"])
+        load_config(ServeConfig, None, ["learner.devices=[1, 1]"])
     with pytest.raises(ConfigError, match="must be a list"):
         load_config(RunConfig, None, ["learner.devices=2"])
     with pytest.raises(ConfigError, match="learner.enabled false"):

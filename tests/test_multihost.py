@@ -221,11 +221,11 @@ def test_two_processes_generate_and_serve_like_one_device(chat_ckpt, tmp_path, c
     openai = pytest.importorskip("openai")
     from aurora_jax.data.tokenizer import Tokenizer
     from aurora_jax.engine.target_only import TargetGenerator
-    from aurora_jax.learn.draft_sync import DraftPublisher
-    from aurora_jax.learn.trace_store import list_shards, read_shard
     from aurora_jax.models.draft_init import warm_start
     from aurora_jax.models.loading import load_pair
     from aurora_jax.serve.loadgen import scrape
+    from aurora_jax.store.draft_store import DraftPublisher
+    from aurora_jax.store.trace_store import list_shards, read_shard
 
     draft = _warm_draft(chat_ckpt, tmp_path / "draft")
     prompts = tmp_path / "prompts.jsonl"
@@ -242,7 +242,7 @@ def test_two_processes_generate_and_serve_like_one_device(chat_ckpt, tmp_path, c
     work = tmp_path / "work"
     serve = ["serve", f"target={chat_ckpt}", "draft=warm", "draft_vocab_size=null",
              "spec.mode=tree", "spec.depth=3", "spec.topk=2", "spec.num_draft_tokens=6",
-             "window_steps=null", "learning.mode=workdir", f"learning.workdir={work}",
+             "window_steps=null", "learner.mode=workdir", f"learner.workdir={work}",
              "max_slots=2", "max_len=192", "warmup_prompt_tokens=16", "port=0",
              "model_name=tiny"]
     with _Job(CHILD, json.dumps(argvs), *serve) as job:
@@ -382,21 +382,20 @@ def test_multiprocess_run_refuses_what_would_differ_between_processes():
     make the processes take different steps; a multi-process run refuses them up front."""
     import jax
 
-    from aurora_jax.cli import _check_multiprocess_run
     from aurora_jax.engine.adaptive import AdaptiveConfig
     from aurora_jax.errors import ConfigError
-    from aurora_jax.run.config import LearnSettings, RunConfig
+    from aurora_jax.run.config import RunConfig, RunLearner
 
-    same = dict(adaptive=AdaptiveConfig(enabled=False), learner=LearnSettings(enabled=False),
+    same = dict(adaptive=AdaptiveConfig(enabled=False), learner=RunLearner(enabled=False),
                 tp=jax.device_count())
-    _check_multiprocess_run(RunConfig(**same), compare=False)
+    RunConfig(**same).check_multiprocess(False, jax.device_count())
     for change, message in [({"adaptive": AdaptiveConfig()}, "adaptive.enabled=false"),
-                            ({"learner": LearnSettings()}, "learner.enabled=false"),
+                            ({"learner": RunLearner()}, "learner.enabled=false"),
                             ({"tp": jax.device_count() + 1}, "splits the target over all")]:
         with pytest.raises(ConfigError, match=message):
-            _check_multiprocess_run(RunConfig(**{**same, **change}), compare=False)
+            RunConfig(**{**same, **change}).check_multiprocess(False, jax.device_count())
     with pytest.raises(ConfigError, match="--compare"):
-        _check_multiprocess_run(RunConfig(**same), compare=True)
+        RunConfig(**same).check_multiprocess(True, jax.device_count())
 
 
 def test_multiprocess_serve_refuses_what_would_differ_between_processes():
@@ -404,17 +403,16 @@ def test_multiprocess_serve_refuses_what_would_differ_between_processes():
     target on fewer than all devices are refused up front."""
     import jax
 
-    from aurora_jax.cli import _check_multiprocess_serve
     from aurora_jax.errors import ConfigError
-    from aurora_jax.serve.config import ServeConfig, ServeLearning
+    from aurora_jax.serve.config import ServeConfig, ServeLearner
 
-    same = dict(window_steps=None, learning=ServeLearning(mode="off"))
-    _check_multiprocess_serve(ServeConfig(**same))
-    _check_multiprocess_serve(ServeConfig(window_steps=None,
-                                          learning=ServeLearning(mode="workdir", workdir="w")))
-    _check_multiprocess_serve(ServeConfig(**same, tp=jax.device_count()))
+    same = dict(window_steps=None, learner=ServeLearner(mode="off"))
+    ServeConfig(**same).check_multiprocess(jax.device_count())
+    ServeConfig(window_steps=None, learner=ServeLearner(mode="workdir", workdir="w")
+                ).check_multiprocess(jax.device_count())
+    ServeConfig(**same, tp=jax.device_count()).check_multiprocess(jax.device_count())
     for change, message in [({"window_steps": 32}, "window_steps=null"),
-                            ({"learning": ServeLearning(mode="thread")}, "learning.mode=workdir"),
+                            ({"learner": ServeLearner(mode="thread")}, "learner.mode=workdir"),
                             ({"tp": jax.device_count() + 1}, "splits the target over all")]:
         with pytest.raises(ConfigError, match=message):
-            _check_multiprocess_serve(ServeConfig(**{**same, **change}))
+            ServeConfig(**{**same, **change}).check_multiprocess(jax.device_count())

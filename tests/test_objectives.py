@@ -1,4 +1,4 @@
-"""The objective-comparison harness (aurora_jax/run/objectives.py) on a small checkpoint: every
+"""The objective-comparison harness (experiments/objectives.py) on a small checkpoint: every
 arm trains on the same batches in the same order from the same start draft, and the report
 holds what it claims."""
 
@@ -11,8 +11,14 @@ from pathlib import Path
 import pytest
 
 from aurora_jax.errors import ConfigError
+from aurora_jax.experiments.objectives import (
+    Arm,
+    ObjectivesConfig,
+    Scenario,
+    run_objectives,
+    same_batches,
+)
 from aurora_jax.learn.losses import LossConfig
-from aurora_jax.run.objectives import Arm, ObjectivesConfig, Scenario, run_objectives, same_batches
 
 TINY = dict(draft_vocab_size=64, train_requests=3, held_out_requests=2, prompt_tokens=16,
             max_new_tokens=8, served_prompts=1, served_new_tokens=4, steps=4, eval_every=2,

@@ -28,12 +28,12 @@ def test_default_yaml_is_the_built_in_default():
 def test_learn_and_train_draft_yaml_are_their_defaults():
     from aurora_jax.config_io import load_config
     from aurora_jax.learn.offline import OfflineConfig
-    from aurora_jax.learn.remote import LearnJobConfig
+    from aurora_jax.learn_job import LearnJobConfig
 
     assert load_config(LearnJobConfig, ROOT / "configs" / "learn.yaml") == LearnJobConfig()
     assert load_config(OfflineConfig, ROOT / "configs" / "train_draft.yaml") == OfflineConfig()
     got = load_config(LearnJobConfig, None, ["online.every_steps=3", "loss.ttt_steps=2"])
-    assert (got.online.every_steps, got.loss.ttt_steps) == (3, 2)
+    assert (got.learner.online.every_steps, got.learner.loss.ttt_steps) == (3, 2)
 
 
 def test_tiny_run_writes_consistent_outputs(small_ckpt, tmp_path, monkeypatch):

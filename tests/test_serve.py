@@ -20,7 +20,7 @@ from processes import child_env
 from serving import KEY, PROMPTS
 
 from aurora_jax.engine.target_only import TargetGenerator
-from aurora_jax.serve.config import ServeConfig, ServeLearning
+from aurora_jax.serve.config import ServeConfig, ServeLearner
 from aurora_jax.serve.loadgen import scrape
 from aurora_jax.serve.text import TextStream
 from aurora_jax.speculative.config import SpecConfig
@@ -419,7 +419,7 @@ def test_sigterm_answers_in_flight_requests_and_exits_cleanly(chat_ckpt, tmp_pat
             [sys.executable, "-m", "aurora_jax.cli", "serve", "--grace", str(GRACE_S),
              f"target={chat_ckpt}", "draft=scratch", "draft_vocab_size=null",
              "spec.mode=tree", "spec.depth=3", "spec.topk=2", "spec.num_draft_tokens=6",
-             "window_steps=null", "learning.mode=off", "port=0", "max_len=512",
+             "window_steps=null", "learner.mode=off", "port=0", "max_len=512",
              "default_max_tokens=512",
              "warmup_prompt_tokens=16", "model_name=tiny"],
             stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -481,20 +481,45 @@ def test_sigterm_answers_in_flight_requests_and_exits_cleanly(chat_ckpt, tmp_pat
             proc.kill()
 
 
+def test_configs_of_before_the_stack_keys_still_load_with_a_warning(caplog):
+    """serve's `learning` is now the stack's `learner`, learn's top-level online / optimizer /
+    loss are `learner.*`: old files and overrides load to the same config, each old key named
+    in a warning with its new name; a setting given both ways is refused."""
+    from aurora_jax.config_io import load_config
+    from aurora_jax.errors import ConfigError
+    from aurora_jax.learn_job import LearnJobConfig
+
+    with caplog.at_level("WARNING"):
+        old = load_config(ServeConfig, None, ["learning.mode=off", "learning.schedule=always"])
+    assert old == load_config(ServeConfig, None, ["learner.mode=off",
+                                                  "learner.schedule=always"])
+    assert old.learner.mode == "off" and old.learner.schedule == "always"
+    assert "'learning' is deprecated; use 'learner'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        old = load_config(LearnJobConfig, None, ["online.every_steps=3", "loss.ttt_steps=2",
+                                                 "learner.optimizer.learning_rate=0.01"])
+    assert (old.learner.online.every_steps, old.learner.loss.ttt_steps,
+            old.learner.optimizer.learning_rate) == (3, 2, 0.01)
+    assert "'online' is deprecated; use 'learner.online'" in caplog.text
+    with pytest.raises(ConfigError, match="both set"):
+        load_config(ServeConfig, None, ["learning.mode=off", "learner.mode=thread"])
+
+
 def test_serve_config_refuses_bad_settings():
     from aurora_jax.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="learning"):
+    with pytest.raises(ConfigError, match="learner"):
         ServeConfig(draft="none", spec=SpecConfig(mode="off"))
     with pytest.raises(ConfigError, match="workdir"):
-        ServeLearning(mode="workdir")
+        ServeLearner(mode="workdir")
     with pytest.raises(ConfigError, match="port"):
         ServeConfig(port=70000)
     from aurora_jax.config_io import load_config
 
     # YAML 1.1 reads a bare `off` as false: a Literal field with "off" takes it back.
-    cfg = load_config(ServeConfig, None, ["draft=none", "spec.mode=off", "learning.mode=off"])
-    assert (cfg.spec.mode, cfg.learning.mode) == ("off", "off")
+    cfg = load_config(ServeConfig, None, ["draft=none", "spec.mode=off", "learner.mode=off"])
+    assert (cfg.spec.mode, cfg.learner.mode) == ("off", "off")
     root = Path(__file__).parents[1]
     assert load_config(ServeConfig, root / "configs" / "serve.yaml") == ServeConfig()
 
@@ -527,7 +552,7 @@ def test_the_draft_learns_while_serving_and_swaps_stay_lossless(chat_ckpt):
     cfg = ServeConfig(target=str(chat_ckpt), draft="scratch", draft_vocab_size=None,
                       spec=SpecConfig(mode="chain", depth=3), max_slots=2, max_len=160,
                       port=0, model_name="tiny", window_steps=None, warmup_prompt_tokens=16,
-                      learning=ServeLearning(mode="thread", online=OnlineConfig(
+                      learner=ServeLearner(mode="thread", online=OnlineConfig(
                           batch_size=2, seq_len=16, trees_per_seq=2, min_sequences=2,
                           every_steps=2)))
     server = Server(cfg, chat_ckpt)
@@ -569,7 +594,7 @@ def test_the_adaptive_policy_switches_engines_losslessly_and_decides_from_what_i
     cfg = ServeConfig(target=str(chat_ckpt), draft="scratch", draft_vocab_size=None,
                       spec=SpecConfig(mode="chain", depth=3), adaptive=adaptive, window_steps=4,
                       max_slots=3, max_len=160, port=0, model_name="tiny", warmup_prompt_tokens=16,
-                      learning=ServeLearning(mode="off"))
+                      learner=ServeLearner(mode="off"))
     server = Server(cfg, chat_ckpt)
     loop = server.loop
     assert list(server.engines) == ["spec", "alt1", "off"]

@@ -8,16 +8,16 @@ from __future__ import annotations
 import pytest
 from serving import PROMPTS
 
-from aurora_jax.serve.config import ServeConfig, ServeLearning
-from aurora_jax.serve.soak import SoakConfig, failures, run_soak, table
+from aurora_jax.serve.config import ServeConfig, ServeLearner
 from aurora_jax.speculative.config import SpecConfig
+from aurora_jax.testing.soak import SoakConfig, failures, run_soak, table
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_short_soak_serves_nothing_wrong_and_loses_nothing(chat_ckpt, tmp_path):
     serve = ServeConfig(target=str(chat_ckpt), draft="scratch", draft_vocab_size=None,
                         spec=SpecConfig(mode="tree", depth=3, topk=2, num_draft_tokens=6),
-                        max_slots=4, max_len=96, learning=ServeLearning(mode="workdir",
+                        max_slots=4, max_len=96, learner=ServeLearner(mode="workdir",
                                                                         workdir="unused"))
     cfg = SoakConfig(duration_s=60, rate=3.0, max_tokens=16, cancel_every=5,
                      learner_kill_every_s=30, bad_draft_every_s=10, disk_full_at_s=(15.0,),

@@ -20,20 +20,22 @@ from spec_models import random_pair, swap_state, tiny_cfg
 from aurora_jax.engine.engine import Request
 from aurora_jax.engine.target_only import TargetGenerator
 from aurora_jax.errors import ConfigError
-from aurora_jax.learn import kvstore, trace_store
 from aurora_jax.learn.buffer import TracedSequence, VerifiedTree
-from aurora_jax.learn.draft_sync import (
+from aurora_jax.learn.learner import Learner
+from aurora_jax.learn.online import OnlineConfig
+from aurora_jax.learn.remote import run_learner
+from aurora_jax.serve.config import ServeLearner
+from aurora_jax.speculative.config import SpecConfig
+from aurora_jax.stack import shared_engine
+from aurora_jax.store import kvstore, trace_store
+from aurora_jax.store.draft_store import (
     DraftPublisher,
     DraftWatcher,
     list_versions,
     restore_draft,
 )
-from aurora_jax.learn.learner import Learner
-from aurora_jax.learn.online import OnlineConfig
-from aurora_jax.learn.remote import run_learner, shared_engine, workdir_paths
-from aurora_jax.learn.trace_store import StoredTraces, TraceFollower, TraceStore, list_shards
-from aurora_jax.serve.config import ServeLearning
-from aurora_jax.speculative.config import SpecConfig
+from aurora_jax.store.trace_store import StoredTraces, TraceFollower, TraceStore, list_shards
+from aurora_jax.store.workdir import workdir_paths
 
 SPEC = SpecConfig(mode="tree", depth=3, topk=2, num_draft_tokens=5)
 _fresh = itertools.count()
@@ -160,8 +162,8 @@ def test_a_typo_in_the_scheme_is_refused_naming_the_url(bad):
         with pytest.raises(ConfigError) as e:
             make()
         assert repr(bad) in str(e.value)
-    with pytest.raises(ConfigError, match="learning.workdir") as e:
-        ServeLearning(mode="workdir", workdir=bad)
+    with pytest.raises(ConfigError, match="learner.workdir") as e:
+        ServeLearner(mode="workdir", workdir=bad)
     if "://" not in bad or bad.split("://")[0] not in kvstore.SCHEMES:
         assert "gs://" in str(e.value) and "memory://" in str(e.value)
 
@@ -180,8 +182,8 @@ def test_a_bucket_url_names_its_driver_bucket_and_path(url, driver):
 
 def test_a_server_refuses_a_workdir_no_learner_process_can_reach():
     with pytest.raises(ConfigError, match="memory://x/work"):
-        ServeLearning(mode="workdir", workdir="memory://x/work")
-    assert ServeLearning(mode="workdir", workdir="gs://bucket/work").workdir == \
+        ServeLearner(mode="workdir", workdir="memory://x/work")
+    assert ServeLearner(mode="workdir", workdir="gs://bucket/work").workdir == \
         "gs://bucket/work"
 
 
@@ -287,10 +289,10 @@ def test_a_rejection_note_written_through_a_url_reaches_the_learner(location):
     pub.publish(good)
     pub.publish(bad)
 
-    class Serving:  # the part of an engine a watcher's refusal touches
-        draft_version = 1
+    class Channel:  # the part of a draft channel a watcher's refusal touches
+        version = 1
 
-    DraftWatcher(Serving(), location).refuse(2, "acceptance collapsed")
+    DraftWatcher(Channel(), location).refuse(2, "acceptance collapsed")
     (version, state), = pub.take_rejections()
     assert version == 2 and _equal(state, good)
     assert DraftPublisher(location, draft.state).resume()[0] == 1
@@ -301,7 +303,7 @@ def test_the_learners_ctrl_c_line_names_a_url_workdir_as_given():
     URL's own form (a path join would fold the scheme's // into /)."""
     from types import SimpleNamespace
 
-    from aurora_jax.cli import _published
+    from aurora_jax.learn_job import published as _published
 
     online = SimpleNamespace(publisher=SimpleNamespace(version=0), published=0)
     assert _published(online, "gs://bucket/work").endswith("stay in gs://bucket/work/traces")

@@ -142,7 +142,7 @@ def test_a_block_too_large_for_vmem_is_refused_and_the_default_fits(name, limit_
 
 
 def test_the_learner_step_compiles_on_chips_of_its_own():
-    """The online learner's train step (`learning.devices`: two chips beside the two that
+    """The online learner's train step (`learner.devices`: two chips beside the two that
     serve) compiles for TPU; it runs on the learner's chips only, its batch split between
     them, the draft's state and the target's embedding and lm_head whole on each."""
     topo = tc.Topology.parse("v5e:2x2/tp2+learner2")

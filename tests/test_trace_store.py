@@ -13,14 +13,14 @@ from spec_models import random_pair, tiny_cfg
 from aurora_jax.engine.engine import Engine, Request
 from aurora_jax.errors import ConfigError
 from aurora_jax.learn.buffer import TraceAssembler
-from aurora_jax.learn.trace_store import (
+from aurora_jax.speculative.config import SpecConfig
+from aurora_jax.store.trace_store import (
     StoredTraces,
     TraceFollower,
     TraceStore,
     list_shards,
     replay_dataset,
 )
-from aurora_jax.speculative.config import SpecConfig
 
 SPEC = SpecConfig(mode="tree", depth=3, topk=2, num_draft_tokens=5)
 
@@ -139,7 +139,7 @@ def test_a_full_disk_costs_traces_not_memory_nor_half_shards(served, tmp_path, m
     import dataclasses
     import errno
 
-    from aurora_jax.learn import kvstore, trace_store
+    from aurora_jax.store import kvstore, trace_store
 
     _, kept = served
     with pytest.raises(ConfigError, match="max_pending >= sequences_per_shard"):

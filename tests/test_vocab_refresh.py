@@ -15,7 +15,7 @@ from aurora_jax.engine.engine import Request
 from aurora_jax.engine.target_only import TargetGenerator
 from aurora_jax.learn.learner import Learner
 from aurora_jax.learn.losses import LossConfig
-from aurora_jax.learn.online import OnlineConfig, online_engine
+from aurora_jax.learn.online import OnlineConfig
 from aurora_jax.learn.vocab_refresh import (
     VocabRefreshConfig,
     choose_vocab,
@@ -25,6 +25,7 @@ from aurora_jax.learn.vocab_refresh import (
 )
 from aurora_jax.models.eagle3 import DraftConfig, init_draft
 from aurora_jax.speculative.config import SpecConfig
+from aurora_jax.stack import online_engine
 
 SPEC = SpecConfig(mode="tree", depth=4, topk=3, num_draft_tokens=8)
 VOCAB, DRAFT_VOCAB = 40, 12

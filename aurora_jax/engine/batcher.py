@@ -25,17 +25,34 @@ from __future__ import annotations
 import collections
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from aurora_jax.distributed import to_host
-from aurora_jax.engine.step import DecodeState, StepOutput
+from aurora_jax.engine.step import DecodeState, Prefix, StepOutput
 from aurora_jax.engine.trace import EndTrace, PrefillTrace, TraceEmitter, VerifyTrace
 from aurora_jax.sampling import SamplingParams
 
-if TYPE_CHECKING:
-    from aurora_jax.engine.engine import Engine
+
+class Stepper(Protocol):
+    """What a batcher drives: the compiled programs of one engine (engine/engine.Engine)."""
+
+    max_slots: int
+    eos_set: frozenset[int]
+    traces: TraceEmitter | None
+    last_step_version: int
+
+    def check_request(self, r: Request) -> None: ...
+
+    def prefill(self, prompts: list[list[int]], sampling: list[SamplingParams]) -> Prefix: ...
+
+    def insert(self, prefix: Prefix, state: DecodeState, slots: list[int],
+               max_new: list[int], sampling: list[SamplingParams]) -> DecodeState: ...
+
+    def generate(self, state: DecodeState) -> tuple[DecodeState, StepOutput]: ...
+
+    def deactivate(self, state: DecodeState, slot: int) -> DecodeState: ...
 
 
 def acceptance_length(accepted: int, steps: int) -> float | None:
@@ -97,7 +114,7 @@ class _InFlight:
 class Batcher:
     """Admission queue, slot table and one-step-late reads for one engine."""
 
-    def __init__(self, engine: Engine, state: DecodeState,
+    def __init__(self, engine: Stepper, state: DecodeState,
                  on_result: Callable[[RequestResult], None] | None = None,
                  on_tokens: Callable[[RequestResult], None] | None = None):
         self.engine, self.state, self.on_result = engine, state, on_result
@@ -167,8 +184,10 @@ class Batcher:
             self.absorb(self._in_flight)
         self._in_flight = dispatched
 
-    def run_until_idle(self) -> None:
+    def run_until_idle(self, before_step: Callable[[], object] | None = None) -> None:
         while not self.idle:
+            if before_step is not None:
+                before_step()
             self.step()
 
     # ---- the named parts of a step ---------------------------------------------------------

@@ -108,7 +108,6 @@ class Engine:
             lambda state, slot: dataclasses.replace(state, active=state.active.at[slot].set(False)),
             donate_argnums=(0,))
         self._programs: dict[tuple, jax.stages.Compiled] = {}  # (name, shape bucket) -> program
-        self.swapped_at: float | None = None  # perf_counter() of the last set_draft
 
     # ---- JetStream-style API -------------------------------------------------------------
 
@@ -212,14 +211,14 @@ class Engine:
 
     def set_draft(self, draft_state, version: int | None = None) -> None:
         """Hot swap: the next step uses `draft_state` (same structure, shapes, dtypes).
-        Safe to call from another thread (a learner's) while the engine serves."""
+        Safe to call from another thread while the engine serves. Everything that swaps drafts
+        goes through the draft channel (engine/channel.py), its only caller."""
         if self.draft is None:
             raise ConfigError("this engine was built without a draft; nothing to swap")
         if not same_layout(self.draft_state, draft_state):
             raise ConfigError("new draft params differ in structure, shape or dtype from the "
                               "serving draft; a swap would recompile")
         self._serving = (draft_state, self.draft_version + 1 if version is None else version)
-        self.swapped_at = time.perf_counter()
 
     def deactivate(self, state: step.DecodeState, slot: int) -> step.DecodeState:
         """Marks `slot` idle (a cancelled request): the next step leaves it alone."""
@@ -254,15 +253,17 @@ class Engine:
                             "recent_next": state.recent_next}
 
     def run(self, requests: Sequence[Request],
-            on_result: Callable[[RequestResult], None] | None = None) -> RunResult:
-        """Serves every request with continuous batching; results in request order."""
+            on_result: Callable[[RequestResult], None] | None = None,
+            before_step: Callable[[], object] | None = None) -> RunResult:
+        """Serves every request with continuous batching; results in request order.
+        `before_step` runs at every step boundary (the draft channel's `apply`)."""
         for r in requests:
             self.check_request(r)
         compile_before, t0 = self.compile_s, time.perf_counter()
         loop = self.batcher(on_result)
         for r in requests:
             loop.submit(r)
-        loop.run_until_idle()
+        loop.run_until_idle(before_step)
         wall = time.perf_counter() - t0
         compile_s = self.compile_s - compile_before
         self.keep_recent(loop.state)

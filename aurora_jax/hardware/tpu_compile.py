@@ -111,7 +111,7 @@ class Topology:
     tp: int = 1
     """Tensor-parallel degree: heads and MLP units split over tp chips."""
     learner: int = 0
-    """Chips of the learner's own (`learning.devices`), after the serving dp * tp chips; the
+    """Chips of the learner's own (`learner.devices`), after the serving dp * tp chips; the
     learner's batch is split over them. 0: the learner shares the serving chips."""
 
     @classmethod

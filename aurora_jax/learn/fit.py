@@ -1,7 +1,7 @@
 """A resumable training loop: a jitted step over an explicit `TrainState`, checkpointed.
 
 Used by `train-draft` (learn/offline.py) and by `prepare --recipe scratch`, which pretrains the
-small built-in target (learn/train_target.py). The loop saves orbax checkpoints of the train
+small built-in target (builtin/train_target.py). The loop saves orbax checkpoints of the train
 state together with the grain iterator's position and the loss history, so an interrupted run
 resumes where it stopped and sees the same batches it would have seen. The host reads each
 step's loss one step late, so the loop never waits on the device.

@@ -27,6 +27,7 @@ from aurora_jax.learn.losses import LearnBatch, LossConfig, draft_loss
 from aurora_jax.learn.optimizer import OptimizerSettings, make_optimizer
 from aurora_jax.learn.vocab_refresh import VocabChange, remap_learner
 from aurora_jax.models.eagle3 import Draft
+from aurora_jax.models.sharding import move_tree
 from aurora_jax.models.transformer import Target
 
 
@@ -114,7 +115,7 @@ class Learner:
         copied device to device; as it is without a mesh of the learner's own."""
         if self.mesh is None:
             return tree
-        return placement.move_tree(tree, placement.replicated(self.mesh))
+        return move_tree(tree, placement.replicated(self.mesh))
 
     def batch_sharding(self, batch_size: int) -> jax.sharding.Sharding | None:
         """Where a batch of `batch_size` sequences goes (None: the default device)."""

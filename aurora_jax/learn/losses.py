@@ -5,7 +5,7 @@
         (+ tv_weight * the same weighted sum of total variation, if asked)
 
 lambda_discard defaults to 0: on SmolLM2 no rejected-node variant learned faster per
-learner-second than the first term alone (README, "Learning objectives").
+learner-second than the first term alone (docs/objectives.md).
 
 First term: EAGLE-3's training-time test (Li et al. 2025, "EAGLE-3: Scaling up Inference
 Acceleration of Large Language Models via Training-Time Test", arXiv 2503.01840). Row j of a
@@ -58,7 +58,7 @@ class LossConfig:
     """w: step k of the unroll weighs w^(k-1)."""
     lambda_discard: float = 0.0
     """Weight of the rejected-node term (0, the default: the plain EAGLE-3 loss, which learned
-    fastest per learner-second in every scenario measured on SmolLM2; see the README)."""
+    fastest per learner-second in every scenario measured on SmolLM2; docs/objectives.md)."""
     discard: DiscardObjective = "unlikelihood"
     """The rejected-node objective: kl (target vs draft at the node; the paper's), tv (total
     variation there: the rejection probability of speculative sampling) or unlikelihood

@@ -187,3 +187,22 @@ def train_draft(target: Target, tokenizer: Tokenizer, texts: list[str], out: str
             "steps": int(result.state.step), "final_loss": result.losses[-1] if result.losses
             else None, **dataclasses.asdict(cfg)}, indent=2))
     return trained
+
+
+def corpus_of(cfg: OfflineConfig) -> list[str]:
+    """The texts `cfg.data` names (`aurora-jax train-draft` reads them before it loads
+    anything); ConfigError when there is none."""
+    if cfg.data is None:
+        raise ConfigError("train-draft needs a corpus: data=PATH (a text file, a directory of "
+                          ".py/.txt/.md/.rst files, or a JSONL file with a \"text\" field)")
+    return read_corpus(cfg.data)
+
+
+def train_draft_for(target_dir: str | Path, texts: list[str], out: str | Path,
+                    cfg: OfflineConfig) -> Path:
+    """`train_draft` for the checkpoint in `target_dir`; returns the draft's directory."""
+    from aurora_jax.models.hf_io import load_target
+
+    target = load_target(target_dir, dtype=cfg.dtype)
+    train_draft(target, Tokenizer.load(target_dir), texts, out, cfg)
+    return Path(out) / "draft"

@@ -6,11 +6,12 @@ The thread samples fixed-shape batches from a TraceBuffer, steps the learner, an
 "better" first scores the candidate and the serving draft on the newest `holdout` sequences,
 which training batches never draw, and publishes only a candidate at least as good (simulated
 acceptance length). Where the draft goes is the publisher's business:
-- in one process (`EnginePublisher`), the buffer is fed by the engine's trace sink and a
-  publication is one attribute assignment in the engine, picked up at the next step boundary:
-  no pause, no recompilation. The learner may train on devices of its own (learn/placement.py):
-  a publication then copies the draft device to device onto the serving draft's shardings;
-- across processes (`draft_sync.DraftPublisher`), the buffer is fed by a `TraceFollower`
+- in one process (the engines' draft channel, engine/channel.py), the buffer is fed by the
+  engines' trace sink and a publication is an offer that the channel swaps in at the next step
+  boundary: no pause, no recompilation. The learner may train on devices of its own
+  (learn/placement.py): the channel then copies the draft device to device onto the serving
+  draft's shardings;
+- across processes (`draft_store.DraftPublisher`), the buffer is fed by a `TraceFollower`
   over the engine's trace store and a publication is a versioned orbax checkpoint that the
   engine's `DraftWatcher` restores and swaps in.
 A failing learner step is logged and ends the thread; the engine keeps its last good draft.
@@ -30,10 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from aurora_jax.engine.engine import Engine
-from aurora_jax.errors import ConfigError, DraftRefused, SwapError
-from aurora_jax.learn import placement
-from aurora_jax.learn.buffer import TraceAssembler, TraceBuffer
+from aurora_jax.errors import ConfigError, DraftRefused
+from aurora_jax.learn.buffer import TraceBuffer
 from aurora_jax.learn.learner import Learner
 from aurora_jax.learn.losses import draft_loss
 from aurora_jax.learn.vocab_refresh import (
@@ -43,7 +42,6 @@ from aurora_jax.learn.vocab_refresh import (
     draft_ids,
     outside_share,
 )
-from aurora_jax.models.eagle3 import draft_problem, same_layout
 
 log = logging.getLogger(__name__)
 
@@ -90,48 +88,8 @@ class OnlineConfig:
         return self.holdout if self.policy == "better" else 0
 
 
-class EnginePublisher:
-    """Publishes into engines in the same process (several when one draft serves several
-    speculation settings; they all take each version)."""
-
-    def __init__(self, *engines: Engine):
-        self.engines = engines
-        self._last = engines[0].draft_version  # versions are never reused, rollbacks or not
-
-    @property
-    def version(self) -> int:
-        return self.engines[0].draft_version
-
-    def serving(self):
-        return self.engines[0].draft_state
-
-    def publish(self, state, meta: dict | None = None, learner=None) -> int:
-        """Swaps `state` in as the next version (`meta` and the learner's training state
-        `learner` are for publishers that persist them; in one process the learner lives on),
-        first copied device to device onto the serving draft's own shardings wherever it lives
-        (a learner's devices), so the engine's compiled steps take it unchanged. Raises
-        DraftRefused for a draft that must not serve (non-finite, zeroed, stale:
-        models/eagle3.draft_problem) and SwapError if an engine still serves another draft
-        afterwards (a swap that silently did not take, SGLang #27718)."""
-        serving = self.serving()
-        if same_layout(state, serving):  # (otherwise draft_problem says why it cannot serve)
-            state = placement.like(state, serving)
-        problem = draft_problem(state, serving)
-        if problem is not None:
-            raise DraftRefused(f"draft not published: {problem}")
-        version = max(self._last, self.version) + 1
-        for e in self.engines:
-            e.set_draft(state, version=version)
-        for e in self.engines:
-            if e.draft_version != version or e.draft_state is not state:
-                raise SwapError(f"the swap to draft version {version} did not take: the engine "
-                                f"serves version {e.draft_version}")
-        self._last = version
-        return version
-
-
 class OnlineLearner:
-    """Trains on what `buffer` receives and hands drafts to `publisher` (an `EnginePublisher`
+    """Trains on what `buffer` receives and hands drafts to `publisher` (a `DraftChannel`
     or a `DraftPublisher`); trees of `tree_size` nodes (the engine's spec.nodes + 1) feed the
     rejected-node term; `keep_ids` (the stop tokens) stay in every draft vocabulary it
     chooses. `start()`, then serve; `stop()` when done."""
@@ -290,14 +248,3 @@ class OnlineLearner:
             return
         self.published += 1
         self.buffer.drop_stale(version)
-
-
-def online_engine(target, draft, spec, learner: Learner, cfg: OnlineConfig = OnlineConfig(),
-                  buffer: TraceBuffer | None = None, **engine_kwargs):
-    """An engine whose traces feed a buffer, and the OnlineLearner over both (not started)."""
-    if draft is None:
-        raise ConfigError("online learning needs a draft (say a scratch one) to train")
-    buffer = TraceBuffer() if buffer is None else buffer
-    engine = Engine(target, draft, spec, trace_sink=TraceAssembler(buffer.add), **engine_kwargs)
-    return engine, OnlineLearner(learner, buffer, EnginePublisher(engine), spec.nodes + 1, cfg,
-                                 keep_ids=engine.eos_ids)

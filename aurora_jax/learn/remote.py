@@ -1,18 +1,19 @@
 """The online loop split across two processes that share a workdir (Aurora's disaggregated
 placement: the learner need not share the engine's devices or host). A workdir is a local
-directory or a kvstore URL (learn/kvstore.py: file://, gs://, s3://, memory://), so the two
+directory or a kvstore URL (store/kvstore.py: file://, gs://, s3://, memory://), so the two
 may run on hosts that share nothing but a bucket:
 
-    <workdir>/traces   the engine writes finished sequences here (trace_store)
-    <workdir>/drafts   the learner publishes versioned drafts here (draft_sync)
+    <workdir>/traces   the engine writes finished sequences here (store/trace_store.py)
+    <workdir>/drafts   the learner publishes versioned drafts here (store/draft_store.py)
     <workdir>/engine.json   the engine's speculation setting (the learner's tree size)
 
-Engine side: `shared_engine(...)` builds an Engine whose traces go to the store and starts a
-DraftWatcher that swaps each new good version in. Learner side: `run_learner(...)` follows the
-store into a TraceBuffer and runs the same OnlineLearner as the in-process mode, publishing
-through a DraftPublisher, each draft with the learner's training state; restarted on the same
-workdir (after a SIGKILL, say) it resumes from the newest published draft the engine did not
-roll back, with the optimizer moments and step saved beside it. A version the engine's collapse
+Engine side: a stack built with learning "workdir" (aurora_jax/stack.py) writes its traces to
+the store, and a DraftWatcher offers each new good version to its draft channel. Learner side:
+`run_learner(...)` follows the store into a TraceBuffer and runs the same OnlineLearner as the
+in-process mode, publishing through a DraftPublisher, each draft with the learner's training
+state; restarted on the same workdir (after a SIGKILL, say) it resumes from the newest
+published draft the engine did not roll back, with the optimizer moments and step saved
+beside it. A version the engine's collapse
 guard rolled back (`<workdir>/drafts/rejected/`) sends the running learner back to the newest
 good draft. Either side may die without taking the other down: a dead learner leaves the engine
 serving its last good draft; a dead engine leaves the learner waiting for traces.
@@ -25,74 +26,18 @@ import logging
 import time
 from collections.abc import Callable
 
-from aurora_jax.engine.engine import Engine
-from aurora_jax.errors import ConfigError
-from aurora_jax.learn import kvstore
-from aurora_jax.learn.buffer import TraceAssembler, TraceBuffer
-from aurora_jax.learn.draft_sync import DraftPublisher, DraftWatcher
+from aurora_jax.learn.buffer import TraceBuffer
 from aurora_jax.learn.learner import DEFAULT_OPTIMIZER, Learner
 from aurora_jax.learn.losses import LossConfig
 from aurora_jax.learn.online import OnlineConfig, OnlineLearner
 from aurora_jax.learn.optimizer import OptimizerSettings
-from aurora_jax.learn.trace_store import TraceFollower, TraceStore
-from aurora_jax.models.config import DtypeName
 from aurora_jax.models.eagle3 import Draft
+from aurora_jax.store import kvstore
+from aurora_jax.store.draft_store import DraftPublisher
+from aurora_jax.store.trace_store import TraceFollower
+from aurora_jax.store.workdir import ENGINE_KEY, workdir_paths
 
 log = logging.getLogger(__name__)
-
-
-ENGINE_KEY = "engine.json"
-
-
-def workdir_paths(workdir: kvstore.Location) -> tuple[str, str]:
-    """(traces, drafts): the two stores of a workdir, in its own form (paths or URLs);
-    ConfigError for a location that is neither a path nor a supported URL."""
-    return kvstore.join(workdir, "traces"), kvstore.join(workdir, "drafts")
-
-
-def shared_engine(target, draft: Draft, spec, workdir: kvstore.Location, *, poll_s: float = 1.0,
-                  sequences_per_shard: int = 8, stage: bool = False, **engine_kwargs):
-    """(engine, store, watcher): an engine whose traces go to `workdir`/traces and whose draft
-    follows `workdir`/drafts; the watcher is started (with `stage`, it only stages each new
-    draft for a multi-process serving loop to swap in: learn/draft_sync.DraftWatcher). Call
-    `store.flush()` (after `engine.traces.flush()`) and `watcher.stop()` when done."""
-    if draft is None:
-        raise ConfigError("a shared workdir needs a draft for the learner to train")
-    traces, drafts = workdir_paths(workdir)
-    store = TraceStore(traces, sequences_per_shard)
-    # The learner's tree size is the primary setting's, whatever other engines (target-only,
-    # prompt lookup) also write to the store. One key, written whole.
-    kvstore.write_json(kvstore.open_store(workdir), ENGINE_KEY,
-                       {"tree_size": spec.nodes + 1, "spec": dataclasses.asdict(spec)})
-    engine = Engine(target, draft, spec, trace_sink=TraceAssembler(store.add), **engine_kwargs)
-    watcher = DraftWatcher(engine, drafts, poll_s, stage=stage)
-    watcher.poll()  # a learner that already published: start from its newest draft
-    return engine, store, watcher.start()
-
-
-@dataclasses.dataclass(frozen=True)
-class LearnJobConfig:
-    """`aurora-jax learn --workdir DIR --config YAML key=value ...`: a learner process that
-    trains on the traces an engine writes to DIR (a directory or a kvstore URL) and publishes
-    drafts there."""
-
-    target: str = "builtin"
-    """The engine's target: "builtin", "builtin-scratch", a checkpoint directory or a .gguf."""
-    draft: str = "scratch"
-    """The starting draft, the same the engine starts from: "scratch", "warm" or an EAGLE-3
-    directory; a workdir with published drafts resumes from the newest."""
-    draft_vocab_size: int | None = 8192
-    """A scratch or warm draft's head rows (engine and learner must agree; None: all)."""
-    dtype: DtypeName = "auto"
-    """Parameter dtype; auto: float32 on CPU, bfloat16 on GPU/TPU (models/config.device_dtype)."""
-    seed: int = 0
-    """Seeds a scratch draft (the engine's must match)."""
-    online: OnlineConfig = OnlineConfig()
-    """Batches and publications (learn/online.py)."""
-    optimizer: OptimizerSettings = OptimizerSettings()
-    """AdamW and its schedule (learn/optimizer.py)."""
-    loss: LossConfig = LossConfig()
-    """The draft objective (learn/losses.py)."""
 
 
 def run_learner(target, draft: Draft, workdir: kvstore.Location, cfg: OnlineConfig | None = None,

@@ -312,32 +312,3 @@ class TokenizerSpec:
         if self.chat_template:
             cfg["chat_template"] = self.chat_template
         return cfg
-
-
-def convert_gguf(gguf_path: str | Path, out: str | Path, *, dtype: str = "float32",
-                 progress: bool = False) -> Path:
-    """Writes a GGUF target as a Hugging Face checkpoint directory (config.json,
-    generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json) that
-    transformers and `load_target` read. The directory appears complete or not at all."""
-    import json
-    import os
-    import shutil
-
-    from aurora_jax.models.hf_io import load_target, save_target
-
-    out = Path(out)
-    ckpt = GGUFCheckpoint(gguf_path)
-    spec = ckpt.tokenizer_spec()  # checked before any weight is read
-    target = load_target(gguf_path, dtype=dtype, progress=progress)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save_target(tmp, target.cfg, target.state, dtype=dtype)
-        spec.build().save(str(tmp / "tokenizer.json"))
-        (tmp / "tokenizer_config.json").write_text(json.dumps(spec.tokenizer_config(), indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out

@@ -13,7 +13,10 @@ the processes left out could neither run its steps nor read their results.
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -96,3 +99,58 @@ def shard_state(state, mesh: Mesh):
         return jax.device_put(x, param_sharding(mesh, state_path(kp), x.shape))
 
     return jax.tree_util.tree_map_with_path(place, state)
+
+
+def _index_key(index: tuple[slice, ...]) -> tuple:
+    return tuple((s.start, s.stop, s.step) for s in index)
+
+
+def move(x: jax.Array, sharding: jax.sharding.Sharding) -> jax.Array:
+    """`x` placed by `sharding`, by device-to-device copies only. `jax.device_put` does that
+    itself when every shard the destination wants is whole on some source device (a
+    replicated or one-device source, the same split on other devices); a shard that the
+    source splits over several devices (a tp-sharded embedding going to a replicated learner)
+    it would assemble on the host, so such an array is first assembled on one destination
+    device from its shards. An array placed so already is returned as it is."""
+    if x.sharding.is_equivalent_to(sharding, x.ndim):
+        return x
+    have = {_index_key(i) for i in x.sharding.devices_indices_map(x.shape).values()}
+    want = {_index_key(i) for i in sharding.devices_indices_map(x.shape).values()}
+    if want <= have:
+        return jax.device_put(x, sharding)
+    first = next(iter(sharding.devices_indices_map(x.shape)))  # its first device
+    pieces: dict[tuple, jax.Array] = {}
+    for shard in x.addressable_shards:
+        key = _index_key(shard.index)
+        if key not in pieces:
+            pieces[key] = jax.device_put(shard.data, first)
+    whole = _assemble(x.shape, tuple(pieces), tuple(pieces.values()))
+    return jax.device_put(whole, sharding)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _assemble(shape: tuple[int, ...], keys: tuple, pieces: tuple[jax.Array, ...]) -> jax.Array:
+    """The array of `shape` whose blocks at `keys` (slice triples) are `pieces`, all on one
+    device (built there: no constant comes from the host)."""
+    whole = jnp.zeros(shape, pieces[0].dtype)
+    for key, piece in zip(keys, pieces, strict=True):
+        whole = whole.at[tuple(slice(*k) for k in key)].set(piece)
+    return whole
+
+
+def move_tree(tree, sharding: jax.sharding.Sharding):
+    """Every leaf of `tree` placed by `sharding` (device to device)."""
+    return jax.tree.map(lambda x: move(x, sharding), tree)
+
+
+def place_like(tree, reference):
+    """`tree` placed leaf by leaf as `reference` (same structure) is placed: host (numpy)
+    leaves put on the reference's shardings (in a multi-process job every process passes the
+    same values), device arrays moved there device to device (`move`); `tree` itself if it is
+    placed so already (shardings that place every shard alike count as the same)."""
+    pairs = list(zip(jax.tree.leaves(tree), jax.tree.leaves(reference), strict=True))
+    if all(isinstance(x, jax.Array) and x.sharding.is_equivalent_to(r.sharding, x.ndim)
+           for x, r in pairs):
+        return tree
+    return jax.tree.map(lambda x, r: move(x, r.sharding) if isinstance(x, jax.Array)
+                        else jax.device_put(x, r.sharding), tree, reference)

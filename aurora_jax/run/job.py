@@ -33,19 +33,13 @@ import numpy as np
 from aurora_jax import interrupt
 from aurora_jax.data.scenarios import build_scenario
 from aurora_jax.data.tokenizer import Tokenizer
-from aurora_jax.data.vocab import scratch_draft_vocab
-from aurora_jax.engine.adaptive import UtilityMonitor, spec_modes
+from aurora_jax.engine.adaptive import UtilityMonitor
 from aurora_jax.engine.batcher import acceptance_length
 from aurora_jax.engine.engine import Engine, Request
-from aurora_jax.learn.buffer import TraceAssembler, TraceBuffer
-from aurora_jax.learn.learner import Learner
-from aurora_jax.learn.online import EnginePublisher, OnlineLearner
-from aurora_jax.learn.placement import split_meshes
+from aurora_jax.learn.online import OnlineLearner
 from aurora_jax.models.eagle3_io import save_draft
-from aurora_jax.models.loading import load_pair
-from aurora_jax.models.sharding import make_mesh
 from aurora_jax.run.config import RunConfig
-from aurora_jax.speculative.config import SpecConfig
+from aurora_jax.stack import build_stack
 
 
 def new_run_dir(root: str | Path = "runs") -> Path:
@@ -80,29 +74,15 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
     stream = build_scenario(cfg.scenario, tok.encode, chat)  # bad input fails here, early
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    mesh = make_mesh(tp=cfg.tp) if cfg.tp > 1 else None
-    learner_mesh = None
-    if cfg.learner.devices is not None:  # the target serves on the other devices
-        mesh, learner_mesh = split_meshes(cfg.learner.devices, cfg.tp)
-    target, draft = load_pair(target_dir, None if cfg.draft == "none" else cfg.draft,
-                              dtype=cfg.dtype, seed=cfg.seed, mesh=mesh,
-                              draft_vocab=scratch_draft_vocab(cfg.draft_vocab_size, tok))
-    eos = tok.stop_ids(target.cfg.eos_token_ids)
     max_len = max(len(r.prompt) for r in stream) + cfg.scenario.max_new_tokens
-    buffer = TraceBuffer()
-    sink = TraceAssembler(buffer.add) if cfg.learner.enabled else None
-    kw: dict = dict(max_slots=cfg.max_slots, max_len=max_len, eos_ids=eos, seed=cfg.seed,
-                    trace_sink=sink)
-    specs = spec_modes(cfg.spec, cfg.adaptive) if draft is not None else {}
-    # N-gram settings propose without the draft: their engines skip its passes entirely.
-    engines = {name: Engine(target, draft if s.needs_draft else None, s, **kw)
-               for name, s in specs.items()}
-    # Target-only is the target alone (no draft catch-up): the speed speculation must beat.
-    # Its traces still carry the target's features at every committed token.
-    engines["off"] = Engine(target, None, SpecConfig(mode="off"), **kw)
-    online = _online_learner(cfg, target, draft, buffer,
-                             [engines[n] for n, s in specs.items() if s.needs_draft], eos,
-                             learner_mesh)
+    # Every engine's traces feed the learner (target-only's carry the target's features at
+    # every committed token too); the learner's drafts reach them through the channel, which
+    # swaps each in before the next window.
+    stack = build_stack(cfg, target_dir, max_slots=cfg.max_slots, max_len=max_len,
+                        learning="thread" if cfg.learner.enabled else "off")
+    draft, engines = stack.draft, stack.engines
+    specs = {n: e.spec for n, e in engines.items() if n != "off"}
+    online = stack.online
     monitor = UtilityMonitor(cfg.adaptive, modes=tuple(engines))
 
     gen_log, metric_log = _Writer(out / "generations.jsonl"), _Writer(out / "metrics.jsonl")
@@ -135,8 +115,9 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
                 engine.traces.flush()
             monitor.record(mode, run.generated_tokens, run.decode_s, load)
             outside = _outside_vocab(engines.get("spec"), run.results)
-            learn = _learn(online, cfg, buffer.stats.added - added) if online else {}
-            added = buffer.stats.added
+            learn = _learn(online, cfg, online.buffer.stats.added - added) if online else {}
+            added = online.buffer.stats.added if online else 0
+            stack.channel.apply()  # between windows: the learner's newest draft serves next
             row = {"window": w, "requests": served, "mode": mode,
                    "domains": sorted({r.domain for r in chunk}),
                    "tokens": run.generated_tokens, "decode_s": run.decode_s,
@@ -166,9 +147,7 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
         bar.close()
         gen_log.close()
         metric_log.close()
-        for e in engines.values():
-            if e.traces:
-                e.traces.close()
+        stack.close()
     final: dict | None = None  # skipped after a Ctrl-C: the summary says "interrupted"
     if not stopped:
         try:
@@ -182,7 +161,7 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
         summary = _summary(cfg, rows, final, online, time.perf_counter() - t_start)
         summary["spec_settings"] = {n: dataclasses.asdict(s) for n, s in specs.items()}
         summary["measured_tokens_per_s"] = dict(monitor.rates(load))
-        if online is not None:  # the served draft, servable with --draft (HF EAGLE-3 layout)
+        if online is not None and draft is not None:  # the served draft (HF EAGLE-3 layout)
             summary["draft_vocab"] = _vocab_report(online, draft, rows)
             save_draft(out / "draft",
                        dataclasses.replace(draft, state=engines["spec"].draft_state))
@@ -195,6 +174,17 @@ def run_job(cfg: RunConfig, target_dir: Path, out: Path, progress: bool = True) 
     if final is None:
         raise interrupt.Interrupted(kept)
     return summary
+
+
+def summary_line(s: dict) -> str:
+    """A finished run's summary (`run_job`'s) in one line."""
+    f = s["final_window"]
+    return (f"{s['requests']} requests, {s['generated_tokens']} tokens, "
+            f"{s['tokens_per_s']:.1f} tokens/s while serving; final window: acceptance "
+            f"{s['acceptance_length']:.2f}, {s['speedup_vs_target_only']:.2f}x target-only "
+            f"({f.get('spec_tokens_per_s', f['target_only_tokens_per_s']):.1f} vs "
+            f"{f['target_only_tokens_per_s']:.1f} tokens/s); {s['learner_steps']} learner "
+            f"steps, {s['drafts_published']} drafts published.")
 
 
 def _kept(out: Path, rows: list[dict], requests: int, draft: bool) -> str:
@@ -226,17 +216,6 @@ def _outside_vocab(engine: Engine | None, results) -> float | None:
     ids = np.concatenate([np.asarray(r.token_ids, np.int64) for r in results]
                          or [np.zeros(0, np.int64)])
     return float(1.0 - t2d[ids.astype(np.int64)].mean()) if ids.size else None
-
-
-def _online_learner(cfg: RunConfig, target, draft, buffer, spec_engines, stop_ids,
-                    learner_mesh=None):
-    if not cfg.learner.enabled or not spec_engines:
-        return None
-    s = cfg.learner
-    loss = dataclasses.replace(s.loss, tree_depth=max(cfg.spec.max_depth, 1))
-    return OnlineLearner(Learner(draft, target, loss, s.optimizer, mesh=learner_mesh), buffer,
-                         EnginePublisher(*spec_engines), cfg.spec.nodes + 1, s.online,
-                         keep_ids=stop_ids)
 
 
 def _learn(online: OnlineLearner, cfg: RunConfig, fresh: int) -> dict:

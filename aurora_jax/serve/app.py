@@ -16,22 +16,39 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
+from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.engine.batcher import Request as EngineRequest
 from aurora_jax.engine.batcher import RequestResult
+from aurora_jax.engine.engine import Engine
 from aurora_jax.errors import AuroraError
 from aurora_jax.serve.api import APIError, Parsed, parse_chat, parse_completion
-from aurora_jax.serve.loop import Job, ServerBusy, ShuttingDown
+from aurora_jax.serve.config import ServeConfig
+from aurora_jax.serve.loop import Job, ServerBusy, ServingLoop, ShuttingDown
+from aurora_jax.serve.metrics import ServerMetrics
 from aurora_jax.serve.text import TextStream
 
-if TYPE_CHECKING:
-    from aurora_jax.serve.server import Server
+
+class Server(Protocol):
+    """What the app reads of the server it fronts (serve/server.Server)."""
+
+    cfg: ServeConfig
+    tokenizer: Tokenizer
+    model_name: str
+    started: int
+    loop: ServingLoop
+    metrics: ServerMetrics
+    engines: dict[str, Engine]
+
+    def draft_status(self) -> dict: ...
+
+    def load_draft(self, path: str) -> int: ...
 
 
 RETRY_AFTER_S = 1

@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Literal
+from typing import ClassVar, Literal
 
 from aurora_jax.distributed import DistributedConfig
-from aurora_jax.engine.adaptive import AdaptiveConfig
 from aurora_jax.engine.guard import GuardConfig
 from aurora_jax.errors import ConfigError
-from aurora_jax.learn import kvstore, placement
-from aurora_jax.learn.losses import LossConfig
-from aurora_jax.learn.online import OnlineConfig
-from aurora_jax.learn.optimizer import OptimizerSettings
-from aurora_jax.models.config import DtypeName
-from aurora_jax.speculative.config import SpecConfig
+from aurora_jax.stack import LearnerConfig, StackConfig
+from aurora_jax.store import kvstore
 
 Learning = Literal["off", "thread", "workdir"]
 Schedule = Literal["idle", "always"]
@@ -24,73 +19,53 @@ API_KEY_ENV = "AURORA_JAX_API_KEY"
 
 
 @dataclasses.dataclass(frozen=True)
-class ServeLearning:
-    """How the draft keeps learning while the server serves."""
+class ServeLearner(LearnerConfig):
+    """How the draft keeps learning while the server serves (the learner's settings apply to
+    mode thread)."""
 
     mode: Learning = "thread"
-    """off: the draft never changes; thread: an online learner thread in this process over the
-    engine's traces; workdir: traces go to `workdir` for an `aurora-jax learn --workdir`
+    """off: the draft never changes; thread: an online learner in this process over the
+    engines' traces; workdir: traces go to `workdir` for an `aurora-jax learn --workdir`
     process, whose drafts the server swaps in."""
     workdir: str | None = None
     """mode workdir: the store shared with the learner process: a local directory or a
     kvstore URL (file://, gs://, s3://), so the learner may run on another host with no
-    shared filesystem (learn/kvstore.py)."""
+    shared filesystem (store/kvstore.py)."""
     schedule: Schedule = "idle"
     """mode thread: "idle" steps the learner on the serving thread while no request is in
     flight (a request that arrives waits for at most one learner step); "always" runs it on
     its own thread beside serving (right where the learner has cores or devices of its own:
     on a shared CPU it slows every decoding step by about as much as it learns)."""
-    online: OnlineConfig = OnlineConfig(seq_len=96, every_steps=10, min_sequences=3)
-    """mode thread: batches and publications (learn/online.py)."""
-    optimizer: OptimizerSettings = OptimizerSettings(learning_rate=3e-3)
-    """mode thread: AdamW and its schedule."""
-    loss: LossConfig = LossConfig(ttt_steps=3)
-    """mode thread: the draft objective; its tree_depth follows spec.depth."""
-    devices: tuple[int, ...] | None = None
-    """mode thread: local devices for the learner alone, by index ([-1]: the last one); the
-    target serves on the first `tp` of the others, so a learner step never stalls a serving
-    step (then use schedule always). null: the learner shares the serving devices."""
 
     def __post_init__(self):
+        super().__post_init__()
         if self.mode == "workdir" and not self.workdir:
-            raise ConfigError("learning.mode workdir needs learning.workdir")
+            raise ConfigError("learner.mode workdir needs learner.workdir")
         if self.devices is not None and self.mode != "thread":
-            raise ConfigError(f"learning.devices places the learner of mode thread; mode "
+            raise ConfigError(f"learner.devices places the learner of mode thread; mode "
                               f"{self.mode} has none in this process (set it to null)")
-        placement.check_spec(self.devices, "learning.devices")
         if self.workdir:
             try:
                 store = kvstore.spec(self.workdir)  # a typo'd URL fails here, not at serving
             except ConfigError as e:
-                raise ConfigError(f"learning.workdir: {e}") from e
+                raise ConfigError(f"learner.workdir: {e}") from e
             if store["driver"] == "memory":
-                raise ConfigError(f"learning.workdir: {self.workdir!r} lives in this process "
+                raise ConfigError(f"learner.workdir: {self.workdir!r} lives in this process "
                                   "only, where no `aurora-jax learn` process can reach it; "
                                   "give a path or a file://, gs:// or s3:// URL")
 
 
 @dataclasses.dataclass(frozen=True)
-class ServeConfig:
-    """An OpenAI-compatible server whose draft learns from the traffic it serves."""
+class ServeConfig(StackConfig):
+    """An OpenAI-compatible server whose draft learns from the traffic it serves. The stack's
+    keys (target, draft, draft_vocab_size, dtype, tp, seed, spec, adaptive, learner) are
+    StackConfig's (aurora_jax/stack.py)."""
 
-    target: str = "builtin"
-    """"builtin" (SmolLM2-135M-Instruct), "builtin-scratch", a Hugging Face checkpoint
-    directory or a .gguf file."""
-    draft: str = "warm"
-    """"warm" or "scratch" (day 0), an EAGLE-3 directory, or "none" (target only)."""
-    draft_vocab_size: int | None = 8192
-    """A scratch or warm draft's head rows (null: the whole target vocabulary)."""
-    dtype: DtypeName = "auto"
-    """Parameter dtype; auto: float32 on CPU, bfloat16 on GPU/TPU (models/config.device_dtype)."""
-    tp: int = 1
-    """Tensor-parallel degree over local devices."""
-    seed: int = 0
-    """Seeds a scratch draft and sampling (a request's `seed` overrides it for its row)."""
-    spec: SpecConfig = SpecConfig(mode="tree", depth=4, topk=4, num_draft_tokens=12)
-    """Speculation (ngram, chain or tree; off with draft none)."""
-    adaptive: AdaptiveConfig = AdaptiveConfig(alternatives=(SpecConfig(mode="ngram", depth=3),))
-    """When to speculate, from measured tokens/s (engine/adaptive.py): each window serves
-    the target alone, `spec` or one of `adaptive.alternatives`; one engine per setting."""
+    RENAMED: ClassVar[dict[str, str]] = {"learning": "learner"}
+    """Keys of older configs, read with a deprecation warning."""
+
+    learner: ServeLearner = ServeLearner()
+    """Online learning while serving."""
     window_steps: int | None = 32
     """Engine steps per adaptive window (null: no adaptive policy; every request is served
     with `spec` and nothing else is compiled)."""
@@ -120,17 +95,16 @@ class ServeConfig:
     `Authorization: Bearer <key>`."""
     max_body_bytes: int = 1 << 20
     """Request bodies above this are a 413."""
-    learning: ServeLearning = ServeLearning()
-    """Online learning while serving."""
     distributed: DistributedConfig = DistributedConfig()
     """Joining a multi-process JAX job (aurora_jax/distributed.py); null fields come from the
     environment, and with nothing set anywhere the process runs alone."""
 
     def __post_init__(self):
+        super().__post_init__()
         if min(self.max_slots, self.max_len, self.max_queue, self.default_max_tokens,
-               self.max_body_bytes, self.tp) < 1:
-            raise ConfigError("max_slots, max_len, max_queue, default_max_tokens, "
-                              "max_body_bytes and tp must be >= 1")
+               self.max_body_bytes) < 1:
+            raise ConfigError("max_slots, max_len, max_queue, default_max_tokens and "
+                              "max_body_bytes must be >= 1")
         if self.warmup_prompt_tokens is not None and self.warmup_prompt_tokens < 0:
             raise ConfigError("warmup_prompt_tokens must be >= 0 or null, got "
                               f"{self.warmup_prompt_tokens}")
@@ -144,11 +118,30 @@ class ServeConfig:
         if self.draft == "none" and self.spec.needs_draft:
             raise ConfigError(f"draft none cannot speculate in mode {self.spec.mode}; set "
                               "spec.mode: off or ngram")
-        if self.draft == "none" and self.learning.mode != "off":
-            raise ConfigError("draft none has nothing to learn; set learning.mode: off")
-        if self.learning.mode != "off" and not self.spec.needs_draft:
+        if self.draft == "none" and self.learner.mode != "off":
+            raise ConfigError("draft none has nothing to learn; set learner.mode: off")
+        if self.learner.mode != "off" and not self.spec.needs_draft:
             raise ConfigError("learning trains the draft from its speculation traces; use "
-                              "spec.mode chain or tree, or learning.mode: off")
+                              "spec.mode chain or tree, or learner.mode: off")
+
+    def check_multiprocess(self, device_count: int) -> None:
+        """A server across processes takes the same steps in every process: one engine chosen
+        up front (no windows timed on each process's clock), drafts swapped in only by the
+        serving loop (from a learner process's workdir: serve/lockstep.py), the target over
+        every process's `device_count` devices."""
+        if self.window_steps is not None:
+            raise ConfigError("a server across processes serves one setting, chosen up front, "
+                              "not by measured speed (each process has its own clock): set "
+                              "window_steps=null")
+        if self.learner.mode == "thread":
+            raise ConfigError("a server across processes learns through a learner process, not "
+                              "a thread (its swaps would land at different steps in each "
+                              "process): set learner.mode=workdir with an `aurora-jax learn` "
+                              "process, or learner.mode=off")
+        if self.tp not in (1, device_count):
+            raise ConfigError(f"a server across processes splits the target over all "
+                              f"{device_count} devices of its processes: set "
+                              f"tp={device_count} (or 1)")
 
     @property
     def resolved_api_key(self) -> str | None:

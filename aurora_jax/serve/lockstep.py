@@ -12,7 +12,7 @@ cancellations that follow; on the other processes it becomes a `Job` that posts 
 its stop strings cut its text there exactly as on the primary, so a stop string frees the
 slot at the same step everywhere.
 
-Hot swaps (a server whose learner is another process, `learning.mode: workdir`): the
+Hot swaps (a server whose learner is another process, `learner.mode: workdir`): the
 primary's draft watcher reads and checks each new version into host memory in the background;
 the loop then hands the others ("draft", version). Every process reads that version from the
 store itself (so nothing as large as a draft goes through the broadcast), all agree that each

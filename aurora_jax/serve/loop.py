@@ -10,11 +10,12 @@ request that received tokens it posts the new text, cut at stop strings, to that
 asyncio queue on the server's event loop. A stop string ends the request like a stop token:
 the slot is freed before the next step.
 
-Drafts: the first engine is the one the learner (or the draft watcher, or /admin/draft)
-publishes into; the loop hands each new version to the other draft engines before they step.
-Each new version is on probation with the collapse guard (engine/guard.py), which the loop
-asks after every step; a collapsed version is rolled back to the trusted draft, the watcher
-refuses it from then on and the learner trains on from the trusted draft.
+Drafts: the learner, the draft watcher and /admin/draft offer new versions to the engines'
+draft channel (engine/channel.py); the loop has the channel apply the newest offer at the top
+of each iteration, so every draft engine takes it before its next step, and asks it after
+every step to judge the version on probation (the collapse guard, engine/guard.py): a
+collapsed version is rolled back to the trusted draft, the watcher refuses it from then on and
+the learner trains on from the trusted draft.
 
 Stopping (`shutdown`): no new admissions; requests in slots finish (up to a deadline, then
 they end with `finish_reason` "abort"), queued ones end with "abort" at once.
@@ -40,9 +41,10 @@ import jax
 from aurora_jax.distributed import all_agree
 from aurora_jax.engine.adaptive import AdaptiveConfig
 from aurora_jax.engine.batcher import Request, RequestResult
+from aurora_jax.engine.channel import DraftChannel
 from aurora_jax.engine.engine import Engine
-from aurora_jax.engine.guard import CollapseGuard, GuardConfig
-from aurora_jax.learn.draft_sync import place_like
+from aurora_jax.engine.guard import GuardConfig, Rollback
+from aurora_jax.models.sharding import place_like
 from aurora_jax.serve.metrics import ServerMetrics
 from aurora_jax.serve.policy import WindowPolicy
 from aurora_jax.serve.text import TextStream
@@ -86,20 +88,23 @@ class ServingLoop:
     """Owns the engines on its own thread. `engines` maps mode names to engines over one
     target ("spec" first when there is a draft, "off" for target-only); with `adaptive` set
     and more than one engine, windows of `window_steps` steps choose among them. With
-    `lockstep`, this is one of several processes serving together (serve/lockstep.py)."""
+    `lockstep`, this is one of several processes serving together (serve/lockstep.py).
+    `channel` is the engines' draft channel (default: a new one judging with `guard`)."""
 
     def __init__(self, engines: dict[str, Engine], metrics: ServerMetrics, *, max_queue: int,
                  adaptive: AdaptiveConfig | None = None, window_steps: int = 32,
-                 guard: GuardConfig | None = None, online=None, watcher=None,
-                 learn_when_idle: bool = False, lockstep=None):
+                 guard: GuardConfig | None = None, channel: DraftChannel | None = None,
+                 online=None, watcher=None, learn_when_idle: bool = False, lockstep=None):
         self.engines, self.metrics, self.max_queue = engines, metrics, max_queue
         self.lockstep = lockstep
-        self.engine = next(iter(engines.values()))  # drafts are published into this one
+        self.engine = next(iter(engines.values()))
         self.max_slots = self.engine.max_slots
         self.policy = WindowPolicy(tuple(engines), adaptive, window_steps)
-        self.guard = CollapseGuard(guard or GuardConfig(), self.engine.last_step_draft)
+        self.channel = channel or DraftChannel(*engines.values(), guard=guard)
+        self.channel.immediate = False  # offers land at this loop's step boundaries
+        self.channel.on_swap.append(self._swapped)
+        self.channel.on_rollback.append(self._rolled_back)
         self._draft_modes = [m for m, e in engines.items() if e.draft is not None]
-        self.rollbacks = 0
         self.online, self.watcher = online, watcher
         self.learn_when_idle = learn_when_idle and online is not None
         self.batchers = self._new_batchers()
@@ -110,11 +115,8 @@ class ServingLoop:
         self._lock = threading.Lock()
         self._admitting = True
         self._stop_deadline: float | None = None
-        self._judged_version = self.engine.draft_version
-        self._swap_seen = self.engine.swapped_at
         self._step_tokens = 0  # tokens delivered by the step being booked
         self._last_busy: list[str] = []  # the engines the last iteration stepped
-        self.swaps = 0  # drafts swapped in while serving
         self._learner_read = 0.0
         self.ready = threading.Event()
         self.error: BaseException | None = None
@@ -207,7 +209,8 @@ class ServingLoop:
                 self.online.start()
             self.ready.set()
             while True:
-                self._take_swap()
+                if self._draft_modes:
+                    self.channel.apply()  # the newest offer, before any engine steps
                 idle = self.idle
                 if idle and self._inbox.empty() and self._learn_one():
                     continue
@@ -235,7 +238,6 @@ class ServingLoop:
         timed, self._last_busy = busy == self._last_busy and len(busy) == 1, busy
         for mode in busy:
             batcher, engine = self.batchers[mode], self.engines[mode]
-            self._follow_draft(engine)
             self._step_tokens = 0
             compiled = engine.compilations
             batcher.step()
@@ -245,13 +247,6 @@ class ServingLoop:
             closed = self.policy.stepped(mode, self._step_tokens, alone)
             if closed is not None:
                 self._window_closed(closed)
-
-    def _follow_draft(self, engine: Engine) -> None:
-        """Hands the primary engine's draft version to another draft engine before it steps."""
-        primary = self.engine
-        if engine is not primary and engine.draft is not None \
-                and engine.draft_version != primary.draft_version:
-            engine.set_draft(primary.draft_state, version=primary.draft_version)
 
     def _admit(self) -> None:
         """Hands waiting requests to the current window's engine, up to max_slots running in
@@ -354,7 +349,8 @@ class ServingLoop:
             log.warning("draft version %d not swapped in: a process could not read it; "
                         "serving version %d stays", version, self.engine.draft_version)
             return
-        self.engine.set_draft(place_like(host, like), version=version)
+        self.channel.offer(place_like(host, like), version=version)
+        self.channel.apply()
         if self.watcher is not None:
             self.watcher.swapped(version, host)
 
@@ -412,47 +408,36 @@ class ServingLoop:
             for pos in range(accepted):
                 m.accepted_per_pos.labels(position=str(pos)).inc()
 
-    def _take_swap(self) -> None:
-        """Counts a draft published (or rolled back to) since the last look: the next step
-        of any engine uses it, so the swap latency is publication to this step boundary."""
-        at = self.engine.swapped_at
-        if at is None or at == self._swap_seen:
-            return
-        self._swap_seen = at
-        latency = time.perf_counter() - at
-        version = self.engine.draft_version
-        self.swaps += 1
+    @property
+    def swaps(self) -> int:
+        """Drafts swapped in while serving."""
+        return self.channel.swaps
+
+    @property
+    def rollbacks(self) -> int:
+        return self.channel.rollbacks
+
+    @property
+    def guard(self):
+        return self.channel.guard
+
+    def _swapped(self, version: int, latency_s: float) -> None:
+        """The channel swapped `version` in at this step boundary, `latency_s` after it was
+        offered."""
         self.metrics.swaps.inc()
-        self.metrics.swap_latency.observe(latency)
+        self.metrics.swap_latency.observe(latency_s)
         self.metrics.draft_version.set(version)
-        log.info("hot swap: serving draft version %d, %.1f ms after its publication",
-                 version, latency * 1e3)
+
+    def _rolled_back(self, rollback: Rollback) -> None:
+        self.metrics.rollbacks.inc()
+        self.metrics.draft_version.set(rollback.version)
 
     def _after_step(self, engine: Engine) -> None:
         if engine.draft is not None:
-            self._judge(engine)
+            self.channel.judge({m: self.batchers[m] for m in self._draft_modes}, engine)
         self._update_gauges()
         self._show_compiles()
         self._read_learner()
-
-    def _judge(self, engine: Engine) -> None:
-        """Hands a newly swapped-in draft to the collapse guard, and rolls the draft back
-        when the guard finds it collapsed (engine/guard.py)."""
-        if engine.last_step_version != self._judged_version:
-            self._judged_version = engine.last_step_version
-            self.guard.swapped(engine.last_step_draft)
-        rollback = self.guard.check({m: self.batchers[m] for m in self._draft_modes})
-        if rollback is None:
-            return
-        self.engine.set_draft(rollback.state, version=rollback.version)
-        self.rollbacks += 1
-        self.metrics.rollbacks.inc()
-        log.warning("draft version %d rolled back to version %d: %s", rollback.bad_version,
-                    rollback.version, rollback.reason)
-        if self.watcher is not None:
-            self.watcher.refuse(rollback.bad_version, rollback.reason)
-        if self.online is not None:
-            self.online.roll_back(rollback.state, rollback.bad_version)
 
     def _read_learner(self) -> None:
         now = time.perf_counter()

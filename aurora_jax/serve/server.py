@@ -1,7 +1,7 @@
 """`aurora-jax serve`: the target and draft, the engine with its learning, the serving loop and
 the HTTP app, assembled from a `ServeConfig` and run under uvicorn.
 
-Learning while serving (`learning.mode`): "thread" trains an online learner in this process on
+Learning while serving (`learner.mode`): "thread" trains an online learner in this process on
 the engine's traces and publishes into the engine (a hot swap between two steps); "workdir"
 writes traces to a directory for an `aurora-jax learn --workdir` process and swaps in the
 drafts it publishes there. SIGTERM or Ctrl-C: uvicorn stops accepting connections and gives
@@ -27,26 +27,17 @@ from pathlib import Path
 
 import uvicorn
 
-from aurora_jax.data.tokenizer import Tokenizer
-from aurora_jax.data.vocab import scratch_draft_vocab
 from aurora_jax.distributed import is_multiprocess, is_primary
-from aurora_jax.engine.adaptive import spec_modes
 from aurora_jax.engine.batcher import Request
-from aurora_jax.engine.engine import Engine
 from aurora_jax.errors import ConfigError
-from aurora_jax.learn.draft_sync import restore_draft
-from aurora_jax.learn.learner import Learner
-from aurora_jax.learn.online import EnginePublisher, OnlineLearner, online_engine
-from aurora_jax.learn.placement import split_meshes
-from aurora_jax.learn.remote import shared_engine, workdir_paths
+from aurora_jax.learn.online import OnlineLearner
 from aurora_jax.models.eagle3_io import load_draft
-from aurora_jax.models.loading import load_pair
-from aurora_jax.models.sharding import serving_mesh
 from aurora_jax.serve.config import ServeConfig
 from aurora_jax.serve.lockstep import Lockstep
 from aurora_jax.serve.loop import ServingLoop
 from aurora_jax.serve.metrics import ServerMetrics
-from aurora_jax.speculative.config import SpecConfig
+from aurora_jax.stack import build_stack, workdir_paths
+from aurora_jax.store.draft_store import restore_draft
 
 log = logging.getLogger(__name__)
 
@@ -57,45 +48,25 @@ class Server:
     def __init__(self, cfg: ServeConfig, target_dir: str | Path, *, warm: bool = True,
                  progress: bool = False):
         self.cfg = cfg
-        self.tokenizer = Tokenizer.load(target_dir)
         self.model_name = cfg.model_name or _model_name(Path(target_dir))
         self.started = int(time.time())
-        mesh = serving_mesh(cfg.tp)
-        learner_mesh = None
-        if cfg.learning.devices is not None:  # (mode thread): serving on the other devices
-            mesh, learner_mesh = split_meshes(cfg.learning.devices, cfg.tp)
-        draft_name = None if cfg.draft == "none" else cfg.draft
-        self.target, self.draft = load_pair(
-            target_dir, draft_name, dtype=cfg.dtype, seed=cfg.seed, mesh=mesh,
-            draft_vocab=scratch_draft_vocab(cfg.draft_vocab_size, self.tokenizer))
-        stops = self.tokenizer.stop_ids(self.target.cfg.eos_token_ids)
-        kw: dict = dict(max_slots=cfg.max_slots, max_len=cfg.max_len, eos_ids=stops,
-                        seed=cfg.seed)
-        self.online: OnlineLearner | None = None
-        watcher = None
-        learning = cfg.learning
-        if learning.mode == "thread":
-            loss = dataclasses.replace(learning.loss, tree_depth=max(cfg.spec.max_depth, 1))
-            learner = Learner(self.draft, self.target, loss, learning.optimizer,
-                              mesh=learner_mesh)
-            self.engine, self.online = online_engine(self.target, self.draft, cfg.spec, learner,
-                                                     learning.online, **kw)
-        elif learning.mode == "workdir" and not is_primary():
+        learning = cfg.learner
+        mode = learning.mode
+        if mode == "workdir" and not is_primary():
             # Another process of a multi-process server: the same steps, traces included
             # (the primary writes them), drafts swapped in when the primary's loop says.
-            self.engine = Engine(self.target, self.draft, cfg.spec, trace_sink=_discard, **kw)
-        elif learning.mode == "workdir":
-            assert learning.workdir is not None
-            self.engine, self.store, watcher = shared_engine(
-                self.target, self.draft, cfg.spec, learning.workdir, stage=is_multiprocess(),
-                **kw)
-        else:
-            self.engine = Engine(self.target, self.draft if cfg.spec.needs_draft else None,
-                                 cfg.spec, **kw)
-        self.engines = self._other_engines(kw)
-        # What /admin/draft publishes through: the learner's own where there is one, so that
-        # version numbers stay unique (rollbacks included).
-        self.publisher = self.online.publisher if self.online else EnginePublisher(self.engine)
+            mode = "off"
+        self.stack = build_stack(
+            cfg, target_dir, max_slots=cfg.max_slots, max_len=cfg.max_len, learning=mode,
+            workdir=learning.workdir, alternatives=cfg.window_steps is not None,
+            guard=cfg.guard, stage=is_multiprocess(),
+            trace_sink=_discard if mode != learning.mode else None)
+        assert self.stack.tokenizer is not None  # (build_stack loads it, or says why not)
+        self.tokenizer = self.stack.tokenizer
+        self.target, self.draft = self.stack.target, self.stack.draft
+        self.engines, self.engine = self.stack.engines, self.stack.engine
+        self.online: OnlineLearner | None = self.stack.online
+        self.store = self.stack.store
         self.metrics = ServerMetrics(max(e.spec.max_depth for e in self.engines.values()))
         self.lockstep = None
         if is_multiprocess():
@@ -106,8 +77,9 @@ class Server:
             self.lockstep = Lockstep(self.tokenizer.decode, read_draft=read)
         self.loop = ServingLoop(self.engines, self.metrics, max_queue=cfg.max_queue,
                                 adaptive=cfg.adaptive if cfg.window_steps else None,
-                                window_steps=cfg.window_steps or 1, guard=cfg.guard,
-                                online=self.online, watcher=watcher,
+                                window_steps=cfg.window_steps or 1,
+                                channel=self.stack.channel, online=self.online,
+                                watcher=self.stack.watcher,
                                 learn_when_idle=learning.schedule == "idle",
                                 lockstep=self.lockstep)
         warmup = Request(self.tokenizer.encode("Hello") or [0], 4) if warm else None
@@ -134,28 +106,10 @@ class Server:
 
         return update
 
-    def _other_engines(self, kw: dict) -> dict[str, Engine]:
-        """Mode name -> engine: `self.engine` first ("spec", or "off" when it does not
-        speculate), then with an adaptive policy one per alternative setting and target-only,
-        all over the same target and draft, writing traces to the same sink."""
-        cfg = self.cfg
-        first = "off" if cfg.spec.mode == "off" else "spec"
-        engines = {first: self.engine}
-        if cfg.window_steps is None or first == "off":
-            return engines
-        sink = self.engine.traces.sink if self.engine.traces else None
-        settings = spec_modes(cfg.spec, cfg.adaptive)
-        for name, s in list(settings.items())[1:]:
-            engines[name] = Engine(self.target, self.draft if s.needs_draft else None, s,
-                                   trace_sink=sink, **kw)
-        engines["off"] = Engine(self.target, None, SpecConfig(mode="off"), trace_sink=sink,
-                                **kw)
-        return engines
-
     def draft_status(self) -> dict:
         e = self.engine
         return {"draft": self.cfg.draft, "serving_version": e.draft_version,
-                "spec": dataclasses.asdict(e.spec), "learning": self.cfg.learning.mode,
+                "spec": dataclasses.asdict(e.spec), "learning": self.cfg.learner.mode,
                 "learner_steps": self.online.steps if self.online else None,
                 "drafts_published": self.online.published if self.online else None,
                 "hot_swaps": self.loop.swaps, "rollbacks": self.loop.rollbacks,
@@ -173,7 +127,7 @@ class Server:
                               "process, which /admin/draft cannot arrange")
         new = load_draft(path, target=self.target.cfg, dtype=self.target.dtype,
                          mesh=self.target.mesh)
-        return self.publisher.publish(new.state)
+        return self.stack.channel.offer(new.state)
 
     def close(self, grace_s: float = 5.0) -> None:
         """Stops in order: the serving loop (requests get `grace_s`), the learner and the
@@ -181,11 +135,7 @@ class Server:
         the store, then the store's last shard. A trace thread left running would crash the
         process's exit (engine/trace.py)."""
         self.loop.shutdown(grace_s)
-        for engine in self.engines.values():
-            if engine.traces:
-                engine.traces.close()
-        if getattr(self, "store", None) is not None:
-            self.store.flush()
+        self.stack.close()
 
 
 @contextlib.contextmanager
@@ -317,7 +267,7 @@ def _kept(server: Server) -> str:
     """What a stopped server leaves, in one clause."""
     answered = sum(s.value for m in server.metrics.requests.collect() for s in m.samples
                    if s.name.endswith("_total"))
-    learning = server.cfg.learning
+    learning = server.cfg.learner
     if learning.mode == "workdir":
         traces, drafts = workdir_paths(learning.workdir or "")
         kept = f"kept its traces in {traces} (the learner's drafts are in {drafts})"

@@ -1,6 +1,6 @@
 """`builtin-scratch`: a small target trained on the machine itself (`prepare --recipe scratch`).
 
-The embedded default target is SmolLM2-135M-Instruct (aurora_jax/builtin.py); this recipe is
+The embedded default target is SmolLM2-135M-Instruct (aurora_jax/builtin/); this recipe is
 the model that needs nothing but Python: a SentencePiece tokenizer and a small
 Llama-architecture decoder trained for a few minutes on CPU on text every Python installation
 has (the standard library's source as code, pydoc's topic texts as prose; data/corpus.py).
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from aurora_jax import config_io
-from aurora_jax.builtin import cache_lock, cache_root
+from aurora_jax.builtin.cache import cache_lock, cache_root
 from aurora_jax.errors import ConfigError
 
 _REQUIRED = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.model",
@@ -290,9 +290,9 @@ def _tokens(sp, docs) -> np.ndarray:
 
 def _held_out_losses(sp, graphdef, buffers, params, cfg: PrepareConfig) -> dict:
     """Mean next-token loss (nats/token) on the held-out code files and prose topics."""
+    from aurora_jax.builtin.train_target import make_eval_step, mean_loss
     from aurora_jax.data import corpus
     from aurora_jax.data.pipeline import eval_batches, windows
-    from aurora_jax.learn.train_target import make_eval_step, mean_loss
 
     eval_step = make_eval_step(graphdef)
     out: dict[str, float | None] = {}
@@ -311,9 +311,9 @@ def _held_out_losses(sp, graphdef, buffers, params, cfg: PrepareConfig) -> dict:
 def _run(root: Path, cfg: PrepareConfig, force: bool, progress: bool, on_step) -> Path:
     import sentencepiece as spm
 
+    from aurora_jax.builtin import train_target
     from aurora_jax.data import corpus
     from aurora_jax.data.pipeline import training_dataset, windows
-    from aurora_jax.learn import train_target
     from aurora_jax.learn.fit import fit
     from aurora_jax.learn.optimizer import OptimizerSettings, make_optimizer
 

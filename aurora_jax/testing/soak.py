@@ -34,9 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from aurora_jax.distributed import child_xla_flags
-from aurora_jax.learn.draft_sync import delete_version
-from aurora_jax.learn.trace_store import _write_arrays
 from aurora_jax.serve.config import ServeConfig
+from aurora_jax.store.draft_store import delete_version
+from aurora_jax.store.trace_store import _write_arrays
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class Learner:
 def damage_version(drafts: Path, version: int) -> None:
     """Overwrites the chunks of a published version's draft arrays with garbage (a disk or a
     copy gone wrong after the commit); its manifest stays."""
-    from aurora_jax.learn import kvstore
+    from aurora_jax.store import kvstore
 
     store = kvstore.open_store(drafts)
     prefix = f"v{version}/draft/"
@@ -136,8 +136,8 @@ def drop_bad_draft(server, drafts: Path, kind: str, number: int, above: int = 0)
     import jax
     import jax.numpy as jnp
 
-    from aurora_jax.learn.draft_sync import list_versions, write_version
     from aurora_jax.models.eagle3 import DraftConfig, init_draft
+    from aurora_jax.store.draft_store import list_versions, write_version
 
     version = max(list_versions(drafts) + [above]) + 1000
     serving = server.engine.draft_state
@@ -163,7 +163,7 @@ def _refuse_write(store, arrays) -> None:
 def fill_disk(full: bool) -> None:
     """Makes trace shard writes fail with ENOSPC (full) or work again (the server's store, in
     this process)."""
-    from aurora_jax.learn import trace_store
+    from aurora_jax.store import trace_store
 
     trace_store._write_arrays = _refuse_write if full else _write_arrays
 
@@ -281,8 +281,8 @@ def run_soak(serve: ServeConfig, target_dir: str | Path, prompts: list[str], cfg
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    serve = dataclasses.replace(serve, port=0, model_name="soak", learning=dataclasses.replace(
-        serve.learning, mode="workdir", workdir=str(work)))
+    serve = dataclasses.replace(serve, port=0, model_name="soak", learner=dataclasses.replace(
+        serve.learner, mode="workdir", workdir=str(work)))
     server = Server(serve, target_dir)
     learner = Learner(serve, work, out, cfg.learner_args)
     learner.start()

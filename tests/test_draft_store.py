@@ -20,16 +20,17 @@ import pytest
 from processes import child_env
 from spec_models import random_pair, swap_state, tiny_cfg
 
+from aurora_jax.engine.channel import DraftChannel
 from aurora_jax.engine.engine import Request
 from aurora_jax.engine.target_only import TargetGenerator
 from aurora_jax.errors import DraftRefused
-from aurora_jax.learn.draft_sync import DraftPublisher, DraftWatcher, list_versions
-from aurora_jax.learn.remote import shared_engine
 from aurora_jax.models.eagle3 import DraftConfig, init_draft
 from aurora_jax.models.eagle3_io import load_draft, save_draft
 from aurora_jax.models.hf_io import load_target, save_target
-from aurora_jax.serve.soak import damage_version
 from aurora_jax.speculative.config import SpecConfig
+from aurora_jax.stack import shared_engine
+from aurora_jax.store.draft_store import DraftPublisher, DraftWatcher, list_versions
+from aurora_jax.testing.soak import damage_version
 
 SPEC = SpecConfig(mode="tree", depth=3, topk=2, num_draft_tokens=5)
 
@@ -75,7 +76,7 @@ def test_watcher_swaps_good_versions_and_refuses_bad_ones(served, tmp_path, capl
                                                            monkeypatch):
     target, draft, engine = served
     drafts = tmp_path / "drafts"
-    watcher = DraftWatcher(engine, drafts, poll_s=3600)
+    watcher = DraftWatcher(DraftChannel(engine), drafts, poll_s=3600)
     pub = DraftPublisher(drafts, draft.state)
     good = swap_state(draft, seed=1)
     assert pub.publish(good) == 1
@@ -89,7 +90,7 @@ def test_watcher_swaps_good_versions_and_refuses_bad_ones(served, tmp_path, capl
         pub.publish(nan)
     # The bad versions below come from a learner that does not check (or a disk that
     # damaged them): the watcher must refuse them on its own.
-    monkeypatch.setattr("aurora_jax.learn.draft_sync.draft_problem", lambda *a: None)
+    monkeypatch.setattr("aurora_jax.store.draft_store.draft_problem", lambda *a: None)
     # 2: damaged array files (as if the disk or a copy went wrong after the commit).
     pub.publish(swap_state(draft, seed=2))
     damage_version(drafts, 2)
@@ -184,8 +185,8 @@ def test_learner_process_killed_mid_run_leaves_the_engine_serving(tmp_path):
             proc.kill()
     # A learner started again on the workdir resumes from the newest version it published,
     # with the training state it published with it: step, weights and optimizer moments.
-    from aurora_jax.learn.draft_sync import restore_draft
     from aurora_jax.learn.learner import Learner
+    from aurora_jax.store.draft_store import restore_draft
 
     again = DraftPublisher(work / "drafts", draft.state)
     version, state = again.resume()
@@ -207,10 +208,10 @@ def test_a_staging_watcher_reads_and_checks_but_leaves_the_swap_to_the_loop(serv
     """In a multi-process server the watcher only stages (serve/lockstep.py): a good version
     is read to host memory and held once; the engine keeps serving its draft until the loop
     places and swaps it; a damaged version is refused as in the swapping watcher."""
-    from aurora_jax.learn.draft_sync import place_like
+    from aurora_jax.models.sharding import place_like
 
     _, draft, engine = served
-    watcher = DraftWatcher(engine, tmp_path / "drafts", poll_s=3600, stage=True)
+    watcher = DraftWatcher(DraftChannel(engine), tmp_path / "drafts", poll_s=3600, stage=True)
     pub = DraftPublisher(tmp_path / "drafts", draft.state)
     good = swap_state(draft, seed=1)
     assert pub.publish(good) == 1
@@ -228,7 +229,7 @@ def test_a_staging_watcher_reads_and_checks_but_leaves_the_swap_to_the_loop(serv
 
     nan = jax.tree.map(lambda x: x.at[0].set(jnp.nan) if x.dtype == jnp.float32 else x,
                        swap_state(draft, seed=3))
-    monkeypatch.setattr("aurora_jax.learn.draft_sync.draft_problem", lambda *a: None)
+    monkeypatch.setattr("aurora_jax.store.draft_store.draft_problem", lambda *a: None)
     pub.publish(nan)  # a learner that does not check: the watcher must
     assert watcher.poll() is None and watcher.take_staged() is None
     assert "non-finite" in watcher.refused[2]

@@ -1,7 +1,7 @@
 """Drafts across processes: a learner publishes numbered versions of its draft to a store and
 the engine's watcher restores the newest good one in the background, then hot-swaps it.
 
-A store is any kvstore (learn/kvstore.py: a local path, file://, gs://, s3:// or memory://),
+A store is any kvstore (store/kvstore.py: a local path, file://, gs://, s3:// or memory://),
 so the learner may run on another host with only a bucket between the two. Its keys:
 
     v<version>/draft/<leaf>/     the draft's nnx.State, one zarr3 array per leaf
@@ -41,10 +41,11 @@ import tensorstore as ts
 from flax import nnx
 
 from aurora_jax.distributed import to_host
-from aurora_jax.errors import DraftRefused, SwapError
-from aurora_jax.learn import kvstore
-from aurora_jax.learn.periodic import Periodic
+from aurora_jax.errors import DraftRefused
 from aurora_jax.models.eagle3 import draft_problem
+from aurora_jax.models.sharding import place_like
+from aurora_jax.store import kvstore
+from aurora_jax.store.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +147,6 @@ def _read_tree(store: ts.KvStore, version: int, tree_name: str, manifest: dict, 
         host.append(a)
     tree = jax.tree.unflatten(treedef, host)
     return place_like(tree, like) if place else tree
-
-
-def place_like(host_tree, like):
-    """`host_tree`'s numpy leaves, each on the sharding of the same leaf of `like` (in a
-    multi-process job every process passes the same values)."""
-    return jax.tree.map(lambda a, x: jax.device_put(a, x.sharding), host_tree, like)
 
 
 def restore_draft(directory: Store, version: int, like, place: bool = True) -> tuple:
@@ -264,28 +259,29 @@ class DraftPublisher:
 
 
 class DraftWatcher:
-    """Engine side: every `poll_s` seconds, swaps in the newest version above the serving one
-    that restores cleanly (see the module docstring for what is refused). With `stage`, it
-    swaps nothing itself: it reads and checks the version into host memory and holds it for
-    the serving loop, which swaps it in at the same step in every process of a multi-process
-    server (serve/lockstep.py)."""
+    """Engine side: every `poll_s` seconds, offers the engines' draft channel
+    (engine/channel.py) the newest version above the newest it has that restores cleanly (see
+    the module docstring for what is refused). With `stage`, it offers nothing itself: it
+    reads and checks the version into host memory and holds it for the serving loop, which
+    has it swapped in at the same step in every process of a multi-process server
+    (serve/lockstep.py)."""
 
-    def __init__(self, engine, directory: kvstore.Location, poll_s: float = 1.0,
+    def __init__(self, channel, directory: kvstore.Location, poll_s: float = 1.0,
                  stage: bool = False):
-        self.engine, self.location, self.poll_s = engine, os.fspath(directory), poll_s
+        self.channel, self.location, self.poll_s = channel, os.fspath(directory), poll_s
         self.store = kvstore.open_store(directory)
         self.refused: dict[int, str] = {}
         self.swaps = 0
         self.stage = stage
         self._staged: tuple[int, Any] | None = None  # (version, host tree) for the loop
-        self._seen = engine.draft_version  # newest version staged
-        self._serving_host = to_host(engine.draft_state) if stage else None
+        self._seen = channel.version  # newest version staged
+        self._serving_host = to_host(channel.serving()) if stage else None
         self._lock = threading.Lock()
         self._loop: Periodic | None = None
 
     def poll(self) -> int | None:
-        """One look at the store; returns the version swapped in (staged), if any."""
-        serving = self.engine.draft_version
+        """One look at the store; returns the version offered (staged), if any."""
+        serving = self.channel.version
         if self.stage:
             serving = max(serving, self._seen)
         for v in reversed(list_versions(self.store)):
@@ -298,15 +294,15 @@ class DraftWatcher:
             except Exception as e:  # noqa: BLE001 (refuse anything that does not restore)
                 self.refused[v] = f"{type(e).__name__}: {e}"
                 log.warning("refusing draft version %d from %s: %s; serving version %d stays",
-                            v, self.location, self.refused[v], self.engine.draft_version)
+                            v, self.location, self.refused[v], self.channel.serving_version)
                 continue
             return v
         return None
 
     def _take(self, v: int) -> None:
-        """Reads and checks version `v`, then swaps it in (with `stage`: holds it on the host
+        """Reads and checks version `v`, then offers it (with `stage`: holds it on the host
         for `take_staged`); raises what makes it unfit to serve."""
-        like = self.engine.draft_state
+        like = self.channel.serving()
         state, _ = restore_draft(self.store, v, like, place=not self.stage)
         problem = draft_problem(state, self._serving_host if self.stage else like)
         if problem is not None:
@@ -316,12 +312,9 @@ class DraftWatcher:
                 self._staged, self._seen = (v, state), v
             log.info("draft version %d read; the serving loop swaps it in", v)
             return
-        self.engine.set_draft(state, version=v)
-        if self.engine.draft_version != v:
-            raise SwapError(f"the swap did not take: the engine serves version "
-                            f"{self.engine.draft_version}")
+        self.channel.offer(state, version=v)
         self.swaps += 1
-        log.info("serving draft version %d", v)
+        log.info("draft version %d offered to the engines", v)
 
     def take_staged(self) -> tuple[int, Any] | None:
         """(version, host tree) of the newest version staged since the last call, if any."""

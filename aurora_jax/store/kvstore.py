@@ -1,6 +1,6 @@
 """Where stores live: a tensorstore kvstore, named by a URL or a local path.
 
-The trace store (learn/trace_store.py) and the draft publications (learn/draft_sync.py) keep
+The trace store (store/trace_store.py) and the draft publications (store/draft_store.py) keep
 everything in a kvstore, so an engine and a learner on different hosts need a bucket between
 them, not a shared filesystem. A location is one of
 

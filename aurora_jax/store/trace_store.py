@@ -1,7 +1,7 @@
 """Traces in a store: finished sequences as tensorstore (zarr3) shards, for replay and for a
 learner in another process or on another host.
 
-A store is any kvstore (learn/kvstore.py: a local path, file://, gs://, s3:// or memory://).
+A store is any kvstore (store/kvstore.py: a local path, file://, gs://, s3:// or memory://).
 Its keys:
 
     shard-<time_ns>-<pid>-<tag>/   one shard of n sequences, each array a zarr3 array:
@@ -37,10 +37,10 @@ import numpy as np
 import tensorstore as ts
 
 from aurora_jax.errors import ConfigError
-from aurora_jax.learn import kvstore
 from aurora_jax.learn.buffer import TracedSequence, VerifiedTree, collate_numpy, window
 from aurora_jax.learn.losses import LearnBatch
-from aurora_jax.learn.periodic import Periodic
+from aurora_jax.store import kvstore
+from aurora_jax.store.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class TraceStore:
 
     @property
     def root(self) -> Path:
-        """The store's directory, for a local store only (run/objectives.py renames it once
+        """The store's directory, for a local store only (experiments/objectives.py renames it once
         its recording is complete); ValueError for any other kvstore."""
         d = kvstore.local_dir(self.location)
         if d is None:

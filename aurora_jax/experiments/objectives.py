@@ -188,9 +188,10 @@ def record_traces(cfg: ObjectivesConfig, target, draft, tok, root: Path, say=pri
     under root/traces/<domain>-<split>; kept from an earlier run when present. Returns the
     held-out prompts per domain (the served evaluation's)."""
     from aurora_jax.data.scenarios import ScenarioConfig, build_scenario
-    from aurora_jax.engine.engine import Engine, Request
+    from aurora_jax.engine.engine import Request
     from aurora_jax.learn.buffer import TraceAssembler
-    from aurora_jax.learn.trace_store import TraceStore, list_shards
+    from aurora_jax.stack import build_stack, single
+    from aurora_jax.store.trace_store import TraceStore, list_shards
 
     prompts_file = root / "held_out_prompts.json"
     n = cfg.train_requests + cfg.held_out_requests
@@ -211,9 +212,10 @@ def record_traces(cfg: ObjectivesConfig, target, draft, tok, root: Path, say=pri
             partial = store_dir.with_name(store_dir.name + ".tmp")
             shutil.rmtree(partial, ignore_errors=True)  # an interrupted recording
             store = TraceStore(partial, sequences_per_shard=8)
-            engine = Engine(target, draft, cfg.spec, max_slots=1, eos_ids=(),
-                            max_len=max(len(r.prompt) for r in reqs) + cfg.max_new_tokens,
-                            trace_sink=TraceAssembler(store.add))
+            engine = build_stack(single(cfg.spec), "", max_slots=1, eos_ids=(),
+                                 max_len=max(len(r.prompt) for r in reqs) + cfg.max_new_tokens,
+                                 alternatives=False, trace_sink=TraceAssembler(store.add),
+                                 models=(target, draft, None)).engine
             emitter = engine.traces
             assert emitter is not None  # the engine has a trace sink
             for r in reqs:  # one at a time, flushed: the trace queue never overflows
@@ -230,7 +232,7 @@ def record_traces(cfg: ObjectivesConfig, target, draft, tok, root: Path, say=pri
 
 def cut_batches(store: Path, n: int, cfg: ObjectivesConfig, seed: int) -> list:
     """The first n batches of the store's replay for `seed`: the data every arm shares."""
-    from aurora_jax.learn.trace_store import replay_dataset
+    from aurora_jax.store.trace_store import replay_dataset
 
     it = iter(replay_dataset(store, cfg.batch_size, cfg.seq_len, cfg.trees_per_seq,
                              cfg.spec.nodes + 1, seed=seed))
@@ -285,11 +287,12 @@ def train_arm(learner, batches: list, evals: list, score, eval_every: int) -> di
             "last_metrics": {k: float(v) for k, v in jax.device_get(metrics).items()}}
 
 
-def served_acceptance(engine, learner, prompts: list, new_tokens: int) -> float:
-    """The acceptance length the engine serves with the learner's draft on `prompts`."""
+def served_acceptance(stack, learner, prompts: list, new_tokens: int) -> float:
+    """The acceptance length the stack serves with the learner's draft on `prompts`."""
     from aurora_jax.engine.engine import Request
 
-    engine.set_draft(learner.publish())
+    stack.channel.offer(learner.publish())
+    engine = stack.engine
     engine.forget_recent()
     run = engine.run([Request(p, new_tokens) for p in prompts])
     return float(run.acceptance_length or 1.0)
@@ -308,23 +311,24 @@ def interpolate(curve: list[dict], seconds: float) -> float:
 def run_objectives(cfg: ObjectivesConfig, target_dir: Path, out: Path, say=None) -> dict:
     """Records (or reuses) the traces under `out`, runs every scenario x seed x arm, writes
     results.json, results.md and objectives.png there; returns the summary."""
-    from aurora_jax.data.tokenizer import Tokenizer
-    from aurora_jax.data.vocab import scratch_draft_vocab
-    from aurora_jax.engine.engine import Engine
     from aurora_jax.learn.learner import DEFAULT_OPTIMIZER, Learner
-    from aurora_jax.models.loading import load_pair
+    from aurora_jax.stack import StackConfig, build_stack, load_models, single
 
     say = say or (lambda m: print(m, file=sys.stderr, flush=True))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    tok = Tokenizer.load(target_dir)
-    vocab = scratch_draft_vocab(cfg.draft_vocab_size, tok)
-    target, day0 = load_pair(target_dir, "warm", seed=cfg.seeds[0], draft_vocab=vocab)
+    def warm(seed: int) -> StackConfig:  # the day-0 draft of `seed`
+        return StackConfig(target=str(target_dir), draft="warm", dtype="float32", seed=seed,
+                           draft_vocab_size=cfg.draft_vocab_size)
+
+    target, day0, tok = load_models(warm(cfg.seeds[0]), target_dir)
+    assert day0 is not None and tok is not None
     prompts = record_traces(cfg, target, day0, tok, out, say)
     opt = dataclasses.replace(DEFAULT_OPTIMIZER, learning_rate=cfg.learning_rate)
-    engine = Engine(target, day0, cfg.spec, max_slots=1, eos_ids=(),
-                    max_len=max(len(p) for ps in prompts.values() for p in ps)
-                    + cfg.served_new_tokens)
+    served = build_stack(single(cfg.spec), target_dir, max_slots=1, eos_ids=(),
+                         max_len=max(len(p) for ps in prompts.values() for p in ps)
+                         + cfg.served_new_tokens, alternatives=False, immediate=True,
+                         models=(target, day0, tok))
     evals = {d: cut_batches(out / "traces" / f"{d}-held", cfg.eval_batches, cfg, seed=12345)
              for d in cfg.domains}
     scorer = make_scorer(Learner(day0, target, LossConfig(lambda_discard=0.0), opt),
@@ -334,7 +338,8 @@ def run_objectives(cfg: ObjectivesConfig, target_dir: Path, out: Path, say=None)
     for sc in cfg.scenarios:
         runs: dict = {name: [] for name in (sc.arms or arms)}
         for seed in cfg.seeds:
-            _, start = load_pair(target_dir, "warm", seed=seed, draft_vocab=vocab)
+            _, start, _ = load_models(warm(seed), target_dir)
+            assert start is not None
             if sc.start != "day0":  # the shift: first trained on the other domain (TTT only)
                 pre = Learner(start, target, LossConfig(ttt_steps=cfg.ttt_steps,
                                                         lambda_discard=0.0), opt)
@@ -350,7 +355,7 @@ def run_objectives(cfg: ObjectivesConfig, target_dir: Path, out: Path, say=None)
                 learner = Learner(start, target, cfg.arm_loss(arms[name]), opt)
                 r = train_arm(learner, batches, evals[sc.domain], scorer, cfg.eval_every)
                 r["served_acceptance"] = served_acceptance(
-                    engine, learner, prompts[sc.domain][:cfg.served_prompts],
+                    served, learner, prompts[sc.domain][:cfg.served_prompts],
                     cfg.served_new_tokens)
                 r["seed"] = seed
                 runs[name].append(r)

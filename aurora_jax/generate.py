@@ -153,7 +153,7 @@ def add_arguments(g: argparse.ArgumentParser) -> None:
 def _add_target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="builtin",
                    help="'builtin' (SmolLM2-135M-Instruct, prepared on first use), "
-                        "'builtin-scratch' (a small model trained here), a Hugging Face "
+                        "'builtin-tiny' (a small model trained here), a Hugging Face "
                         "checkpoint directory (config.json + *.safetensors + tokenizer) or a "
                         ".gguf file")
     p.add_argument("--dtype", default="auto", choices=["float32", "bfloat16", "float16", "auto"],

@@ -85,7 +85,7 @@ class StackConfig:
     `learn` share)."""
 
     target: str = "builtin"
-    """"builtin" (SmolLM2-135M-Instruct, prepared on first use), "builtin-scratch" (a small
+    """"builtin" (SmolLM2-135M-Instruct, prepared on first use), "builtin-tiny" (a small
     model trained here), a Hugging Face checkpoint directory or a .gguf file."""
     draft: str = "warm"
     """"warm" (day 0, warm-started from the target's head and top layer), "scratch" (random,

@@ -6,10 +6,10 @@ against the memory floor, and SmolLM2 with a draft trained on the device.
     python scripts/accelerator_check.py --small          # the whole path at CPU size (~1 min)
 
 Writes bench_results/accelerator_check/accelerator_check.{json,md}; see
-aurora_jax/hardware/check.py for what each section measures.
+aurora_jax/accelerators/check.py for what each section measures.
 """
 
-from aurora_jax.hardware.check import main
+from aurora_jax.accelerators.check import main
 
 if __name__ == "__main__":
     main()

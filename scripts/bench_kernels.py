@@ -26,8 +26,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from aurora_jax.hardware import kernels
-from aurora_jax.hardware.probe import copy_bandwidth
+from aurora_jax.accelerators import kernels
+from aurora_jax.accelerators.probe import copy_bandwidth
 
 
 def main() -> None:

@@ -33,12 +33,12 @@ from pathlib import Path
 
 import jax
 
+from aurora_jax.accelerators.speed import compare_settings
 from aurora_jax.builtin import resolve_target
 from aurora_jax.data.prompts import stdlib_code_prompts
 from aurora_jax.data.scenarios import CHAT_REQUEST, builtin_texts
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.data.vocab import scratch_draft_vocab
-from aurora_jax.hardware.speed import compare_settings
 from aurora_jax.models.loading import load_pair
 from aurora_jax.speculative.config import SpecConfig
 
@@ -46,7 +46,7 @@ from aurora_jax.speculative.config import SpecConfig
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", default="builtin",
-                    help="builtin, builtin-scratch, a checkpoint directory or a .gguf file")
+                    help="builtin, builtin-tiny, a checkpoint directory or a .gguf file")
     ap.add_argument("--draft", default="scratch",
                     help="'scratch' (day-0 vocabulary of --draft-vocab-size), an EAGLE-3 "
                          "directory, or 'none' (no chain/tree rows)")

@@ -49,7 +49,7 @@ def time_theirs(model, batch: list[list[int]], new: int) -> tuple[float, list]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="builtin",
-                    help="builtin, builtin-scratch, or a Hugging Face checkpoint directory")
+                    help="builtin, builtin-tiny, or a Hugging Face checkpoint directory")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)

@@ -10,10 +10,10 @@ XLA:TPU and Mosaic compilers from libtpu, abstract chips from jax's topology des
 Writes bench_results/tpu_compile/tpu_compile.{json,md}: per program whether it compiled (the
 compiler's error where not), peak memory against the chip's HBM, its HBM traffic counted from
 the compiled HLO and XLA's bytes accessed, each over what a step must move, flops and XLA's
-estimate. See aurora_jax/hardware/tpu_compile.py and hbm_traffic.py.
+estimate. See aurora_jax/accelerators/tpu_compile.py and hbm_traffic.py.
 """
 
-from aurora_jax.hardware.tpu_compile import main
+from aurora_jax.accelerators.tpu_compile import main
 
 if __name__ == "__main__":
     main()

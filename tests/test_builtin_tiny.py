@@ -1,4 +1,4 @@
-"""The builtin-scratch target: corpus split, grain pipeline, PrepareConfig, and prepare end to
+"""The builtin-tiny target: corpus split, grain pipeline, PrepareConfig, and prepare end to
 end with a tiny recipe (seconds, not minutes)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from aurora_jax.builtin import ENV_CACHE, default_cache_dir
-from aurora_jax.builtin import scratch as builtin
-from aurora_jax.builtin.scratch import PrepareConfig
+from aurora_jax.builtin import tiny as builtin
+from aurora_jax.builtin.tiny import PrepareConfig
 from aurora_jax.data import corpus
 from aurora_jax.data.pipeline import eval_batches, pack_documents, training_dataset, windows
 from aurora_jax.data.tokenizer import Tokenizer
@@ -107,7 +107,7 @@ def test_crashed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_on
     with pytest.raises(RuntimeError, match="simulated crash"):
         builtin.prepare(tmp_path, TINY, progress=False, on_step=crash_at_6)
     assert not builtin.is_prepared(tmp_path)
-    ckpt = tmp_path / "builtin-scratch" / "ckpt"
+    ckpt = tmp_path / "builtin-tiny" / "ckpt"
     assert ocp.CheckpointManager(ckpt).latest_step() == 4  # the last periodic checkpoint
 
     builtin.prepare(tmp_path, TINY, progress=False)
@@ -126,15 +126,15 @@ def test_ctrl_c_saves_a_checkpoint_between_periodic_ones(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         builtin.prepare(tmp_path, TINY, progress=False, on_step=interrupt_at_2)
     # Step 3 was already dispatched when step 2's loss was read: it is the one saved.
-    assert ocp.CheckpointManager(tmp_path / "builtin-scratch" / "ckpt").latest_step() == 3
+    assert ocp.CheckpointManager(tmp_path / "builtin-tiny" / "ckpt").latest_step() == 3
 
 
 def test_changed_recipe_discards_an_unfinished_run(tmp_path):
-    work = tmp_path / "builtin-scratch" / "work"
+    work = tmp_path / "builtin-tiny" / "work"
     work.mkdir(parents=True)
     (work / "prepare_config.json").write_text(json.dumps({"steps": 1}))
     (work / "tokenizer.model").write_bytes(b"stale")
-    builtin._reset_if_stale(tmp_path / "builtin-scratch", TINY, force=False, say=lambda m: None)
+    builtin._reset_if_stale(tmp_path / "builtin-tiny", TINY, force=False, say=lambda m: None)
     assert not (work / "tokenizer.model").exists()
     assert json.loads((work / "prepare_config.json").read_text()) == dataclasses.asdict(TINY)
 
@@ -163,7 +163,7 @@ def test_bad_yaml_raises_config_error(tmp_path, text, message):
 
 def test_cache_dir_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(ENV_CACHE, str(tmp_path))
-    assert builtin.builtin_dir() == tmp_path / "builtin-scratch" / "hf"
+    assert builtin.builtin_dir() == tmp_path / "builtin-tiny" / "hf"
     monkeypatch.delenv(ENV_CACHE)
     assert default_cache_dir() == Path.home() / ".cache" / "aurora-jax"
 

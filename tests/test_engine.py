@@ -447,7 +447,7 @@ def test_the_step_reads_and_writes_the_cache_where_it_lies(randoms, mode):
     """The compiled step copies, transposes and reshapes nothing as large as one layer's KV
     cache: attention reads the cache in place and new entries are written in place (issue
     27; tests/test_tpu_compile.py checks the same of the TPU programs)."""
-    from aurora_jax.hardware.tpu_compile import cache_relayouts
+    from aurora_jax.accelerators.tpu_compile import cache_relayouts
     from aurora_jax.speculative.config import SpecConfig
 
     target, draft = randoms

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from aurora_jax.hardware import tpu_compile as tc
+from aurora_jax.accelerators import tpu_compile as tc
 from aurora_jax.speculative.config import SpecConfig
 
 pytestmark = pytest.mark.skipif(tc.gpu_compiler_available() is not None,

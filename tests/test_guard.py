@@ -20,7 +20,7 @@ from aurora_jax.engine.guard import CollapseGuard, GuardConfig
 from aurora_jax.engine.target_only import TargetGenerator
 from aurora_jax.errors import DraftRefused, SwapError
 from aurora_jax.models.eagle3 import draft_problem
-from aurora_jax.serve.loop import Job, ServingLoop
+from aurora_jax.serve.loop import ServingLoop, Ticket
 from aurora_jax.serve.metrics import ServerMetrics
 from aurora_jax.serve.text import TextStream
 from aurora_jax.speculative.config import SpecConfig
@@ -125,7 +125,7 @@ def test_publications_of_unfit_drafts_are_refused_and_a_skipped_swap_raises(copy
 
 
 class _Direct:
-    """Stands in for the asyncio loop a server's jobs post to: events land in a queue."""
+    """Stands in for the asyncio loop a server's tickets post to: events land in a queue."""
 
     @staticmethod
     def call_soon_threadsafe(fn, *args):
@@ -138,17 +138,17 @@ tens of seconds on a loaded 2-core machine."""
 
 
 def _serve(loop: ServingLoop, prompts, max_new: int) -> list:
-    jobs = [Job(Request(p, max_new), TextStream(lambda ids: "", []), queue.Queue(),
-                _Direct()) for p in prompts]  # type: ignore[arg-type]
-    for job in jobs:
-        loop.submit(job)
+    tickets = [Ticket(Request(p, max_new), TextStream(lambda ids: "", []), queue.Queue(),
+                      _Direct()) for p in prompts]  # type: ignore[arg-type]
+    for ticket in tickets:
+        loop.submit(ticket)
     results = []
-    for i, job in enumerate(jobs):
+    for i, ticket in enumerate(tickets):
         while True:
             try:
-                event = job.events.get(timeout=WAIT_S)
+                event = ticket.events.get(timeout=WAIT_S)
             except queue.Empty:
-                pytest.fail(f"request {i} of {len(jobs)} got no event in {WAIT_S} s "
+                pytest.fail(f"request {i} of {len(tickets)} got no event in {WAIT_S} s "
                             f"(the loop's error: {loop.error!r})")
             if event[0] == "end":
                 break

@@ -1,4 +1,4 @@
-"""HBM bytes counted per instruction from a compiled program's HLO (hardware/hbm_traffic.py):
+"""HBM bytes counted per instruction from a compiled program's HLO (accelerators/hbm_traffic.py):
 each rule on a module written by hand, then programs compiled for a TPU on this host, whose
 true traffic is known (one read of a weight, two reads of it, an in-place row update, a row
 gather). The compiled ones skip, saying why, where libtpu is not installed."""
@@ -12,8 +12,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from aurora_jax.hardware import tpu_compile as tc
-from aurora_jax.hardware.hbm_traffic import hbm_traffic, parse_shape
+from aurora_jax.accelerators import tpu_compile as tc
+from aurora_jax.accelerators.hbm_traffic import hbm_traffic, parse_shape
 
 MODULE = """HloModule m, entry_computation_layout={(bf16[1024,256]{1,0})->f32[1,512]{1,0}}
 

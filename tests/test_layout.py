@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "aurora_jax"
-MEASURING = "hardware"
+MEASURING = "accelerators"
 """The accelerator check builds one engine per setting to time it, and never serves."""
 
 

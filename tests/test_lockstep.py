@@ -13,7 +13,7 @@ from aurora_jax import distributed
 from aurora_jax.engine.batcher import Request
 from aurora_jax.sampling import SamplingParams
 from aurora_jax.serve.lockstep import Lockstep
-from aurora_jax.serve.loop import Job
+from aurora_jax.serve.loop import Ticket
 from aurora_jax.serve.text import TextStream
 
 
@@ -48,10 +48,10 @@ def test_broadcast_bytes_carries_any_length(monkeypatch, size):
     assert distributed.broadcast_bytes(b"", chunk=64) == data
 
 
-def _job(prompt, stops=(), **sampling) -> Job:
-    return Job(Request(prompt, 7, SamplingParams(**sampling), id=f"r{len(prompt)}",
-                       domain="code"), TextStream(lambda ids: "".join(map(str, ids)), stops),
-               asyncio.Queue(), asyncio.new_event_loop())
+def _ticket(prompt, stops=(), **sampling) -> Ticket:
+    return Ticket(Request(prompt, 7, SamplingParams(**sampling), id=f"r{len(prompt)}",
+                          domain="code"), TextStream(lambda ids: "".join(map(str, ids)), stops),
+                  asyncio.Queue(), asyncio.new_event_loop())
 
 
 def test_the_other_processes_get_the_same_items_in_the_same_order():
@@ -62,7 +62,7 @@ def test_the_other_processes_get_the_same_items_in_the_same_order():
         return data
 
     primary = Lockstep(str, broadcast=record, primary=True)
-    a, b = _job([1, 2, 3], stops=("x",)), _job([4, 5], temperature=0.7, seed=3)
+    a, b = _ticket([1, 2, 3], stops=("x",)), _ticket([4, 5], temperature=0.7, seed=3)
     host_draft = {"w": np.ones(3)}  # the primary's staged copy: never sent
     iterations = [[("submit", a), ("submit", b)], [("draft", 3, host_draft)],
                   [("cancel", a, "abort"), ("shutdown", 2.5)], [("expire",)]]
@@ -82,14 +82,14 @@ def test_the_other_processes_get_the_same_items_in_the_same_order():
         theirs.post("delta", "ignored")
     assert got[1] == [("draft", 3, None)]  # the others read version 3 from the store
     assert b"ones" not in wire[1] and len(wire[1]) < 64
-    assert got[2][0][1] is a2 and got[2][0][2] == "abort"  # the same job, by its number
+    assert got[2][0][1] is a2 and got[2][0][2] == "abort"  # the same ticket, by its number
     assert got[2][1] == ("shutdown", 2.5) and got[3] == [("expire",)]
 
 
 def test_a_cancel_of_a_job_that_ended_is_dropped_everywhere():
     wire: list[bytes] = []
     primary = Lockstep(str, broadcast=lambda d: wire.append(d) or d, primary=True)
-    a = _job([1])
+    a = _ticket([1])
     primary.exchange([("submit", a)])
     a.ended = True
     primary.ended(a)

@@ -336,16 +336,16 @@ def test_the_api_key_is_required_everywhere_but_health(served):
 def test_a_full_queue_answers_429_at_once(served):
     from aurora_jax.engine.batcher import Request
     from aurora_jax.serve.app import RETRY_AFTER_S
-    from aurora_jax.serve.loop import Job, ServerBusy
+    from aurora_jax.serve.loop import ServerBusy, Ticket
 
     server, url, _ = served
     loop = server.loop
     saved = loop.max_queue
     loop.max_queue = -server.engine.max_slots  # nothing more fits
     try:
-        job = Job(Request([1, 2], 2), TextStream(str), None, None)  # type: ignore[arg-type]
+        ticket = Ticket(Request([1, 2], 2), TextStream(str), None, None)  # type: ignore[arg-type]
         with pytest.raises(ServerBusy):
-            loop.submit(job)
+            loop.submit(ticket)
         # Through HTTP: OpenAI's error object, and when to try again.
         for stream in (False, True):
             r = httpx.post(url + "/v1/completions", timeout=30,

@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from aurora_jax.hardware import tpu_compile as tc
+from aurora_jax.accelerators import tpu_compile as tc
 from aurora_jax.learn.online import OnlineConfig
 from aurora_jax.speculative.config import SpecConfig
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from aurora_jax.hardware import decode, kernels, probe
+from aurora_jax.accelerators import decode, kernels, probe
 from aurora_jax.speculative.config import SpecConfig
 
 SECTIONS = ("device", "kernels", "parity", "decode", "pretrained")
@@ -160,7 +160,7 @@ def decode_section(small: bool, copy_bw: float, budget_s: float, batches: list[i
 
 
 def pretrained_section(args, small: bool) -> dict:
-    from aurora_jax.hardware.pretrained import pretrained_check
+    from aurora_jax.accelerators.pretrained import pretrained_check
 
     return pretrained_check(args, small)
 

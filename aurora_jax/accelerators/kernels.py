@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aurora_jax.hardware.probe import timed
+from aurora_jax.accelerators.probe import timed
 from aurora_jax.speculative.tree import ancestor_mask
 from pallas_kernels.dispatch import attention
 from pallas_kernels.tree_attention import tree_attention_reference

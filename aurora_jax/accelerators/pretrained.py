@@ -19,12 +19,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from aurora_jax.accelerators import decode, speed
 from aurora_jax.builtin import prepare_pretrained, resolve_target
 from aurora_jax.data.corpus import training_documents
 from aurora_jax.data.scenarios import builtin_texts
 from aurora_jax.data.tokenizer import Tokenizer
 from aurora_jax.data.vocab import scratch_draft_vocab
-from aurora_jax.hardware import decode, speed
 from aurora_jax.learn.offline import OfflineConfig, train_draft
 from aurora_jax.models.eagle3 import Draft, DraftConfig, init_draft
 from aurora_jax.models.hf_io import load_target

@@ -20,7 +20,7 @@ HLO names no memory spaces, so its HBM count is every fusion's operands and resu
 
 Two counts of bytes. XLA's cost model ("bytes accessed") adds every instruction's operands
 and results wherever they live, so a weight prefetched into on-chip memory counts twice, and
-it does not see inside a Mosaic call. The HBM count (hardware/hbm_traffic.py) reads the
+it does not see inside a Mosaic call. The HBM count (accelerators/hbm_traffic.py) reads the
 compiled HLO instruction by instruction and counts only what crosses HBM, a Mosaic kernel's
 HBM operands whole. `must_move` is what a step cannot avoid reading once: the weights (less
 the embedding table, of which a step reads a few rows) and the live KV (every layer's keys
@@ -44,10 +44,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from aurora_jax.accelerators.decode import LLAMA_31_8B
+from aurora_jax.accelerators.hbm_traffic import hbm_traffic
 from aurora_jax.engine import step
 from aurora_jax.engine.engine import Engine, cache_room
-from aurora_jax.hardware.decode import LLAMA_31_8B
-from aurora_jax.hardware.hbm_traffic import hbm_traffic
 from aurora_jax.learn import placement
 from aurora_jax.learn.learner import DEFAULT_OPTIMIZER, LearnerState, make_learner_step
 from aurora_jax.learn.losses import LearnBatch, LossConfig

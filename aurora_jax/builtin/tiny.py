@@ -1,4 +1,4 @@
-"""`builtin-scratch`: a small target trained on the machine itself (`prepare --recipe scratch`).
+"""`builtin-tiny`: a small target trained on the machine itself (`prepare --recipe tiny`).
 
 The embedded default target is SmolLM2-135M-Instruct (aurora_jax/builtin/); this recipe is
 the model that needs nothing but Python: a SentencePiece tokenizer and a small
@@ -8,7 +8,7 @@ The result is a Hugging Face checkpoint directory (config.json, model.safetensor
 generation_config.json, tokenizer.model) that `load_target` and `Tokenizer.load` read like any
 other, plus prepare_summary.json with the losses reached.
 
-Cache layout under `<cache>/builtin-scratch/` (cache: `--cache-dir`, else $AURORA_JAX_CACHE,
+Cache layout under `<cache>/builtin-tiny/` (cache: `--cache-dir`, else $AURORA_JAX_CACHE,
 else ~/.cache/aurora-jax):
   hf/     the finished model; it appears only complete (written elsewhere, then renamed)
   work/   the tokenizer and config of an unfinished run
@@ -149,7 +149,7 @@ class PrepareConfig:
 
 
 # ------------------------------------------------------------------------------- locations
-NAME = "builtin-scratch"
+NAME = "builtin-tiny"
 
 
 def builtin_dir(cache_dir: str | Path | None = None) -> Path:

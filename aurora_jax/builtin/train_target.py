@@ -1,8 +1,8 @@
 """Next-token training of the target decoder: model init, loss, and the jitted train and eval
 steps.
 
-`aurora-jax prepare --recipe scratch` uses it to train the small built-in target from scratch
-on CPU (aurora_jax/builtin/scratch.py) through the resumable loop of learn/fit.py. The model is
+`aurora-jax prepare --recipe tiny` uses it to train the small built-in target from scratch
+on CPU (aurora_jax/builtin/tiny.py) through the resumable loop of learn/fit.py. The model is
 split once (`graphdef`, trainable `params`, non-trainable `buffers` such as the RoPE
 frequencies); the step is a pure jitted function of an explicit `TrainState` that it donates.
 """

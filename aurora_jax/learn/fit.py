@@ -1,6 +1,6 @@
 """A resumable training loop: a jitted step over an explicit `TrainState`, checkpointed.
 
-Used by `train-draft` (learn/offline.py) and by `prepare --recipe scratch`, which pretrains the
+Used by `train-draft` (learn/offline.py) and by `prepare --recipe tiny`, which pretrains the
 small built-in target (builtin/train_target.py). The loop saves orbax checkpoints of the train
 state together with the grain iterator's position and the loss history, so an interrupted run
 resumes where it stopped and sees the same batches it would have seen. The host reads each

@@ -42,7 +42,7 @@ class OfflineConfig:
     """An offline draft-training run (`aurora-jax train-draft --config YAML key=value ...`)."""
 
     target: str = "builtin"
-    """The target whose features the draft learns: "builtin", "builtin-scratch", a Hugging
+    """The target whose features the draft learns: "builtin", "builtin-tiny", a Hugging
     Face checkpoint directory or a .gguf file (the command loads it)."""
     data: str | None = None
     """The corpus: a text file, a directory of .py/.txt/.md/.rst files, or a JSONL file with

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from aurora_jax import interrupt
+from aurora_jax.builtin import canonical_name
 from aurora_jax.errors import ConfigError
 from aurora_jax.run.config import RunConfig
 from aurora_jax.run.job import run_job
@@ -30,7 +31,7 @@ def static_draft(cfg: RunConfig, target_dir: Path, out: Path) -> str:
     corpus (the embedded target's own training split)."""
     if cfg.compare.static_draft:
         return cfg.compare.static_draft
-    if cfg.target not in ("builtin", "builtin-scratch"):
+    if canonical_name(cfg.target) not in ("builtin", "builtin-tiny"):
         raise ConfigError("--compare on a non-built-in target needs compare.static_draft "
                           "(a draft from `aurora-jax train-draft`)")
     from aurora_jax.data.corpus import training_documents

@@ -1,6 +1,6 @@
 """The HTTP front end: an ASGI app (FastAPI) over the serving loop.
 
-Handlers parse and check the body (serve/api.py), tokenize, enqueue a `Job` and then only
+Handlers parse and check the body (serve/api.py), tokenize, enqueue a `Ticket` and then only
 stream what the loop posts back; they never touch the engine. A client that disconnects
 cancels its request (its slot is free before the next step). Every error is OpenAI's error
 object with a 4xx/5xx status. With an API key, every endpoint but /health needs
@@ -30,7 +30,7 @@ from aurora_jax.engine.engine import Engine
 from aurora_jax.errors import AuroraError
 from aurora_jax.serve.api import APIError, Parsed, parse_chat, parse_completion
 from aurora_jax.serve.config import ServeConfig
-from aurora_jax.serve.loop import Job, ServerBusy, ServingLoop, ShuttingDown
+from aurora_jax.serve.loop import ServerBusy, ServingLoop, ShuttingDown, Ticket
 from aurora_jax.serve.metrics import ServerMetrics
 from aurora_jax.serve.text import TextStream
 
@@ -69,7 +69,7 @@ def create_app(server: Server) -> FastAPI:
         return _error(APIError(e.status_code, str(e.detail)), e.headers)
 
     @app.middleware("http")
-    async def guard(request: Request, call_next):
+    async def check_access(request: Request, call_next):  # the key, the body size
         try:
             _check_key(server, request)
             size = request.headers.get("content-length")
@@ -182,11 +182,11 @@ async def _serve(server: Server, http: Request, parsed: Parsed, chat: bool) -> R
                        else "prompt",
                        code="context_length_exceeded")
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex  # also its trace's id
-    job = Job(EngineRequest(prompt, max_tokens, parsed.sampling, id=ident),
-              TextStream(server.tokenizer.decode, parsed.stops), asyncio.Queue(),
-              asyncio.get_running_loop())
+    ticket = Ticket(EngineRequest(prompt, max_tokens, parsed.sampling, id=ident),
+                    TextStream(server.tokenizer.decode, parsed.stops), asyncio.Queue(),
+                    asyncio.get_running_loop())
     try:
-        server.loop.submit(job)
+        server.loop.submit(ticket)
     except ServerBusy as e:
         # (OpenAI's clients wait Retry-After seconds before they try again)
         raise APIError(429, str(e), kind="rate_limit_error",
@@ -196,29 +196,29 @@ async def _serve(server: Server, http: Request, parsed: Parsed, chat: bool) -> R
     except AuroraError as e:
         raise APIError(400, str(e), "prompt") from e
     if parsed.stream:
-        return StreamingResponse(_stream(server, http, job, parsed, chat, ident),
+        return StreamingResponse(_stream(server, http, ticket, parsed, chat, ident),
                                  media_type="text/event-stream")
     text, reason, res = [], "abort", None
-    async for event in _events(server, http, job):
+    async for event in _events(server, http, ticket):
         if event[0] == "delta":
             text.append(event[1])
         else:
             reason, res = event[1], event[2]
     body = _envelope(server, ident, chat, final=True)
     body["choices"] = [_choice(chat, "".join(text), reason, final=True)]
-    body["usage"] = _usage(server, job, res)
+    body["usage"] = _usage(server, ticket, res)
     return JSONResponse(body)
 
 
-async def _events(server: Server, http: Request, job: Job) -> AsyncGenerator[tuple, None]:
-    """The job's events until it ends; a disconnected client cancels it."""
+async def _events(server: Server, http: Request, ticket: Ticket) -> AsyncGenerator[tuple, None]:
+    """The ticket's events until it ends; a disconnected client cancels it."""
     try:
         while True:
             try:
-                event = await asyncio.wait_for(job.events.get(), timeout=0.5)
+                event = await asyncio.wait_for(ticket.events.get(), timeout=0.5)
             except TimeoutError:
                 if await http.is_disconnected():
-                    server.loop.cancel(job)
+                    server.loop.cancel(ticket)
                     return
                 continue
             if event[0] == "error":
@@ -227,14 +227,14 @@ async def _events(server: Server, http: Request, job: Job) -> AsyncGenerator[tup
             if event[0] == "end":
                 return
     finally:  # the generator closed early (client gone): free the slot
-        if not job.ended:
-            server.loop.cancel(job)
+        if not ticket.ended:
+            server.loop.cancel(ticket)
 
 
-async def _stream(server: Server, http: Request, job: Job, parsed: Parsed, chat: bool,
+async def _stream(server: Server, http: Request, ticket: Ticket, parsed: Parsed, chat: bool,
                   ident: str) -> AsyncIterator[str]:
     first = True
-    async with contextlib.aclosing(_events(server, http, job)) as events:
+    async with contextlib.aclosing(_events(server, http, ticket)) as events:
         async for event in events:
             body = _envelope(server, ident, chat, final=False)
             if event[0] == "delta":
@@ -248,7 +248,7 @@ async def _stream(server: Server, http: Request, job: Job, parsed: Parsed, chat:
             if parsed.include_usage:
                 usage = _envelope(server, ident, chat, final=False)
                 usage["choices"] = []
-                usage["usage"] = _usage(server, job, res)
+                usage["usage"] = _usage(server, ticket, res)
                 yield f"data: {json.dumps(usage)}\n\n"
     yield "data: [DONE]\n\n"
 
@@ -272,14 +272,14 @@ def _choice(chat: bool, text: str, reason: str | None, final: bool, role: bool =
     return {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
 
 
-def _usage(server: Server, job: Job, res: RequestResult | None) -> dict:
+def _usage(server: Server, ticket: Ticket, res: RequestResult | None) -> dict:
     """OpenAI's usage, and how the request was served: its acceptance length, target
     forwards, the draft version that proposed (None when no draft model did) and the
     speculation setting (the adaptive policy's choice for it; "off": target-only)."""
-    prompt_tokens = len(job.request.prompt)
+    prompt_tokens = len(ticket.request.prompt)
     completion = len(res.token_ids) if res is not None else 0
     tau = res.acceptance_length if res is not None else None
-    engine = server.engines.get(job.mode) if job.mode is not None else None
+    engine = server.engines.get(ticket.mode) if ticket.mode is not None else None
     drafted = engine is not None and engine.draft is not None
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,

@@ -8,7 +8,7 @@ grace has run out (the one clock it reads). Only the primary has an HTTP server,
 inbox fills; each loop iteration it hands the items it drained to the other processes
 (`exchange`, one small broadcast when there is nothing new), and every process then applies
 the same items. Each submitted request gets a sequence number that names it in the
-cancellations that follow; on the other processes it becomes a `Job` that posts nowhere, and
+cancellations that follow; on the other processes it becomes a `Ticket` that posts nowhere, and
 its stop strings cut its text there exactly as on the primary, so a stop string frees the
 slot at the same step everywhere.
 
@@ -49,14 +49,14 @@ class Lockstep:
         self.read_draft = read_draft
         """(version, like) -> that draft version from the store as host arrays (workdir)."""
         self.primary = is_primary() if primary is None else primary
-        self._jobs: dict[int, Any] = {}  # sequence number -> Job, until it ends
+        self._tickets: dict[int, Any] = {}  # sequence number -> Ticket, until it ends
         self._next = 0
 
     def exchange(self, items: list[tuple]) -> list[tuple]:
         """The primary's `items` (what its loop drained this iteration), on every process: the
-        same kinds, with each submitted job rebuilt on the other processes. Every process
+        same kinds, with each submitted ticket rebuilt on the other processes. Every process
         calls this once per iteration (the others with [])."""
-        if self.primary:  # a job that ended is forgotten everywhere: its late cancel is moot
+        if self.primary:  # a ticket that ended is forgotten everywhere: its late cancel is moot
             items = [i for i in items if not (i[0] == "cancel" and i[1].ended)]
         wire = [self._encode(item) for item in items] if self.primary else []
         received = json.loads(self.broadcast(json.dumps(wire).encode()) or b"[]")
@@ -64,21 +64,21 @@ class Lockstep:
             return items
         return [self._decode(item) for item in received]
 
-    def ended(self, job) -> None:
-        """Forgets a job that ended (a cancellation of it is dropped on the primary)."""
-        self._jobs.pop(job.seq, None)
+    def ended(self, ticket) -> None:
+        """Forgets a ticket that ended (a cancellation of it is dropped on the primary)."""
+        self._tickets.pop(ticket.seq, None)
 
     def _encode(self, item: tuple) -> dict:
         kind = item[0]
         if kind == "submit":
-            job = item[1]
-            job.seq, self._next = self._next, self._next + 1
-            self._jobs[job.seq] = job
-            r = job.request
-            return {"kind": kind, "seq": job.seq, "prompt": list(r.prompt),
+            ticket = item[1]
+            ticket.seq, self._next = self._next, self._next + 1
+            self._tickets[ticket.seq] = ticket
+            r = ticket.request
+            return {"kind": kind, "seq": ticket.seq, "prompt": list(r.prompt),
                     "max_new_tokens": r.max_new_tokens,
                     "sampling": dataclasses.asdict(r.sampling), "id": r.id,
-                    "domain": r.domain, "stops": list(job.text.stops)}
+                    "domain": r.domain, "stops": list(ticket.text.stops)}
         if kind == "cancel":
             return {"kind": kind, "seq": item[1].seq, "reason": item[2]}
         if kind == "shutdown":
@@ -90,20 +90,20 @@ class Lockstep:
         raise ValueError(f"unknown serving-loop item {kind!r}")
 
     def _decode(self, item: dict) -> tuple:
-        from aurora_jax.serve.loop import Job
+        from aurora_jax.serve.loop import Ticket
 
         kind = item["kind"]
         if kind == "submit":
             request = Request(item["prompt"], item["max_new_tokens"],
                               SamplingParams(**item["sampling"]), id=item["id"],
                               domain=item["domain"])
-            job = Job(request, TextStream(self.decode, tuple(item["stops"])),
-                      events=asyncio.Queue(), loop=None)
-            job.seq = item["seq"]
-            self._jobs[job.seq] = job
-            return (kind, job)
+            ticket = Ticket(request, TextStream(self.decode, tuple(item["stops"])),
+                            events=asyncio.Queue(), loop=None)
+            ticket.seq = item["seq"]
+            self._tickets[ticket.seq] = ticket
+            return (kind, ticket)
         if kind == "cancel":
-            return (kind, self._jobs[item["seq"]], item["reason"])
+            return (kind, self._tickets[item["seq"]], item["reason"])
         if kind == "shutdown":
             return (kind, item["grace_s"])
         if kind == "draft":

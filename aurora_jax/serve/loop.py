@@ -61,13 +61,13 @@ class ShuttingDown(Exception):
 
 
 @dataclasses.dataclass
-class Job:
+class Ticket:
     """One request in flight, between its HTTP handler and the loop."""
 
     request: Request
     text: TextStream
     events: asyncio.Queue  # ("delta", text) ... then ("end", finish_reason, RequestResult)
-    loop: asyncio.AbstractEventLoop | None  # None: nobody listens (another process's job)
+    loop: asyncio.AbstractEventLoop | None  # None: nobody listens (another process's ticket)
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     first_token: float | None = None
     last_token: float | None = None
@@ -109,8 +109,8 @@ class ServingLoop:
         self.learn_when_idle = learn_when_idle and online is not None
         self.batchers = self._new_batchers()
         self._inbox: queue.Queue = queue.Queue()
-        self._waiting: collections.deque[Job] = collections.deque()  # not yet in a batcher
-        self._jobs: dict[tuple[str, int], Job] = {}  # (mode, batcher index) -> job
+        self._waiting: collections.deque[Ticket] = collections.deque()  # not yet in a batcher
+        self._tickets: dict[tuple[str, int], Ticket] = {}  # (mode, batcher index) -> ticket
         self._pending = 0  # submitted and not yet ended (admission bound)
         self._lock = threading.Lock()
         self._admitting = True
@@ -148,10 +148,10 @@ class ServingLoop:
             return 0
         return sum(2 * len(e.prefill_buckets(prompt_tokens)) + 2 for e in self.engines.values())
 
-    def submit(self, job: Job) -> None:
-        """Queues `job`; raises PromptError for a request no engine can take, ServerBusy when
+    def submit(self, ticket: Ticket) -> None:
+        """Queues `ticket`; raises PromptError for a request no engine can take, ServerBusy when
         full, ShuttingDown after `shutdown`."""
-        self.engine.check_request(job.request)  # the engines share max_len
+        self.engine.check_request(ticket.request)  # the engines share max_len
         with self._lock:
             if not self._admitting:
                 raise ShuttingDown("the server is shutting down")
@@ -159,10 +159,10 @@ class ServingLoop:
                 raise ServerBusy(f"the server is full ({self._pending} requests in flight); "
                                  "retry later")
             self._pending += 1
-        self._inbox.put(("submit", job))
+        self._inbox.put(("submit", ticket))
 
-    def cancel(self, job: Job, reason: str = "abort") -> None:
-        self._inbox.put(("cancel", job, reason))
+    def cancel(self, ticket: Ticket, reason: str = "abort") -> None:
+        self._inbox.put(("cancel", ticket, reason))
 
     def stop_admitting(self, grace_s: float) -> None:
         """Refuses new requests from now on (ShuttingDown); queued ones end "abort" at once
@@ -224,8 +224,8 @@ class ServingLoop:
         except BaseException as e:  # noqa: BLE001 - every waiting client must hear of it
             log.exception("the serving loop failed")
             self.error = e
-            for job in [*self._jobs.values(), *self._waiting]:
-                job.post("error", f"the engine failed: {e}")
+            for ticket in [*self._tickets.values(), *self._waiting]:
+                ticket.post("error", f"the engine failed: {e}")
             self.ready.set()
 
     def _step_all(self, t0: float) -> None:
@@ -257,9 +257,9 @@ class ServingLoop:
                    for b in self.batchers.values())
         while self._waiting and held < self.max_slots:
             mode = self.policy.current(min(self.max_slots, held + len(self._waiting)))
-            job = self._waiting.popleft()
-            job.mode, job.index = mode, self.batchers[mode].submit(job.request)
-            self._jobs[mode, job.index] = job
+            ticket = self._waiting.popleft()
+            ticket.mode, ticket.index = mode, self.batchers[mode].submit(ticket.request)
+            self._tickets[mode, ticket.index] = ticket
             held += 1
         self._show_mode()
         self._update_gauges()
@@ -306,31 +306,31 @@ class ServingLoop:
     def _apply(self, item: tuple) -> None:
         kind = item[0]
         if kind == "submit":
-            job = item[1]
-            self._waiting.append(job)
-            self.metrics.prompt_tokens.inc(len(job.request.prompt))
+            ticket = item[1]
+            self._waiting.append(ticket)
+            self.metrics.prompt_tokens.inc(len(ticket.request.prompt))
         elif kind == "cancel":
-            job, reason = item[1], item[2]
-            if job.ended:
+            ticket, reason = item[1], item[2]
+            if ticket.ended:
                 pass
-            elif job.mode is None:  # still waiting here
-                self._waiting.remove(job)
-                self._end(job, RequestResult(job.request.id, job.request.domain,
-                                             len(job.request.prompt), finish_reason=reason))
+            elif ticket.mode is None:  # still waiting here
+                self._waiting.remove(ticket)
+                self._end(ticket, RequestResult(ticket.request.id, ticket.request.domain,
+                                             len(ticket.request.prompt), finish_reason=reason))
             else:
-                self.batchers[job.mode].cancel(job.index, reason)
+                self.batchers[ticket.mode].cancel(ticket.index, reason)
         elif kind == "shutdown":  # (the earliest deadline asked for stands)
             deadline = time.perf_counter() + item[1]
             self._stop_deadline = min(self._stop_deadline or deadline, deadline)
             while self._waiting:
-                job = self._waiting.popleft()
-                self._end(job, RequestResult(job.request.id, job.request.domain,
-                                             len(job.request.prompt), finish_reason="abort"))
+                ticket = self._waiting.popleft()
+                self._end(ticket, RequestResult(ticket.request.id, ticket.request.domain,
+                                             len(ticket.request.prompt), finish_reason="abort"))
             for batcher in self.batchers.values():
                 for i in list(batcher.queue):
                     batcher.cancel(i, "abort")
         elif kind == "expire":  # the grace ran out: what is left in slots ends now
-            for mode, i in list(self._jobs):
+            for mode, i in list(self._tickets):
                 self.batchers[mode].cancel(i, "abort")
         elif kind == "draft":
             self._swap_together(item[1], item[2])
@@ -355,49 +355,49 @@ class ServingLoop:
             self.watcher.swapped(version, host)
 
     def _tokens(self, mode: str, res: RequestResult) -> None:
-        job = self._jobs.get((mode, res.index))
-        if job is None:
+        ticket = self._tickets.get((mode, res.index))
+        if ticket is None:
             return
         now = time.perf_counter()
-        new = len(res.token_ids) - job.tokens
+        new = len(res.token_ids) - ticket.tokens
         self._step_tokens += new
-        if job.first_token is None:
-            job.first_token = now
-            self.metrics.ttft.observe(now - job.submitted)
-        elif job.last_token is not None:  # a step's tokens arrive together: per token, the
-            self.metrics.inter_token.observe((now - job.last_token) / max(1, new))  # gap/count
-        job.last_token, job.tokens = now, len(res.token_ids)
-        self._count_speculation(job, res)
-        delta = job.text.update(res.token_ids, final=False)
+        if ticket.first_token is None:
+            ticket.first_token = now
+            self.metrics.ttft.observe(now - ticket.submitted)
+        elif ticket.last_token is not None:  # a step's tokens arrive together: per token, the
+            self.metrics.inter_token.observe((now - ticket.last_token) / max(1, new))  # gap/count
+        ticket.last_token, ticket.tokens = now, len(res.token_ids)
+        self._count_speculation(ticket, res)
+        delta = ticket.text.update(res.token_ids, final=False)
         if delta:
-            job.post("delta", delta)
-        if job.text.stopped:  # a stop string: end it like a stop token
+            ticket.post("delta", delta)
+        if ticket.text.stopped:  # a stop string: end it like a stop token
             self.batchers[mode].cancel(res.index, "stop")
 
     def _finished(self, mode: str, res: RequestResult) -> None:
-        job = self._jobs.pop((mode, res.index), None)
-        if job is not None:
-            self._count_speculation(job, res)
-            self._end(job, res)
+        ticket = self._tickets.pop((mode, res.index), None)
+        if ticket is not None:
+            self._count_speculation(ticket, res)
+            self._end(ticket, res)
 
-    def _end(self, job: Job, res: RequestResult) -> None:
-        job.ended = True
+    def _end(self, ticket: Ticket, res: RequestResult) -> None:
+        ticket.ended = True
         if self.lockstep is not None:
-            self.lockstep.ended(job)
+            self.lockstep.ended(ticket)
         with self._lock:
             self._pending -= 1
-        delta = job.text.update(res.token_ids, final=True)
+        delta = ticket.text.update(res.token_ids, final=True)
         if delta:
-            job.post("delta", delta)
+            ticket.post("delta", delta)
         self.metrics.requests.labels(finished_reason=res.finish_reason).inc()
         self.metrics.generation_tokens.inc(len(res.token_ids))
-        self.metrics.e2e.observe(time.perf_counter() - job.submitted)
-        job.post("end", res.finish_reason, res)
+        self.metrics.e2e.observe(time.perf_counter() - ticket.submitted)
+        ticket.post("end", res.finish_reason, res)
 
-    def _count_speculation(self, job: Job, res: RequestResult) -> None:
-        steps, accepted = res.steps - job.steps, res.accepted - job.accepted
-        job.steps, job.accepted = res.steps, res.accepted
-        spec = self.engines[job.mode].spec  # type: ignore[index]
+    def _count_speculation(self, ticket: Ticket, res: RequestResult) -> None:
+        steps, accepted = res.steps - ticket.steps, res.accepted - ticket.accepted
+        ticket.steps, ticket.accepted = res.steps, res.accepted
+        spec = self.engines[ticket.mode].spec  # type: ignore[index]
         if steps <= 0 or spec.mode == "off":
             return
         m = self.metrics

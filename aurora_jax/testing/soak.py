@@ -77,7 +77,7 @@ def rss_bytes() -> int:
     return 0
 
 
-class Learner:
+class LearnerProcess:
     """The `aurora-jax learn` process beside the server: started, killed, started again."""
 
     def __init__(self, cfg: ServeConfig, workdir: Path, logs: Path, extra: tuple[str, ...]):
@@ -200,7 +200,7 @@ async def _request(client, prompt: str, max_tokens: int, cancel: bool, t0: float
 
 
 async def _load(url: str, prompts: list[str], cfg: SoakConfig, events: list, server,
-                learner: Learner, drafts: Path, samples: dict) -> list[tuple[int, dict]]:
+                learner: LearnerProcess, drafts: Path, samples: dict) -> list[tuple[int, dict]]:
     """Arrivals for `duration_s` with the fault schedule beside them; rows of (prompt index,
     row) once every request ended."""
     import openai
@@ -284,7 +284,7 @@ def run_soak(serve: ServeConfig, target_dir: str | Path, prompts: list[str], cfg
     serve = dataclasses.replace(serve, port=0, model_name="soak", learner=dataclasses.replace(
         serve.learner, mode="workdir", workdir=str(work)))
     server = Server(serve, target_dir)
-    learner = Learner(serve, work, out, cfg.learner_args)
+    learner = LearnerProcess(serve, work, out, cfg.learner_args)
     learner.start()
     events: list[dict] = []
     samples = {"rss_peak": 0, "store_held_peak": 0}
@@ -332,7 +332,7 @@ async def _warm(url: str, prompts: list[str], max_tokens: int) -> int:
 
 
 def _report(rows, want, events, before, after, leaks, new_programs, rss_warm, samples,
-            learner: Learner, server, cfg: SoakConfig, warm: int) -> dict:
+            learner: LearnerProcess, server, cfg: SoakConfig, warm: int) -> dict:
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 from aurora_jax import interrupt
 from aurora_jax.builtin import resolve_target
+from aurora_jax.errors import ConfigError
 from aurora_jax.learn.online import OnlineLearner
 from aurora_jax.learn.remote import run_learner
 from aurora_jax.stack import StackConfig, load_models
@@ -44,8 +45,6 @@ def learn(cfg: LearnJobConfig, workdir: kvstore.Location, cache_dir: str | None 
     path = resolve_target(cfg.target, cache_dir, log=lambda m: print(m, file=sys.stderr))
     target, draft, tokenizer = load_models(cfg, path, text=False)
     if draft is None:
-        from aurora_jax.errors import ConfigError
-
         raise ConfigError("draft: none leaves the learner nothing to train")
     bar = tqdm(total=cfg.learner.online.max_steps, desc="learning", unit="step",
                file=sys.stderr, disable=not progress)

@@ -145,22 +145,16 @@ class Stack:
     engines: dict[str, Engine]
     channel: DraftChannel
     online: OnlineLearner | None = None
-    """The in-process learner (learning "thread"), not started."""
-    buffer: TraceBuffer | None = None
+    """The in-process learner (learning "thread"), not started; it trains on `online.buffer`."""
     store: TraceStore | None = None
     """The workdir's trace store (learning "workdir")."""
     watcher: DraftWatcher | None = None
     """Offers a learner process's drafts to the channel (learning "workdir"; started)."""
-    workdir: kvstore.Location | None = None
 
     @property
     def engine(self) -> Engine:
         """The primary engine."""
         return next(iter(self.engines.values()))
-
-    @property
-    def eos_ids(self) -> tuple[int, ...]:
-        return self.engine.eos_ids
 
     def run(self, requests: Sequence[Request],
             on_result: Callable[[RequestResult], None] | None = None, *,
@@ -257,7 +251,7 @@ def build_stack(cfg: StackConfig, target_dir: str | Path, *, max_slots: int,
     if eos_ids is None:
         eos_ids = (tokenizer.stop_ids(target.cfg.eos_token_ids) if tokenizer is not None
                    else target.cfg.eos_token_ids)
-    buffer = store = None
+    buffer = store = drafts = None
     sink = trace_sink
     if learning == "thread":
         buffer = TraceBuffer()
@@ -276,8 +270,7 @@ def build_stack(cfg: StackConfig, target_dir: str | Path, *, max_slots: int,
     engines = _engines(cfg, target, draft, alternatives, max_slots=max_slots, max_len=max_len,
                        eos_ids=tuple(eos_ids), trace_sink=sink, seed=cfg.seed)
     channel = DraftChannel(*engines.values(), guard=guard, immediate=immediate)
-    stack = Stack(target, draft, tokenizer, engines, channel, buffer=buffer, store=store,
-                  workdir=workdir)
+    stack = Stack(target, draft, tokenizer, engines, channel, store=store)
     if learning == "thread" and channel.engines:
         assert buffer is not None and draft is not None
         loss = dataclasses.replace(cfg.learner.loss, tree_depth=max(cfg.spec.max_depth, 1))
@@ -287,8 +280,8 @@ def build_stack(cfg: StackConfig, target_dir: str | Path, *, max_slots: int,
         channel.on_rollback.append(
             lambda r: stack.online.roll_back(r.state, r.bad_version))  # type: ignore[union-attr]
     elif learning == "workdir":
-        watcher = DraftWatcher(channel, workdir_paths(workdir)[1], poll_s,  # type: ignore[arg-type]
-                               stage=stage)
+        assert drafts is not None
+        watcher = DraftWatcher(channel, drafts, poll_s, stage=stage)
         channel.on_rollback.append(lambda r: watcher.refuse(r.bad_version, r.reason))
         watcher.poll()  # a learner that already published: start from its newest draft,
         channel.apply()  # at once (nothing steps yet), so that warm-up serves it too

@@ -100,8 +100,8 @@ class ServingLoop:
         self.engine = next(iter(engines.values()))
         self.max_slots = self.engine.max_slots
         self.policy = WindowPolicy(tuple(engines), adaptive, window_steps)
-        self.channel = channel or DraftChannel(*engines.values(), guard=guard)
-        self.channel.immediate = False  # offers land at this loop's step boundaries
+        # Offers land at this loop's step boundaries (the top of each iteration).
+        self.channel = channel or DraftChannel(*engines.values(), guard=guard, immediate=False)
         self.channel.on_swap.append(self._swapped)
         self.channel.on_rollback.append(self._rolled_back)
         self._draft_modes = [m for m, e in engines.items() if e.draft is not None]

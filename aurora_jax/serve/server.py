@@ -66,7 +66,6 @@ class Server:
         self.target, self.draft = self.stack.target, self.stack.draft
         self.engines, self.engine = self.stack.engines, self.stack.engine
         self.online: OnlineLearner | None = self.stack.online
-        self.store = self.stack.store
         self.metrics = ServerMetrics(max(e.spec.max_depth for e in self.engines.values()))
         self.lockstep = None
         if is_multiprocess():

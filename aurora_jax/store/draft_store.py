@@ -304,10 +304,10 @@ class DraftWatcher:
         for `take_staged`); raises what makes it unfit to serve."""
         like = self.channel.serving()
         state, _ = restore_draft(self.store, v, like, place=not self.stage)
-        problem = draft_problem(state, self._serving_host if self.stage else like)
-        if problem is not None:
-            raise DraftRefused(problem)
-        if self.stage:
+        if self.stage:  # (an offer is checked by the channel itself: channel.offer)
+            problem = draft_problem(state, self._serving_host)
+            if problem is not None:
+                raise DraftRefused(problem)
             with self._lock:
                 self._staged, self._seen = (v, state), v
             log.info("draft version %d read; the serving loop swaps it in", v)

@@ -257,7 +257,7 @@ async def _load(url: str, prompts: list[str], cfg: SoakConfig, events: list, ser
         learner.check()
         samples["rss_peak"] = max(samples["rss_peak"], rss_bytes())
         samples["store_held_peak"] = max(samples["store_held_peak"],
-                                         len(server.store._pending))
+                                         len(server.stack.store._pending))
         await asyncio.sleep(0.05)
     fill_disk(False)
     rows = [(p, await t) for p, t in tasks]
@@ -383,8 +383,8 @@ def _report(rows, want, events, before, after, leaks, new_programs, rss_warm, sa
         "memory": {"rss_after_warmup_mb": rss_warm / 2**20,
                    "rss_peak_mb": samples["rss_peak"] / 2**20,
                    "trace_store_held_peak": samples["store_held_peak"],
-                   "trace_store_bound": server.store.max_pending,
-                   "traces_dropped": server.store.dropped},
+                   "trace_store_bound": server.stack.store.max_pending,
+                   "traces_dropped": server.stack.store.dropped},
         "latency": {name: {"requests": len(g),
                            "itl_p99_s": _p99([x for r in g if (x := itl(r)) is not None]),
                            "e2e_p99_s": _p99([r["done_s"] - r["sent_s"] for r in g])}
